@@ -1,0 +1,182 @@
+//! `GPUCACHE.BOOK region gpu_id booking_id user_id duration_s` and
+//! `GPUCACHE.CANCEL region booking_id`.
+
+use super::{Args, Reply};
+use crate::core::booking::{check_repeated_booking, Booking};
+use crate::core::error::{MarketError, MarketResult};
+use crate::core::events::{notify, Event, EventKind};
+use crate::core::input;
+use crate::core::status::{check_bookable, GpuStatus};
+use crate::market::{stat, GpuWrite, Region};
+use crate::store::Store;
+use redis_module::{KeyType, RedisString, RedisValue};
+
+fn booking_reply(
+    booking_id: &str,
+    booking: &Booking,
+    result: &str,
+    gpu_version: i64,
+) -> RedisValue {
+    Reply::new()
+        .text("booking_id", booking_id)
+        .text("result", result)
+        .text("gpu_id", booking.gpu_id.as_str())
+        .text("user_id", booking.user_id.as_str())
+        .text("price", booking.price.to_string())
+        .int("duration_s", booking.duration_s)
+        .int("start_ms", booking.start_ms)
+        .int("end_ms", booking.end_ms)
+        .text(
+            "cost",
+            crate::core::price::Price::from_micros(booking.cost_micros()).to_string(),
+        )
+        .int("gpu_version", gpu_version)
+        .build()
+}
+
+pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+    let mut args = Args::new(all, 5, 5)?;
+    let region = Region::new(store, args.region()?);
+    let gpu_id = args.id("gpu id")?;
+    let booking_id = args.id("booking id")?;
+    let user_id = args.id("user id")?;
+    let duration_s = input::integer(
+        "duration_s",
+        args.required("duration_s")?,
+        1,
+        input::MAX_BOOKING_SECONDS,
+    )?;
+
+    let booking_key = region.keys.booking(&booking_id);
+    store.expect_types(&[(booking_key.as_str(), KeyType::Hash)])?;
+    if let Some(existing) = region.load_booking(&booking_id)? {
+        check_repeated_booking(&booking_id, &existing, &gpu_id, &user_id, duration_s)?;
+        let version = region.load_gpu(&gpu_id)?.map_or(0, |g| g.version);
+        return Ok(booking_reply(&booking_id, &existing, "existing", version));
+    }
+    let old = region.require_gpu(&gpu_id)?;
+    let provider_status = region.provider_status(&old.provider)?;
+    check_bookable(&gpu_id, old.status, provider_status)?;
+    region.check_gpu_key_types(&gpu_id, &old.gpu_type, &old.provider)?;
+    let type_price = region.load_type_price(&old.gpu_type)?;
+    let (price, _) = crate::core::gpu::effective_price(&old, type_price.as_ref());
+
+    let now = store.now_ms();
+    let booking = Booking::new(&gpu_id, &user_id, price, duration_s, now);
+    store.hset(&booking_key, &booking.to_fields());
+    store.pexpire_at(&booking_key, booking.end_ms);
+    store.write(
+        "HSET",
+        &[
+            region.keys.booking_registry().as_bytes(),
+            booking_id.as_bytes(),
+            gpu_id.as_bytes(),
+        ],
+    );
+    let mut new = old.clone();
+    new.status = GpuStatus::Busy;
+    new.booking = Some(booking_id.clone());
+    new.version += 1;
+    new.updated_ms = now;
+    region.store_gpu(GpuWrite {
+        gpu_id: &gpu_id,
+        old: Some(&old),
+        new: &new,
+        old_provider_status: provider_status,
+        new_provider_status: provider_status,
+        type_price: type_price.as_ref(),
+        expire_at_ms: region.gpu_expire_at(now, Some(booking.end_ms)),
+    })?;
+    region.add_to_counter(stat::BOOKINGS_CREATED, 1);
+
+    let mut event = Event::new(EventKind::BookingCreated, &region.name, now);
+    event.gpu_id = Some(gpu_id.clone());
+    event.gpu_type = Some(new.gpu_type.clone());
+    event.provider_id = Some(new.provider.clone());
+    event.booking_id = Some(booking_id.clone());
+    event.user_id = Some(user_id);
+    event.version = Some(new.version);
+    event.changed("status", old.status.as_str(), new.status.as_str());
+    event.changed("listed", true, false);
+    event.new.insert("price".into(), price.to_string().into());
+    event.new.insert("end_ms".into(), booking.end_ms.into());
+    region.publish(notify::BOOKED, event);
+
+    Ok(booking_reply(&booking_id, &booking, "created", new.version))
+}
+
+pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+    let mut args = Args::new(all, 2, 2)?;
+    let region = Region::new(store, args.region()?);
+    let booking_id = args.id("booking id")?;
+
+    let booking_key = region.keys.booking(&booking_id);
+    store.expect_types(&[(booking_key.as_str(), KeyType::Hash)])?;
+    let booking = region
+        .load_booking(&booking_id)?
+        .ok_or_else(|| MarketError::NoBooking(booking_id.clone()))?;
+    region.check_key_types(&[])?;
+    let gpu = region.load_gpu(&booking.gpu_id)?;
+    // The GPU is released only if this booking is the one holding it.
+    let held = gpu
+        .as_ref()
+        .filter(|g| g.booking.as_deref() == Some(booking_id.as_str()));
+    let mut released = None;
+    if let Some(old) = held {
+        region.check_gpu_key_types(&booking.gpu_id, &old.gpu_type, &old.provider)?;
+        let provider_status = region.provider_status(&old.provider)?;
+        let type_price = region.load_type_price(&old.gpu_type)?;
+        released = Some((old, provider_status, type_price));
+    }
+
+    let now = store.now_ms();
+    store.write("DEL", &[booking_key.as_bytes()]);
+    store.write(
+        "HDEL",
+        &[
+            region.keys.booking_registry().as_bytes(),
+            booking_id.as_bytes(),
+        ],
+    );
+    let mut event = Event::new(EventKind::BookingCancelled, &region.name, now);
+    event.reason = Some("cancelled");
+    event.gpu_id = Some(booking.gpu_id.clone());
+    event.booking_id = Some(booking_id.clone());
+    event.user_id = Some(booking.user_id.clone());
+    let mut reply = Reply::new()
+        .text("booking_id", booking_id.as_str())
+        .text("gpu_id", booking.gpu_id.as_str());
+    if let Some((old, provider_status, type_price)) = released {
+        let mut new = old.clone();
+        new.status = GpuStatus::Available;
+        new.booking = None;
+        new.version += 1;
+        new.updated_ms = now;
+        region.store_gpu(GpuWrite {
+            gpu_id: &booking.gpu_id,
+            old: Some(old),
+            new: &new,
+            old_provider_status: provider_status,
+            new_provider_status: provider_status,
+            type_price: type_price.as_ref(),
+            expire_at_ms: region.gpu_expire_at(now, None),
+        })?;
+        event.gpu_type = Some(new.gpu_type.clone());
+        event.provider_id = Some(new.provider.clone());
+        event.version = Some(new.version);
+        event.changed("status", old.status.as_str(), new.status.as_str());
+        event.changed(
+            "listed",
+            false,
+            crate::core::status::is_listed(new.status, provider_status),
+        );
+        reply = reply
+            .text("gpu_status", new.status.as_str())
+            .int("gpu_version", new.version);
+    } else {
+        reply = reply.value("gpu_status", RedisValue::Null);
+    }
+    region.add_to_counter(stat::BOOKINGS_CANCELLED, 1);
+    region.publish(notify::CANCELLED, event);
+    Ok(reply.build())
+}

@@ -1,0 +1,50 @@
+//! `GPUCACHE.GET region gpu_id`
+
+use super::{Args, Reply};
+use crate::core::error::MarketResult;
+use crate::core::gpu::GpuRecord;
+use crate::core::status::is_listed;
+use crate::market::Region;
+use crate::store::Store;
+use redis_module::{RedisString, RedisValue};
+
+/// The full record of one GPU as clients see it: effective price, provider status, booking.
+pub fn gpu_reply(region: &Region, gpu_id: &str, gpu: &GpuRecord) -> MarketResult<RedisValue> {
+    let provider_status = region.provider_status(&gpu.provider)?;
+    let (price, source) = region.shown_price(gpu)?;
+    let mut reply = Reply::new()
+        .text("gpu_id", gpu_id)
+        .text("region", region.name.as_str())
+        .text("provider", gpu.provider.as_str())
+        .text("provider_status", provider_status.as_str())
+        .text("type", gpu.gpu_type.as_str())
+        .text("status", gpu.status.as_str())
+        .int("listed", i64::from(is_listed(gpu.status, provider_status)))
+        .text("price", price.to_string())
+        .text("price_source", source.as_str())
+        .text("own_price", gpu.own_price.to_string())
+        .opt_text("booking_id", gpu.booking.clone())
+        .int("version", gpu.version)
+        .int("updated_ms", gpu.updated_ms);
+    if let Some(m) = gpu.memory_gb {
+        reply = reply.int("memory_gb", m);
+    }
+    if let Some(c) = gpu.cores {
+        reply = reply.int("cores", c);
+    }
+    if let Some(s) = gpu.score {
+        reply = reply.text("score", s.to_string());
+    }
+    if let Some(ttl) = region.store.pttl(&region.keys.gpu(gpu_id))? {
+        reply = reply.int("ttl_ms", ttl);
+    }
+    Ok(reply.build())
+}
+
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+    let mut args = Args::new(all, 2, 2)?;
+    let region = Region::new(store, args.region()?);
+    let gpu_id = args.id("gpu id")?;
+    let gpu = region.require_gpu(&gpu_id)?;
+    gpu_reply(&region, &gpu_id, &gpu)
+}

@@ -1,0 +1,91 @@
+//! `GPUCACHE.PRICE region gpu_type price`
+//!
+//! Sets the hourly price of every GPU of a type in the region without touching the GPUs: the
+//! type price carries a region sequence number and wins over any own price set before it
+//! (`core::gpu::price_source`). Only the availability index moves: listed GPUs that showed an
+//! own price join the type's "type price" set. Each GPU moves there at most once per
+//! `REGISTER`, so the work is amortised O(1) per GPU rather than O(GPUs of the type) per call.
+
+use super::{Args, Reply};
+use crate::core::error::MarketResult;
+use crate::core::events::{notify, Event, EventKind};
+use crate::core::price::Price;
+use crate::market::{price_field, stat, Region};
+use crate::store::Store;
+use redis_module::{KeyType, RedisString, RedisValue};
+
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+    let mut args = Args::new(all, 3, 3)?;
+    let region = Region::new(store, args.region()?);
+    let gpu_type = args.id("GPU type")?;
+    let price = Price::parse(args.required("price")?)?;
+
+    let price_key = region.keys.type_price(&gpu_type);
+    let own = region.keys.available_own(&gpu_type);
+    let typed = region.keys.available_typed(&gpu_type);
+    region.check_key_types(&[
+        (price_key.as_str(), KeyType::Hash),
+        (own.as_str(), KeyType::ZSet),
+        (typed.as_str(), KeyType::ZSet),
+    ])?;
+    let old = region.load_type_price(&gpu_type)?;
+    let moved = store.integer("ZCARD", &[own.as_bytes()])?;
+    let already_typed = store.integer("ZCARD", &[typed.as_bytes()])?;
+
+    let now = store.now_ms();
+    let seq = region.next_seq()?;
+    let version = old.map_or(1, |o| o.version + 1);
+    store.hset(
+        &price_key,
+        &[
+            (price_field::PRICE, price.to_string()),
+            (price_field::SEQ, seq.to_string()),
+            (price_field::VERSION, version.to_string()),
+            (price_field::UPDATED_MS, now.to_string()),
+        ],
+    );
+    store.pexpire_at(&price_key, region.pricing_expire_at(now));
+    store.write(
+        "SADD",
+        &[region.keys.types().as_bytes(), gpu_type.as_bytes()],
+    );
+    if moved > 0 {
+        store.write(
+            "ZUNIONSTORE",
+            &[
+                typed.as_bytes(),
+                b"2",
+                typed.as_bytes(),
+                own.as_bytes(),
+                b"WEIGHTS",
+                b"0",
+                b"0",
+            ],
+        );
+        store.write("DEL", &[own.as_bytes()]);
+        store.write(
+            "HDEL",
+            &[
+                region.keys.stats().as_bytes(),
+                stat::own_price_sum(&gpu_type).as_bytes(),
+            ],
+        );
+    }
+
+    let mut event = Event::new(EventKind::PricingUpdated, &region.name, now);
+    event.gpu_type = Some(gpu_type.clone());
+    event.version = Some(version);
+    event.changed(
+        "price",
+        old.map_or(serde_json::Value::Null, |o| o.price.to_string().into()),
+        price.to_string(),
+    );
+    region.publish(notify::PRICE, event);
+
+    Ok(Reply::new()
+        .text("type", gpu_type)
+        .text("price", price.to_string())
+        .int("version", version)
+        .int("listed_gpus", moved + already_typed)
+        .build())
+}

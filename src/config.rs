@@ -1,0 +1,114 @@
+//! Module configuration: load arguments (`loadmodule libgpucache.so AVAILABILITY_TTL 300 ...`)
+//! and `CONFIG SET/GET gpucache.<name>` both land in these values.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+pub static AVAILABILITY_TTL: AtomicI64 = AtomicI64::new(300);
+pub static PRICING_TTL: AtomicI64 = AtomicI64::new(600);
+pub static JITTER_PERCENT: AtomicI64 = AtomicI64::new(10);
+pub static STREAM_MAXLEN: AtomicI64 = AtomicI64::new(10_000);
+
+/// One tunable: its `CONFIG` name, load-argument name, default and accepted range.
+pub struct Setting {
+    pub config_name: &'static str,
+    pub load_arg: &'static str,
+    pub value: &'static AtomicI64,
+    pub default: i64,
+    pub min: i64,
+    pub max: i64,
+}
+
+pub const SETTINGS: [Setting; 4] = [
+    Setting {
+        config_name: "availability-ttl",
+        load_arg: "AVAILABILITY_TTL",
+        value: &AVAILABILITY_TTL,
+        default: 300,
+        min: 1,
+        max: 31_536_000,
+    },
+    Setting {
+        config_name: "pricing-ttl",
+        load_arg: "PRICING_TTL",
+        value: &PRICING_TTL,
+        default: 600,
+        min: 1,
+        max: 31_536_000,
+    },
+    Setting {
+        config_name: "jitter",
+        load_arg: "JITTER",
+        value: &JITTER_PERCENT,
+        default: 10,
+        min: 0,
+        max: 50,
+    },
+    Setting {
+        config_name: "stream-maxlen",
+        load_arg: "STREAM_MAXLEN",
+        value: &STREAM_MAXLEN,
+        default: 10_000,
+        min: 1,
+        max: 100_000_000,
+    },
+];
+
+pub fn get(value: &AtomicI64) -> i64 {
+    value.load(Ordering::Relaxed)
+}
+
+/// Applies `NAME value` pairs given after the module path. Names match either the load-argument
+/// spelling (`AVAILABILITY_TTL`) or the config spelling (`availability-ttl`), in any case.
+pub fn apply_load_args(args: &[&[u8]]) -> Result<(), String> {
+    if args.len() % 2 != 0 {
+        return Err("module arguments must be NAME value pairs".into());
+    }
+    for pair in args.chunks_exact(2) {
+        let (name, raw) = (pair[0], pair[1]);
+        let name_text = String::from_utf8_lossy(name);
+        let setting = SETTINGS
+            .iter()
+            .find(|s| {
+                name.eq_ignore_ascii_case(s.load_arg.as_bytes())
+                    || name.eq_ignore_ascii_case(s.config_name.as_bytes())
+            })
+            .ok_or_else(|| {
+                let known: Vec<&str> = SETTINGS.iter().map(|s| s.load_arg).collect();
+                format!(
+                    "unknown module argument '{name_text}' (known: {})",
+                    known.join(", ")
+                )
+            })?;
+        let value = std::str::from_utf8(raw)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .filter(|v| (setting.min..=setting.max).contains(v))
+            .ok_or_else(|| {
+                format!(
+                    "module argument {name_text} must be an integer from {} to {}",
+                    setting.min, setting.max
+                )
+            })?;
+        setting.value.store(value, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unknown_odd_and_out_of_range_arguments() {
+        assert!(apply_load_args(&[b"NOPE", b"1"]).is_err());
+        assert!(apply_load_args(&[b"JITTER"]).is_err());
+        assert!(apply_load_args(&[b"JITTER", b"99"]).is_err());
+        assert!(apply_load_args(&[b"JITTER", b"ten"]).is_err());
+    }
+
+    #[test]
+    fn accepts_both_spellings() {
+        assert!(apply_load_args(&[b"stream_maxlen", b"500", b"stream-maxlen", b"600"]).is_ok());
+        assert_eq!(get(&STREAM_MAXLEN), 600);
+    }
+}

@@ -1,0 +1,274 @@
+//! The GPU record as stored in its hash, and how its effective price is resolved.
+
+use super::price::Price;
+use super::status::GpuStatus;
+use bitflags::bitflags;
+
+/// Hash field names of a GPU record (documented in the README's key table).
+pub mod field {
+    pub const PROVIDER: &str = "provider";
+    pub const TYPE: &str = "type";
+    pub const PRICE: &str = "price";
+    pub const PRICE_SEQ: &str = "price_seq";
+    pub const MEMORY_GB: &str = "memory_gb";
+    pub const CORES: &str = "cores";
+    pub const SCORE: &str = "score";
+    pub const STATUS: &str = "status";
+    pub const BOOKING: &str = "booking";
+    pub const VERSION: &str = "version";
+    pub const UPDATED_MS: &str = "updated_ms";
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuRecord {
+    pub provider: String,
+    pub gpu_type: String,
+    /// The GPU's own hourly price, set by `REGISTER`.
+    pub own_price: Price,
+    /// Region sequence number at which `own_price` was set; a type price set later wins.
+    pub price_seq: i64,
+    pub memory_gb: Option<i64>,
+    pub cores: Option<i64>,
+    pub score: Option<f64>,
+    pub status: GpuStatus,
+    /// The active booking holding this GPU, if any.
+    pub booking: Option<String>,
+    pub version: i64,
+    pub updated_ms: i64,
+}
+
+/// A per-type hourly price set with `GPUCACHE.PRICE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TypePrice {
+    pub price: Price,
+    /// Region sequence number at which it was set.
+    pub seq: i64,
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PriceSource {
+    Own,
+    Type,
+}
+
+impl PriceSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PriceSource::Own => "own",
+            PriceSource::Type => "type",
+        }
+    }
+}
+
+/// Which of the two prices a GPU shows: whichever was set last.
+pub fn price_source(price_seq: i64, type_price: Option<&TypePrice>) -> PriceSource {
+    match type_price {
+        Some(tp) if tp.seq > price_seq => PriceSource::Type,
+        _ => PriceSource::Own,
+    }
+}
+
+pub fn effective_price(gpu: &GpuRecord, type_price: Option<&TypePrice>) -> (Price, PriceSource) {
+    match (price_source(gpu.price_seq, type_price), type_price) {
+        (PriceSource::Type, Some(tp)) => (tp.price, PriceSource::Type),
+        _ => (gpu.own_price, PriceSource::Own),
+    }
+}
+
+bitflags! {
+    /// What a write changed on a GPU, deciding which events fire and which indexes move.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct GpuChange: u8 {
+        const CREATED = 1;
+        const STATUS = 1 << 1;
+        const PRICE = 1 << 2;
+        const PROVIDER = 1 << 3;
+        const TYPE = 1 << 4;
+        const ATTRIBUTES = 1 << 5;
+        const BOOKING = 1 << 6;
+    }
+}
+
+impl GpuRecord {
+    /// Reads a record from its hash fields; `None` when a field this module always writes is
+    /// missing or malformed (someone edited the hash by hand).
+    pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Option<Self> {
+        let mut provider = None;
+        let mut gpu_type = None;
+        let mut own_price = None;
+        let mut price_seq = 0;
+        let mut memory_gb = None;
+        let mut cores = None;
+        let mut score = None;
+        let mut status = None;
+        let mut booking = None;
+        let mut version = 0;
+        let mut updated_ms = 0;
+        let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_owned);
+        let int = |v: &[u8]| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+        };
+        for (name, value) in fields {
+            match std::str::from_utf8(name).unwrap_or_default() {
+                field::PROVIDER => provider = text(value),
+                field::TYPE => gpu_type = text(value),
+                field::PRICE => own_price = Price::parse_stored(value),
+                field::PRICE_SEQ => price_seq = int(value)?,
+                field::MEMORY_GB => memory_gb = int(value),
+                field::CORES => cores = int(value),
+                field::SCORE => {
+                    score = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|s| s.parse::<f64>().ok())
+                        .filter(|v| v.is_finite())
+                }
+                field::STATUS => status = GpuStatus::parse(value).ok(),
+                field::BOOKING => booking = text(value).filter(|b| !b.is_empty()),
+                field::VERSION => version = int(value)?,
+                field::UPDATED_MS => updated_ms = int(value)?,
+                _ => {}
+            }
+        }
+        Some(GpuRecord {
+            provider: provider?,
+            gpu_type: gpu_type?,
+            own_price: own_price?,
+            price_seq,
+            memory_gb,
+            cores,
+            score,
+            status: status?,
+            booking,
+            version,
+            updated_ms,
+        })
+    }
+
+    /// All fields to write with one `HSET`. `booking` is written as an empty string when there is
+    /// none, so a single `HSET` fully replaces the previous value.
+    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        let mut fields = vec![
+            (field::PROVIDER, self.provider.clone()),
+            (field::TYPE, self.gpu_type.clone()),
+            (field::PRICE, self.own_price.to_string()),
+            (field::PRICE_SEQ, self.price_seq.to_string()),
+            (field::STATUS, self.status.as_str().to_owned()),
+            (field::BOOKING, self.booking.clone().unwrap_or_default()),
+            (field::VERSION, self.version.to_string()),
+            (field::UPDATED_MS, self.updated_ms.to_string()),
+        ];
+        if let Some(m) = self.memory_gb {
+            fields.push((field::MEMORY_GB, m.to_string()));
+        }
+        if let Some(c) = self.cores {
+            fields.push((field::CORES, c.to_string()));
+        }
+        if let Some(s) = self.score {
+            fields.push((field::SCORE, s.to_string()));
+        }
+        fields
+    }
+
+    /// Optional attributes that the new record no longer has, to be removed with `HDEL`.
+    pub fn dropped_attributes(&self, newer: &GpuRecord) -> Vec<&'static str> {
+        let mut dropped = Vec::new();
+        if self.memory_gb.is_some() && newer.memory_gb.is_none() {
+            dropped.push(field::MEMORY_GB);
+        }
+        if self.cores.is_some() && newer.cores.is_none() {
+            dropped.push(field::CORES);
+        }
+        if self.score.is_some() && newer.score.is_none() {
+            dropped.push(field::SCORE);
+        }
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> GpuRecord {
+        GpuRecord {
+            provider: "p1".into(),
+            gpu_type: "A100".into(),
+            own_price: Price::from_micros(2_500_000),
+            price_seq: 3,
+            memory_gb: Some(80),
+            cores: None,
+            score: Some(9.5),
+            status: GpuStatus::Available,
+            booking: None,
+            version: 7,
+            updated_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn fields_round_trip() {
+        let gpu = sample();
+        let fields: Vec<(String, String)> = gpu
+            .to_fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let back = GpuRecord::from_fields(fields.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+        assert_eq!(back, Some(gpu));
+    }
+
+    #[test]
+    fn a_hand_edited_record_is_rejected_not_trusted() {
+        let fields = [
+            (&b"provider"[..], &b"p"[..]),
+            (b"type", b"t"),
+            (b"status", b"busy"),
+        ];
+        assert_eq!(GpuRecord::from_fields(fields), None, "price missing");
+        let fields = [
+            (&b"provider"[..], &b"p"[..]),
+            (b"type", b"t"),
+            (b"status", b"busy"),
+            (b"price", b"cheap"),
+        ];
+        assert_eq!(GpuRecord::from_fields(fields), None);
+    }
+
+    #[test]
+    fn the_price_set_last_wins() {
+        let gpu = sample();
+        let older_type = TypePrice {
+            price: Price::from_micros(1),
+            seq: 2,
+            version: 1,
+        };
+        let newer_type = TypePrice {
+            price: Price::from_micros(1),
+            seq: 4,
+            version: 1,
+        };
+        assert_eq!(
+            effective_price(&gpu, None),
+            (gpu.own_price, PriceSource::Own)
+        );
+        assert_eq!(
+            effective_price(&gpu, Some(&older_type)),
+            (gpu.own_price, PriceSource::Own)
+        );
+        assert_eq!(
+            effective_price(&gpu, Some(&newer_type)),
+            (Price::from_micros(1), PriceSource::Type)
+        );
+    }
+
+    #[test]
+    fn dropped_attributes_are_listed() {
+        let old = sample();
+        let mut newer = sample();
+        newer.memory_gb = None;
+        assert_eq!(old.dropped_attributes(&newer), vec![field::MEMORY_GB]);
+    }
+}

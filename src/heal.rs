@@ -1,0 +1,216 @@
+//! Index healing after a record disappears on its own (TTL expiry or eviction).
+//!
+//! Redis reports the deletion through a keyspace event, but writing from inside that callback
+//! is unsafe on Redis 7.0, so the callback only queues the key and arms a 1 ms timer; the
+//! timer runs on the main thread like a command, repairs the indexes with replicated writes and
+//! publishes the usual events. Only the primary heals: a replica receives the primary's repairs
+//! through replication. Until the repair runs, reads already skip index entries whose record is
+//! gone, so no read ever returns an expired GPU.
+
+use crate::core::events::{notify, Event, EventKind};
+use crate::core::gpu::GpuRecord;
+use crate::core::price::Price;
+use crate::core::status::{GpuStatus, ProviderStatus};
+use crate::keys::RegionKeys;
+use crate::market::{stat, GpuWrite, Region};
+use crate::store::Store;
+use redis_module::logging::RedisLogLevel;
+use redis_module::{Context, ContextFlags, NotifyEvent};
+use std::cell::RefCell;
+use std::time::Duration;
+
+thread_local! {
+    // Keyspace events and timers both run on Redis's main thread.
+    static PENDING: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    static TIMER_ARMED: RefCell<bool> = const { RefCell::new(false) };
+}
+
+/// Upper bound on queued keys; beyond it further expiries wait for `GPUCACHE.CHECK`-style repair.
+const MAX_PENDING: usize = 1_000_000;
+
+/// Keyspace-event handler for `expired` and `evicted`.
+pub fn on_key_gone(ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &[u8]) {
+    let Ok(key) = std::str::from_utf8(key) else {
+        return;
+    };
+    let Some((_, entity, _)) = RegionKeys::parse(key) else {
+        return;
+    };
+    if !matches!(entity, "gpu" | "booking" | "price") {
+        return;
+    }
+    PENDING.with(|pending| {
+        let mut pending = pending.borrow_mut();
+        if pending.len() < MAX_PENDING {
+            pending.push(key.to_owned());
+        }
+    });
+    let must_arm = TIMER_ARMED.with(|armed| !armed.replace(true));
+    if must_arm {
+        ctx.create_timer(Duration::from_millis(1), drain, ());
+    }
+}
+
+fn drain(ctx: &Context, _: ()) {
+    TIMER_ARMED.with(|armed| armed.replace(false));
+    let keys = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
+    let flags = ctx.get_flags();
+    if flags.contains(ContextFlags::SLAVE) || flags.contains(ContextFlags::LOADING) {
+        return;
+    }
+    for key in keys {
+        let Some((region, entity, id)) = RegionKeys::parse(&key) else {
+            continue;
+        };
+        let store = Store::new(ctx);
+        let region = Region::new(&store, region.to_owned());
+        if store.key_type(&key) != redis_module::KeyType::Empty {
+            continue; // written again since it expired
+        }
+        if region.check_key_types(&[]).is_err() {
+            crate::log(
+                ctx,
+                RedisLogLevel::Warning,
+                &format!("gpucache: cannot heal after {key}: foreign key types"),
+            );
+            continue;
+        }
+        let outcome = match entity {
+            "gpu" => heal_gpu(&region, id),
+            "booking" => heal_booking(&region, id),
+            "price" => heal_type_price(&region, id),
+            _ => Ok(()),
+        };
+        if let Err(e) = outcome {
+            crate::log(
+                ctx,
+                RedisLogLevel::Warning,
+                &format!("gpucache: healing after {key} failed: {e}"),
+            );
+        }
+    }
+}
+
+/// A GPU record expired: drop it from every index using the registry entry kept for it.
+fn heal_gpu(region: &Region, gpu_id: &str) -> Result<(), crate::core::error::MarketError> {
+    let store = region.store;
+    let registry = region.keys.gpu_registry();
+    let Some(entry) = store.hget(&registry, gpu_id)? else {
+        return Ok(());
+    };
+    let entry = String::from_utf8_lossy(&entry).into_owned();
+    let mut parts = entry.splitn(3, ' ');
+    let (Some(status), Some(gpu_type), Some(provider)) = (parts.next(), parts.next(), parts.next())
+    else {
+        store.write("HDEL", &[registry.as_bytes(), gpu_id.as_bytes()]);
+        return Ok(());
+    };
+    region.check_gpu_key_types(gpu_id, gpu_type, provider)?;
+    region.unlist(gpu_id, gpu_type)?;
+    store.write(
+        "SREM",
+        &[
+            region.keys.provider_gpus(provider).as_bytes(),
+            gpu_id.as_bytes(),
+        ],
+    );
+    store.write("HDEL", &[registry.as_bytes(), gpu_id.as_bytes()]);
+    if let Ok(status) = GpuStatus::parse(status.as_bytes()) {
+        region.add_to_counter(&stat::gpus_with_status(status), -1);
+    }
+    store.mark_written(&region.keys.gpu(gpu_id));
+
+    let mut event = Event::new(
+        EventKind::GpuAvailabilityChanged,
+        &region.name,
+        store.now_ms(),
+    );
+    event.reason = Some("expired");
+    event.gpu_id = Some(gpu_id.to_owned());
+    event.gpu_type = Some(gpu_type.to_owned());
+    event.provider_id = Some(provider.to_owned());
+    event.changed("status", status, serde_json::Value::Null);
+    region.publish(notify::EXPIRED, event);
+    Ok(())
+}
+
+/// A booking reached its end: the GPU it held becomes available again.
+fn heal_booking(region: &Region, booking_id: &str) -> Result<(), crate::core::error::MarketError> {
+    let store = region.store;
+    let registry = region.keys.booking_registry();
+    let Some(gpu_id) = store.hget(&registry, booking_id)? else {
+        return Ok(());
+    };
+    let gpu_id = String::from_utf8_lossy(&gpu_id).into_owned();
+    let gpu = region.load_gpu(&gpu_id)?;
+    let held: Option<&GpuRecord> = gpu
+        .as_ref()
+        .filter(|g| g.booking.as_deref() == Some(booking_id));
+    let mut release = None;
+    if let Some(old) = held {
+        region.check_gpu_key_types(&gpu_id, &old.gpu_type, &old.provider)?;
+        let provider_status: ProviderStatus = region.provider_status(&old.provider)?;
+        let type_price = region.load_type_price(&old.gpu_type)?;
+        release = Some((old, provider_status, type_price));
+    }
+
+    let now = store.now_ms();
+    store.write("HDEL", &[registry.as_bytes(), booking_id.as_bytes()]);
+    store.mark_written(&region.keys.booking(booking_id));
+    region.add_to_counter(stat::BOOKINGS_ENDED, 1);
+    let mut event = Event::new(EventKind::BookingCancelled, &region.name, now);
+    event.reason = Some("ended");
+    event.booking_id = Some(booking_id.to_owned());
+    event.gpu_id = Some(gpu_id.clone());
+    if let Some((old, provider_status, type_price)) = release {
+        let mut new = old.clone();
+        new.status = GpuStatus::Available;
+        new.booking = None;
+        new.version += 1;
+        new.updated_ms = now;
+        region.store_gpu(GpuWrite {
+            gpu_id: &gpu_id,
+            old: Some(old),
+            new: &new,
+            old_provider_status: provider_status,
+            new_provider_status: provider_status,
+            type_price: type_price.as_ref(),
+            expire_at_ms: region.gpu_expire_at(now, None),
+        })?;
+        event.version = Some(new.version);
+        event.changed("status", old.status.as_str(), new.status.as_str());
+    }
+    region.publish(notify::CANCELLED, event);
+    Ok(())
+}
+
+/// A type price expired: its GPUs show their own prices again, so they move back to the
+/// own-price index with those prices.
+fn heal_type_price(region: &Region, gpu_type: &str) -> Result<(), crate::core::error::MarketError> {
+    let store = region.store;
+    let typed = region.keys.available_typed(gpu_type);
+    let own = region.keys.available_own(gpu_type);
+    let members = store.members_of_range(&typed)?;
+    let mut moves: Vec<(String, Price)> = Vec::new();
+    for gpu_id in members {
+        if let Some(gpu) = region.load_gpu(&gpu_id)? {
+            moves.push((gpu_id, gpu.own_price));
+        }
+    }
+    store.write("DEL", &[typed.as_bytes()]);
+    for (gpu_id, price) in &moves {
+        let score = price.as_score().to_string();
+        store.write(
+            "ZADD",
+            &[own.as_bytes(), score.as_bytes(), gpu_id.as_bytes()],
+        );
+        region.add_to_counter(&stat::own_price_sum(gpu_type), price.micros());
+    }
+    store.mark_written(&region.keys.type_price(gpu_type));
+    let mut event = Event::new(EventKind::PricingUpdated, &region.name, store.now_ms());
+    event.reason = Some("expired");
+    event.gpu_type = Some(gpu_type.to_owned());
+    event.new.insert("gpus_repriced".into(), moves.len().into());
+    region.publish(notify::EXPIRED, event);
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The key scheme, in one place: `gpucache:{<region>}:<entity>:<id>`.
+//!
+//! The `{region}` hash tag puts every key of a region in one cluster slot, so a command that
+//! touches a GPU, its booking, the indexes and the event stream stays a single-slot, atomic
+//! operation. The README's "Keys" table documents each key's type and fields.
+
+/// Key builder for one region.
+#[derive(Debug, Clone)]
+pub struct RegionKeys {
+    prefix: String,
+}
+
+impl RegionKeys {
+    pub fn new(region: &str) -> RegionKeys {
+        RegionKeys {
+            prefix: format!("gpucache:{{{region}}}:"),
+        }
+    }
+
+    fn key(&self, entity: &str, id: &str) -> String {
+        format!("{}{entity}:{id}", self.prefix)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Hash: one GPU record (`GpuRecord` fields). TTL: availability class.
+    pub fn gpu(&self, gpu_id: &str) -> String {
+        self.key("gpu", gpu_id)
+    }
+
+    /// Hash: one booking (`Booking` fields). Expires when the booking ends.
+    pub fn booking(&self, booking_id: &str) -> String {
+        self.key("booking", booking_id)
+    }
+
+    /// Hash: a provider's status and version.
+    pub fn provider(&self, provider_id: &str) -> String {
+        self.key("provider", provider_id)
+    }
+
+    /// Set: ids of a provider's GPUs in this region.
+    pub fn provider_gpus(&self, provider_id: &str) -> String {
+        self.key("provider-gpus", provider_id)
+    }
+
+    /// Hash: a GPU type's price set with `GPUCACHE.PRICE`. TTL: pricing class.
+    pub fn type_price(&self, gpu_type: &str) -> String {
+        self.key("price", gpu_type)
+    }
+
+    /// Sorted set: listed GPUs of a type that show their own price, scored by that price.
+    pub fn available_own(&self, gpu_type: &str) -> String {
+        self.key("avail-own", gpu_type)
+    }
+
+    /// Sorted set: listed GPUs of a type that show the type price (all score 0).
+    pub fn available_typed(&self, gpu_type: &str) -> String {
+        self.key("avail-type", gpu_type)
+    }
+
+    /// Hash: every registered GPU id -> `"<status> <type> <provider>"`, so indexes can be
+    /// healed after the GPU's own record has expired.
+    pub fn gpu_registry(&self) -> String {
+        self.key("index", "gpus")
+    }
+
+    /// Set: GPU types seen in this region.
+    pub fn types(&self) -> String {
+        self.key("index", "types")
+    }
+
+    /// Hash: active booking id -> GPU id.
+    pub fn booking_registry(&self) -> String {
+        self.key("index", "bookings")
+    }
+
+    /// Hash: market counters (GPUs per status, bookings, price sums, sequence number).
+    pub fn stats(&self) -> String {
+        self.key("stats", "market")
+    }
+
+    /// Stream: one JSON event per command, for consumers that must not miss any.
+    pub fn events(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+
+    /// Parses one of this module's key names into (region, entity, id).
+    pub fn parse(key: &str) -> Option<(&str, &str, &str)> {
+        let rest = key.strip_prefix("gpucache:{")?;
+        let (region, rest) = rest.split_once("}:")?;
+        match rest.split_once(':') {
+            Some((entity, id)) => Some((region, entity, id)),
+            None => Some((region, rest, "")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_region_hash_tag() {
+        let k = RegionKeys::new("eu-west");
+        assert_eq!(k.gpu("g1"), "gpucache:{eu-west}:gpu:g1");
+        assert_eq!(k.events(), "gpucache:{eu-west}:events");
+        for key in [
+            k.gpu("a"),
+            k.booking("b"),
+            k.stats(),
+            k.available_own("A100"),
+            k.events(),
+        ] {
+            assert!(key.starts_with("gpucache:{eu-west}:"), "{key}");
+        }
+    }
+
+    #[test]
+    fn parses_its_own_keys() {
+        let k = RegionKeys::new("us");
+        assert_eq!(RegionKeys::parse(&k.gpu("g:1")), Some(("us", "gpu", "g:1")));
+        assert_eq!(RegionKeys::parse(&k.events()), Some(("us", "events", "")));
+        assert_eq!(RegionKeys::parse("other:{us}:gpu:1"), None);
+    }
+}

@@ -1,0 +1,128 @@
+//! gpucache: a GPU marketplace's cache as atomic server-side Redis commands.
+//!
+//! This file only registers commands, configuration and event handlers. Commands live in
+//! `commands/`, marketplace rules in `core/`, the key scheme in `keys.rs`.
+
+pub mod commands;
+pub mod config;
+pub mod core;
+mod heal;
+pub mod keys;
+pub mod market;
+pub mod store;
+
+use redis_module::configuration::ConfigurationFlags;
+use redis_module::logging::RedisLogLevel;
+use redis_module::{redis_module, Context, RedisResult, RedisString, Status};
+
+/// Uses Redis's allocator inside redis-server (so `INFO memory` and `maxmemory` see the module's
+/// allocations) and the system allocator anywhere else (unit tests, benchmarks).
+pub struct ModuleAllocator;
+
+// SAFETY: both allocators are valid global allocators; which one serves a process is fixed
+// before its first allocation, because Redis fills `RedisModule_Alloc` in `RedisModule_OnLoad`
+// before any module code allocates, and other processes never set it.
+unsafe impl std::alloc::GlobalAlloc for ModuleAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if (*std::ptr::addr_of!(redis_module::raw::RedisModule_Alloc)).is_some() {
+            redis_module::alloc::RedisAlloc.alloc(layout)
+        } else {
+            std::alloc::System.alloc(layout)
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        if (*std::ptr::addr_of!(redis_module::raw::RedisModule_Free)).is_some() {
+            redis_module::alloc::RedisAlloc.dealloc(ptr, layout)
+        } else {
+            std::alloc::System.dealloc(ptr, layout)
+        }
+    }
+}
+
+macro_rules! command {
+    ($name:ident, $body:path) => {
+        fn $name(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+            commands::run(ctx, &args, $body)
+        }
+    };
+}
+
+command!(register, commands::register::command);
+command!(get, commands::get::command);
+command!(status, commands::status::command);
+command!(price, commands::price::command);
+command!(book, commands::book::book);
+command!(cancel, commands::book::cancel);
+command!(provider, commands::provider::command);
+command!(available, commands::available::command);
+command!(stats, commands::stats::command);
+command!(invalidate, commands::invalidate::command);
+
+fn init(ctx: &Context, args: &[RedisString]) -> Status {
+    // A panic would abort redis-server; make sure it at least says why in the log.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("gpucache: panic: {info}");
+    }));
+    let raw: Vec<&[u8]> = args.iter().map(RedisString::as_slice).collect();
+    if let Err(message) = config::apply_load_args(&raw) {
+        log(ctx, RedisLogLevel::Warning, &format!("gpucache: {message}"));
+        return Status::Err;
+    }
+    log(
+        ctx,
+        RedisLogLevel::Notice,
+        &format!(
+            "gpucache loaded: availability-ttl={}s pricing-ttl={}s jitter={}% stream-maxlen={}",
+            config::get(&config::AVAILABILITY_TTL),
+            config::get(&config::PRICING_TTL),
+            config::get(&config::JITTER_PERCENT),
+            config::get(&config::STREAM_MAXLEN),
+        ),
+    );
+    Status::Ok
+}
+
+// Every command names its region as its first argument, declared as the command's one key
+// (first_key = last_key = 1) so cluster-aware clients route it to the region's slot.
+redis_module! {
+    name: "gpucache",
+    version: 1,
+    allocator: (crate::ModuleAllocator, crate::ModuleAllocator),
+    data_types: [],
+    init: init,
+    commands: [
+        ["gpucache.register", register, "write deny-oom", 1, 1, 1, ""],
+        ["gpucache.get", get, "readonly fast", 1, 1, 1, ""],
+        ["gpucache.status", status, "write deny-oom", 1, 1, 1, ""],
+        ["gpucache.price", price, "write deny-oom", 1, 1, 1, ""],
+        ["gpucache.book", book, "write deny-oom", 1, 1, 1, ""],
+        ["gpucache.cancel", cancel, "write deny-oom", 1, 1, 1, ""],
+        ["gpucache.provider", provider, "write deny-oom", 1, 1, 1, ""],
+        ["gpucache.available", available, "readonly", 1, 1, 1, ""],
+        ["gpucache.stats", stats, "readonly", 1, 1, 1, ""],
+        ["gpucache.invalidate", invalidate, "write deny-oom", 1, 1, 1, ""],
+    ],
+    event_handlers: [
+        [@EXPIRED @EVICTED: heal::on_key_gone],
+    ],
+    configurations: [
+        i64: [
+            ["availability-ttl", &config::AVAILABILITY_TTL, 300, 1, 31_536_000, ConfigurationFlags::DEFAULT, None],
+            ["pricing-ttl", &config::PRICING_TTL, 600, 1, 31_536_000, ConfigurationFlags::DEFAULT, None],
+            ["jitter", &config::JITTER_PERCENT, 10, 0, 50, ConfigurationFlags::DEFAULT, None],
+            ["stream-maxlen", &config::STREAM_MAXLEN, 10_000, 1, 100_000_000, ConfigurationFlags::DEFAULT, None],
+        ],
+        string: [],
+        bool: [],
+        enum: [],
+        // Load arguments are parsed in `init` (case-insensitive, range-checked).
+        module_args_as_configuration: false,
+    ]
+}
+
+/// Writes to the Redis log. `RedisModule_Log` treats its message as a printf format, so every
+/// `%` is doubled: a key or error text with `%s` in it must not make Redis read stray memory.
+pub fn log(ctx: &Context, level: redis_module::logging::RedisLogLevel, message: &str) {
+    ctx.log(level, &message.replace('%', "%%"));
+}

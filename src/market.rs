@@ -1,0 +1,407 @@
+//! Region state as the commands see it: loading records and keeping every index, counter and
+//! event in step with a change. Each command calls these after validating everything, so the
+//! index rules live here once instead of in every command.
+
+use crate::config;
+use crate::core::booking::Booking;
+use crate::core::error::{MarketError, MarketResult};
+use crate::core::events::Event;
+use crate::core::gpu::{self, GpuRecord, PriceSource, TypePrice};
+use crate::core::price::Price;
+use crate::core::status::{is_listed, GpuStatus, ProviderStatus};
+use crate::core::ttl::jittered_ttl_ms;
+use crate::keys::RegionKeys;
+use crate::store::Store;
+use redis_module::KeyType;
+
+/// Hash fields of the region's market-counters hash (`RegionKeys::stats`).
+pub mod stat {
+    pub const SEQ: &str = "seq";
+    pub const BOOKINGS_CREATED: &str = "bookings:created";
+    pub const BOOKINGS_CANCELLED: &str = "bookings:cancelled";
+    pub const BOOKINGS_ENDED: &str = "bookings:ended";
+
+    pub fn gpus_with_status(status: crate::core::status::GpuStatus) -> String {
+        format!("gpus:{}", status.as_str())
+    }
+
+    /// Sum of the own prices (micro-units) of a type's listed, own-priced GPUs.
+    pub fn own_price_sum(gpu_type: &str) -> String {
+        format!("own-sum:{gpu_type}")
+    }
+}
+
+/// Hash fields of a provider record.
+pub mod provider_field {
+    pub const STATUS: &str = "status";
+    pub const VERSION: &str = "version";
+    pub const UPDATED_MS: &str = "updated_ms";
+}
+
+/// Hash fields of a type-price record.
+pub mod price_field {
+    pub const PRICE: &str = "price";
+    pub const SEQ: &str = "seq";
+    pub const VERSION: &str = "version";
+    pub const UPDATED_MS: &str = "updated_ms";
+}
+
+pub struct Region<'s, 'c> {
+    pub store: &'s Store<'c>,
+    pub name: String,
+    pub keys: RegionKeys,
+}
+
+fn parse_int(bytes: Option<&[u8]>) -> Option<i64> {
+    std::str::from_utf8(bytes?).ok()?.parse().ok()
+}
+
+impl<'s, 'c> Region<'s, 'c> {
+    pub fn new(store: &'s Store<'c>, name: String) -> Self {
+        let keys = RegionKeys::new(&name);
+        Region { store, name, keys }
+    }
+
+    pub fn load_gpu(&self, gpu_id: &str) -> MarketResult<Option<GpuRecord>> {
+        let key = self.keys.gpu(gpu_id);
+        let fields = self.store.hgetall(&key)?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        GpuRecord::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+            .map(Some)
+            .ok_or(MarketError::Corrupt(key))
+    }
+
+    pub fn require_gpu(&self, gpu_id: &str) -> MarketResult<GpuRecord> {
+        self.load_gpu(gpu_id)?
+            .ok_or_else(|| MarketError::NoGpu(gpu_id.to_owned()))
+    }
+
+    pub fn load_booking(&self, booking_id: &str) -> MarketResult<Option<Booking>> {
+        let key = self.keys.booking(booking_id);
+        let fields = self.store.hgetall(&key)?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        Booking::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+            .map(Some)
+            .ok_or(MarketError::Corrupt(key))
+    }
+
+    pub fn load_type_price(&self, gpu_type: &str) -> MarketResult<Option<TypePrice>> {
+        let key = self.keys.type_price(gpu_type);
+        let values = self.store.hmget(
+            &key,
+            &[price_field::PRICE, price_field::SEQ, price_field::VERSION],
+        )?;
+        let field = |i: usize| values.get(i).and_then(|v| v.as_deref());
+        let Some(price_text) = field(0) else {
+            return Ok(None);
+        };
+        let price =
+            Price::parse_stored(price_text).ok_or_else(|| MarketError::Corrupt(key.clone()))?;
+        Ok(Some(TypePrice {
+            price,
+            seq: parse_int(field(1)).unwrap_or(0),
+            version: parse_int(field(2)).unwrap_or(0),
+        }))
+    }
+
+    pub fn provider_status(&self, provider_id: &str) -> MarketResult<ProviderStatus> {
+        let key = self.keys.provider(provider_id);
+        match self.store.hget(&key, provider_field::STATUS)? {
+            None => Ok(ProviderStatus::default()),
+            Some(text) => ProviderStatus::parse(&text).map_err(|_| MarketError::Corrupt(key)),
+        }
+    }
+
+    pub fn provider_version(&self, provider_id: &str) -> MarketResult<i64> {
+        let value = self
+            .store
+            .hget(&self.keys.provider(provider_id), provider_field::VERSION)?;
+        Ok(parse_int(value.as_deref()).unwrap_or(0))
+    }
+
+    /// Fails before any write when a key this region writes holds a foreign type.
+    pub fn check_key_types(&self, extra: &[(&str, KeyType)]) -> MarketResult<()> {
+        let registry = self.keys.gpu_registry();
+        let types = self.keys.types();
+        let bookings = self.keys.booking_registry();
+        let stats = self.keys.stats();
+        let events = self.keys.events();
+        let base = [
+            (registry.as_str(), KeyType::Hash),
+            (types.as_str(), KeyType::Set),
+            (bookings.as_str(), KeyType::Hash),
+            (stats.as_str(), KeyType::Hash),
+            (events.as_str(), KeyType::Stream),
+        ];
+        self.store.expect_types(&base)?;
+        self.store.expect_types(extra)
+    }
+
+    /// Key-type checks for everything a change to one GPU may write.
+    pub fn check_gpu_key_types(
+        &self,
+        gpu_id: &str,
+        gpu_type: &str,
+        provider: &str,
+    ) -> MarketResult<()> {
+        let gpu_key = self.keys.gpu(gpu_id);
+        let own = self.keys.available_own(gpu_type);
+        let typed = self.keys.available_typed(gpu_type);
+        let price = self.keys.type_price(gpu_type);
+        let provider_key = self.keys.provider(provider);
+        let provider_gpus = self.keys.provider_gpus(provider);
+        self.check_key_types(&[
+            (gpu_key.as_str(), KeyType::Hash),
+            (own.as_str(), KeyType::ZSet),
+            (typed.as_str(), KeyType::ZSet),
+            (price.as_str(), KeyType::Hash),
+            (provider_key.as_str(), KeyType::Hash),
+            (provider_gpus.as_str(), KeyType::Set),
+        ])
+    }
+
+    /// The next value of the region's sequence, which orders own prices against type prices.
+    pub fn next_seq(&self) -> MarketResult<i64> {
+        let current = self.store.hget(&self.keys.stats(), stat::SEQ)?;
+        let next = parse_int(current.as_deref()).unwrap_or(0) + 1;
+        self.store
+            .hset(&self.keys.stats(), &[(stat::SEQ, next.to_string())]);
+        Ok(next)
+    }
+
+    pub fn add_to_counter(&self, field: &str, delta: i64) {
+        if delta != 0 {
+            self.store.write(
+                "HINCRBY",
+                &[
+                    self.keys.stats().as_bytes(),
+                    field.as_bytes(),
+                    delta.to_string().as_bytes(),
+                ],
+            );
+        }
+    }
+
+    /// Puts a GPU in its type's availability index at the price it shows.
+    pub fn list(&self, gpu_id: &str, gpu: &GpuRecord, type_price: Option<&TypePrice>) {
+        match gpu::price_source(gpu.price_seq, type_price) {
+            PriceSource::Own => {
+                let score = gpu.own_price.as_score().to_string();
+                self.store.write(
+                    "ZADD",
+                    &[
+                        self.keys.available_own(&gpu.gpu_type).as_bytes(),
+                        score.as_bytes(),
+                        gpu_id.as_bytes(),
+                    ],
+                );
+                self.add_to_counter(&stat::own_price_sum(&gpu.gpu_type), gpu.own_price.micros());
+            }
+            PriceSource::Type => {
+                self.store.write(
+                    "ZADD",
+                    &[
+                        self.keys.available_typed(&gpu.gpu_type).as_bytes(),
+                        b"0",
+                        gpu_id.as_bytes(),
+                    ],
+                );
+            }
+        }
+    }
+
+    /// Takes a GPU out of its type's availability index, wherever it is listed.
+    pub fn unlist(&self, gpu_id: &str, gpu_type: &str) -> MarketResult<()> {
+        let own = self.keys.available_own(gpu_type);
+        if let Some(score) = self.store.zscore(&own, gpu_id)? {
+            self.store
+                .write("ZREM", &[own.as_bytes(), gpu_id.as_bytes()]);
+            let micros = Price::from_score(score).map_or(0, Price::micros);
+            self.add_to_counter(&stat::own_price_sum(gpu_type), -micros);
+        } else {
+            let typed = self.keys.available_typed(gpu_type);
+            if self.store.zscore(&typed, gpu_id)?.is_some() {
+                self.store
+                    .write("ZREM", &[typed.as_bytes(), gpu_id.as_bytes()]);
+            }
+        }
+        Ok(())
+    }
+
+    /// When a GPU record should expire: a jittered availability TTL, but never before the end of
+    /// the booking it holds (a booked GPU must not vanish under its booking).
+    pub fn gpu_expire_at(&self, now_ms: i64, booking_end_ms: Option<i64>) -> i64 {
+        let ttl = jittered_ttl_ms(
+            config::get(&config::AVAILABILITY_TTL),
+            config::get(&config::JITTER_PERCENT),
+            fastrand::f64(),
+        );
+        let at = now_ms.saturating_add(ttl);
+        booking_end_ms.map_or(at, |end| at.max(end.saturating_add(1000)))
+    }
+
+    pub fn pricing_expire_at(&self, now_ms: i64) -> i64 {
+        let ttl = jittered_ttl_ms(
+            config::get(&config::PRICING_TTL),
+            config::get(&config::JITTER_PERCENT),
+            fastrand::f64(),
+        );
+        now_ms.saturating_add(ttl)
+    }
+
+    /// Writes a GPU's new record and moves it through every index it belongs to.
+    ///
+    /// `old` is the record before the change (None for a new GPU); provider statuses and the
+    /// type price are passed in because the caller already read them while validating.
+    pub fn store_gpu(&self, change: GpuWrite<'_>) -> MarketResult<()> {
+        let GpuWrite {
+            gpu_id,
+            old,
+            new,
+            old_provider_status,
+            new_provider_status,
+            type_price,
+            expire_at_ms,
+        } = change;
+        let key = self.keys.gpu(gpu_id);
+        self.store.hset(&key, &new.to_fields());
+        if let Some(old) = old {
+            let dropped = old.dropped_attributes(new);
+            if !dropped.is_empty() {
+                let mut args: Vec<&[u8]> = vec![key.as_bytes()];
+                args.extend(dropped.iter().map(|f| f.as_bytes()));
+                self.store.write("HDEL", &args);
+            }
+        }
+        self.store.pexpire_at(&key, expire_at_ms);
+
+        let registry_entry = format!("{} {} {}", new.status.as_str(), new.gpu_type, new.provider);
+        self.store.write(
+            "HSET",
+            &[
+                self.keys.gpu_registry().as_bytes(),
+                gpu_id.as_bytes(),
+                registry_entry.as_bytes(),
+            ],
+        );
+        match old {
+            Some(old) if old.status != new.status => {
+                self.add_to_counter(&stat::gpus_with_status(old.status), -1);
+                self.add_to_counter(&stat::gpus_with_status(new.status), 1);
+            }
+            Some(_) => {}
+            None => self.add_to_counter(&stat::gpus_with_status(new.status), 1),
+        }
+        if old.map(|o| o.gpu_type.as_str()) != Some(new.gpu_type.as_str()) {
+            self.store.write(
+                "SADD",
+                &[self.keys.types().as_bytes(), new.gpu_type.as_bytes()],
+            );
+        }
+        if let Some(old) = old.filter(|o| o.provider != new.provider) {
+            self.store.write(
+                "SREM",
+                &[
+                    self.keys.provider_gpus(&old.provider).as_bytes(),
+                    gpu_id.as_bytes(),
+                ],
+            );
+        }
+        if old.map(|o| o.provider.as_str()) != Some(new.provider.as_str()) {
+            self.store.write(
+                "SADD",
+                &[
+                    self.keys.provider_gpus(&new.provider).as_bytes(),
+                    gpu_id.as_bytes(),
+                ],
+            );
+        }
+
+        let was_listed = old.is_some_and(|o| is_listed(o.status, old_provider_status));
+        if let Some(old) = old.filter(|_| was_listed) {
+            self.unlist(gpu_id, &old.gpu_type)?;
+        }
+        if is_listed(new.status, new_provider_status) {
+            self.list(gpu_id, new, type_price);
+        }
+        Ok(())
+    }
+
+    /// Appends one JSON event to the region's stream, trimmed to about `stream-maxlen` entries.
+    pub fn append_event(&self, event: &Event) {
+        let maxlen = config::get(&config::STREAM_MAXLEN).to_string();
+        let json = event.to_json();
+        self.store.write(
+            "XADD",
+            &[
+                self.keys.events().as_bytes(),
+                b"MAXLEN",
+                b"~",
+                maxlen.as_bytes(),
+                b"*",
+                b"type",
+                event.kind.as_str().as_bytes(),
+                b"payload",
+                json.as_bytes(),
+            ],
+        );
+    }
+
+    /// The price a GPU shows now.
+    pub fn shown_price(&self, gpu: &GpuRecord) -> MarketResult<(Price, PriceSource)> {
+        let type_price = self.load_type_price(&gpu.gpu_type)?;
+        Ok(gpu::effective_price(gpu, type_price.as_ref()))
+    }
+
+    pub fn status_count(&self, status: GpuStatus) -> MarketResult<i64> {
+        let value = self
+            .store
+            .hget(&self.keys.stats(), &stat::gpus_with_status(status))?;
+        Ok(parse_int(value.as_deref()).unwrap_or(0))
+    }
+}
+
+/// Everything `Region::store_gpu` needs to write one GPU change.
+pub struct GpuWrite<'a> {
+    pub gpu_id: &'a str,
+    pub old: Option<&'a GpuRecord>,
+    pub new: &'a GpuRecord,
+    pub old_provider_status: ProviderStatus,
+    pub new_provider_status: ProviderStatus,
+    pub type_price: Option<&'a TypePrice>,
+    pub expire_at_ms: i64,
+}
+
+impl Region<'_, '_> {
+    /// Finishes a write command: appends its stream event (listing the keys a consumer must
+    /// drop) and fires a keyspace notification on every key it changed. The counters hash gets
+    /// `gpucache.stats`; every other key gets the command's own event name.
+    pub fn publish(&self, notify_name: &str, mut event: Event) {
+        let stats = self.keys.stats();
+        let events = self.keys.events();
+        let internal = [
+            self.keys.gpu_registry(),
+            self.keys.types(),
+            self.keys.booking_registry(),
+        ];
+        let written = self.store.written_keys();
+        event.keys = written
+            .iter()
+            .filter(|k| **k != events && !internal.contains(k))
+            .cloned()
+            .collect();
+        self.append_event(&event);
+        for key in written.iter().filter(|k| **k != events) {
+            let name = if *key == stats {
+                crate::core::events::notify::STATS
+            } else {
+                notify_name
+            };
+            self.store.notify(name, key);
+        }
+    }
+}
