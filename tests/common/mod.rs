@@ -1,0 +1,227 @@
+//! Test harness: a private `redis-server` with the module loaded, on a free loopback port.
+#![allow(dead_code)]
+
+use redis::{Connection, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The module built by this `cargo test` run (`deps/` holds the freshest copy).
+pub fn module_path() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let profile_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("debug");
+    let candidates = [
+        profile_dir.join("deps").join("libgpucache.so"),
+        profile_dir.join("libgpucache.so"),
+    ];
+    candidates
+        .iter()
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p.clone())))
+        .max()
+        .map(|(_, p)| p)
+        .expect("libgpucache.so not built: run `cargo build` first")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+pub struct Server {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl Server {
+    /// Starts redis-server with gpucache loaded; `module_args` follow the module path and
+    /// `server_args` are extra `--name value` settings.
+    pub fn start(module_args: &[&str], server_args: &[&str]) -> Server {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("gpucache-test-{port}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        Server::start_in(dir, port, module_args, server_args)
+    }
+
+    pub fn start_in(dir: PathBuf, port: u16, module_args: &[&str], server_args: &[&str]) -> Server {
+        let mut load = vec![module_path().display().to_string()];
+        load.extend(module_args.iter().map(|s| s.to_string()));
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--loadmodule")
+            .args(&load)
+            .args(server_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().expect("redis-server must be installed");
+        let server = Server { port, dir, child };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut con) = self.try_connect() {
+                if redis::cmd("PING").query::<String>(&mut con).is_ok() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+
+    fn try_connect(&self) -> redis::RedisResult<Connection> {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?.get_connection()
+    }
+
+    pub fn connect(&self) -> Connection {
+        self.try_connect().expect("connect")
+    }
+
+    pub fn connect_resp3(&self) -> Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{}/?protocol=resp3", self.port))
+            .and_then(|c| c.get_connection())
+            .expect("connect resp3")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Stops the server without saving; a restarted server uses the same directory.
+    pub fn stop(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::take(&mut self.dir)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Polls `check` until it returns true or the deadline passes.
+pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        Value::Nil => "(nil)".into(),
+        Value::Okay => "OK".into(),
+        Value::Double(d) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A reply map (RESP3 map or RESP2 flat array) as field -> value.
+pub fn as_map(v: &Value) -> HashMap<String, Value> {
+    match v {
+        Value::Map(pairs) => pairs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
+        Value::Array(items) => items
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (text(&c[0]), c[1].clone()))
+            .collect(),
+        other => panic!("not a map: {other:?}"),
+    }
+}
+
+/// Runs a command and returns its reply as a map of field -> text.
+pub fn fields(con: &mut Connection, args: &[&str]) -> HashMap<String, String> {
+    let reply = run(con, args).unwrap_or_else(|e| panic!("{args:?} failed: {e}"));
+    as_map(&reply).iter().map(|(k, v)| (k.clone(), text(v))).collect()
+}
+
+pub fn run(con: &mut Connection, args: &[&str]) -> redis::RedisResult<Value> {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(con)
+}
+
+/// The error a command fails with, as text (`CODE message`).
+pub fn error(con: &mut Connection, args: &[&str]) -> String {
+    match run(con, args) {
+        Ok(v) => panic!("{args:?} should fail but returned {v:?}"),
+        Err(e) => {
+            let code = e.code().unwrap_or("");
+            let detail = e.detail().unwrap_or("");
+            format!("{code} {detail}").trim().to_owned()
+        }
+    }
+}
+
+/// Every gpucache key with its serialized value and absolute expiry, to prove a failed command
+/// changed nothing.
+pub fn snapshot(con: &mut Connection) -> BTreeMap<String, (Vec<u8>, i64)> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("gpucache:*").query(con).expect("KEYS");
+    keys.into_iter()
+        .map(|k| {
+            let dump: Vec<u8> = redis::cmd("DUMP").arg(&k).query(con).expect("DUMP");
+            let expiry: i64 = redis::cmd("PEXPIRETIME").arg(&k).query(con).expect("PEXPIRETIME");
+            (k, (dump, expiry))
+        })
+        .collect()
+}
+
+/// A small marketplace: region `eu`, providers p1/p2, A100s and an H100.
+pub fn seed(con: &mut Connection) {
+    for args in [
+        ["GPUCACHE.REGISTER", "eu", "g1", "PROVIDER", "p1", "TYPE", "A100", "PRICE", "2.5"],
+        ["GPUCACHE.REGISTER", "eu", "g2", "PROVIDER", "p1", "TYPE", "A100", "PRICE", "1.5"],
+        ["GPUCACHE.REGISTER", "eu", "g3", "PROVIDER", "p2", "TYPE", "A100", "PRICE", "2.0"],
+        ["GPUCACHE.REGISTER", "eu", "g4", "PROVIDER", "p2", "TYPE", "H100", "PRICE", "4.0"],
+    ] {
+        run(con, &args).expect("seed");
+    }
+}
+
+/// GPU ids returned by `GPUCACHE.AVAILABLE`, in order.
+pub fn available_ids(con: &mut Connection, args: &[&str]) -> Vec<String> {
+    let mut full = vec!["GPUCACHE.AVAILABLE"];
+    full.extend_from_slice(args);
+    match run(con, &full).expect("AVAILABLE") {
+        Value::Array(rows) => rows
+            .iter()
+            .map(|row| text(as_map(row).get("gpu_id").expect("gpu_id")))
+            .collect(),
+        other => panic!("AVAILABLE returned {other:?}"),
+    }
+}
