@@ -65,6 +65,8 @@ impl Server {
             .arg("")
             .arg("--appendonly")
             .arg("no")
+            .arg("--repl-diskless-sync-delay")
+            .arg("0")
             .arg("--loadmodule")
             .args(&load)
             .args(server_args)
@@ -188,17 +190,60 @@ pub fn error(con: &mut Connection, args: &[&str]) -> String {
     }
 }
 
-/// Every gpucache key with its serialized value and absolute expiry, to prove a failed command
-/// changed nothing.
-pub fn snapshot(con: &mut Connection) -> BTreeMap<String, (Vec<u8>, i64)> {
+/// Every gpucache key with its logical content and absolute expiry, to prove a failed command
+/// changed nothing and that a replica or a restart holds the same state. (Content rather than
+/// `DUMP`, whose encoding may differ between equal values.)
+pub fn snapshot(con: &mut Connection) -> BTreeMap<String, (String, i64)> {
     let keys: Vec<String> = redis::cmd("KEYS").arg("gpucache:*").query(con).expect("KEYS");
     keys.into_iter()
         .map(|k| {
-            let dump: Vec<u8> = redis::cmd("DUMP").arg(&k).query(con).expect("DUMP");
+            let kind: String = redis::cmd("TYPE").arg(&k).query(con).expect("TYPE");
+            let content = match kind.as_str() {
+                "hash" => {
+                    let mut pairs: Vec<(String, String)> =
+                        redis::cmd("HGETALL").arg(&k).query(con).expect("HGETALL");
+                    pairs.sort();
+                    format!("hash {pairs:?}")
+                }
+                "set" => {
+                    let mut members: Vec<String> =
+                        redis::cmd("SMEMBERS").arg(&k).query(con).expect("SMEMBERS");
+                    members.sort();
+                    format!("set {members:?}")
+                }
+                "zset" => {
+                    let members: Vec<(String, String)> = redis::cmd("ZRANGE")
+                        .arg(&k).arg(0).arg(-1).arg("WITHSCORES").query(con).expect("ZRANGE");
+                    format!("zset {members:?}")
+                }
+                "stream" => {
+                    let entries: Value = redis::cmd("XRANGE").arg(&k).arg("-").arg("+").query(con).expect("XRANGE");
+                    format!("stream {entries:?}")
+                }
+                _ => {
+                    let value: Value = redis::cmd("DUMP").arg(&k).query(con).expect("DUMP");
+                    format!("{kind} {value:?}")
+                }
+            };
             let expiry: i64 = redis::cmd("PEXPIRETIME").arg(&k).query(con).expect("PEXPIRETIME");
-            (k, (dump, expiry))
+            (k, (content, expiry))
         })
         .collect()
+}
+
+/// Asserts two snapshots are equal, naming only the keys that differ.
+pub fn assert_same_state(
+    left: &BTreeMap<String, (String, i64)>,
+    right: &BTreeMap<String, (String, i64)>,
+    what: &str,
+) {
+    let keys: std::collections::BTreeSet<&String> = left.keys().chain(right.keys()).collect();
+    let differing: Vec<String> = keys
+        .into_iter()
+        .filter(|k| left.get(*k) != right.get(*k))
+        .map(|k| format!("{k}:\n  {:?}\n  {:?}", left.get(k), right.get(k)))
+        .collect();
+    assert!(differing.is_empty(), "{what}: {} keys differ:\n{}", differing.len(), differing.join("\n"));
 }
 
 /// A small marketplace: region `eu`, providers p1/p2, A100s and an H100.

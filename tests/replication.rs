@@ -1,0 +1,110 @@
+//! Jitter and timestamps are decided once on the primary: replicas and the AOF get the same
+//! keys, values and absolute expiries.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+fn workload(con: &mut redis::Connection) {
+    seed(con);
+    for args in [
+        vec!["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "600"],
+        vec!["GPUCACHE.PRICE", "eu", "A100", "3"],
+        vec!["GPUCACHE.STATUS", "eu", "g4", "maintenance"],
+        vec!["GPUCACHE.PROVIDER", "eu", "p2", "offline"],
+        vec!["GPUCACHE.REGISTER", "eu", "g5", "PROVIDER", "p1", "TYPE", "A100", "PRICE", "1.25"],
+        vec!["GPUCACHE.BOOK", "eu", "g5", "b2", "bob", "3600"],
+        vec!["GPUCACHE.CANCEL", "eu", "b1"],
+        vec!["GPUCACHE.PROVIDER", "eu", "p2", "online"],
+        vec!["GPUCACHE.INVALIDATE", "eu", "stats"],
+    ] {
+        run(con, &args).unwrap();
+    }
+}
+
+fn start_replica(primary: &Server, module_args: &[&str]) -> Server {
+    let replica = Server::start(module_args, &["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let mut con = replica.connect();
+    eventually("replica link up", Duration::from_secs(10), || {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut con).unwrap();
+        info.contains("master_link_status:up")
+    });
+    replica
+}
+
+fn wait_for_replica(primary: &mut redis::Connection) {
+    let acked: i64 = redis::cmd("WAIT").arg(1).arg(5000).query(primary).unwrap();
+    assert_eq!(acked, 1, "replica acknowledged the writes");
+}
+
+#[test]
+fn a_replica_holds_the_same_keys_values_and_absolute_expiries() {
+    let primary = Server::start(&["JITTER", "20"], &[]);
+    let replica = start_replica(&primary, &["JITTER", "20"]);
+    let mut pcon = primary.connect();
+    let mut rcon = replica.connect();
+    workload(&mut pcon);
+    wait_for_replica(&mut pcon);
+    let on_primary = snapshot(&mut pcon);
+    assert!(on_primary.len() > 10);
+    assert!(on_primary.values().any(|(_, expiry)| *expiry > 0));
+    assert_same_state(&snapshot(&mut rcon), &on_primary, "replica");
+
+    // Reads work on the replica; writes are refused there.
+    assert_eq!(fields(&mut rcon, &["GPUCACHE.GET", "eu", "g5"])["status"], "busy");
+    assert!(error(&mut rcon, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).starts_with("READONLY"));
+}
+
+#[test]
+fn healing_after_expiry_reaches_the_replica() {
+    let primary = Server::start(&["AVAILABILITY_TTL", "1", "JITTER", "0"], &[]);
+    let replica = start_replica(&primary, &["AVAILABILITY_TTL", "1", "JITTER", "0"]);
+    let mut pcon = primary.connect();
+    let mut rcon = replica.connect();
+    seed(&mut pcon);
+    eventually("primary healed", Duration::from_secs(10), || {
+        let n: i64 = redis::cmd("HLEN").arg("gpucache:{eu}:index:gpus").query(&mut pcon).unwrap();
+        n == 0
+    });
+    wait_for_replica(&mut pcon);
+    assert_same_state(&snapshot(&mut rcon), &snapshot(&mut pcon), "replica after healing");
+    assert_eq!(fields(&mut rcon, &["GPUCACHE.STATS", "eu"])["gpus_total"], "0");
+}
+
+fn restart_from_aof(extra: &[&str]) {
+    let mut args = vec!["--appendonly", "yes", "--appendfsync", "always"];
+    args.extend_from_slice(extra);
+    let server = Server::start(&["JITTER", "20"], &args);
+    let mut con = server.connect();
+    workload(&mut con);
+    let before = snapshot(&mut con);
+    let last_id: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg("gpucache:{eu}:events").arg("+").arg("-").arg("COUNT").arg("1")
+        .query(&mut con).unwrap();
+    drop(con);
+    let dir = server.stop();
+    let restarted = Server::start_in(dir, free_port(), &["JITTER", "20"], &args);
+    let mut con = restarted.connect();
+    assert_same_state(&snapshot(&mut con), &before, "AOF replay");
+    // New events continue after the replayed ones.
+    run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
+    let newest: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg("gpucache:{eu}:events").arg("+").arg("-").arg("COUNT").arg("1")
+        .query(&mut con).unwrap();
+    let id = |s: &str| {
+        let (ms, seq) = s.split_once('-').unwrap();
+        (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+    };
+    assert!(id(&newest[0].0) > id(&last_id[0].0));
+}
+
+#[test]
+fn an_aof_restart_replays_the_same_state() {
+    restart_from_aof(&[]);
+}
+
+#[test]
+fn an_aof_restart_without_rdb_preamble_replays_the_same_state() {
+    restart_from_aof(&["--aof-use-rdb-preamble", "no"]);
+}
