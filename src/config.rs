@@ -60,7 +60,7 @@ pub fn get(value: &AtomicI64) -> i64 {
 /// Applies `NAME value` pairs given after the module path. Names match either the load-argument
 /// spelling (`AVAILABILITY_TTL`) or the config spelling (`availability-ttl`), in any case.
 pub fn apply_load_args(args: &[&[u8]]) -> Result<(), String> {
-    if args.len() % 2 != 0 {
+    if !args.len().is_multiple_of(2) {
         return Err("module arguments must be NAME value pairs".into());
     }
     for pair in args.chunks_exact(2) {

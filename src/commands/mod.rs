@@ -41,7 +41,7 @@ impl<'a> Args<'a> {
         Ok(Args { items, pos: 0 })
     }
 
-    pub fn next(&mut self) -> Option<&'a [u8]> {
+    pub fn next_arg(&mut self) -> Option<&'a [u8]> {
         let item = self.items.get(self.pos)?;
         self.pos += 1;
         Some(item.as_slice())
@@ -49,7 +49,7 @@ impl<'a> Args<'a> {
 
     /// The next argument, which the arity check guarantees is present.
     pub fn required(&mut self, what: &str) -> MarketResult<&'a [u8]> {
-        self.next()
+        self.next_arg()
             .ok_or_else(|| MarketError::syntax(format!("missing {what}")))
     }
 
