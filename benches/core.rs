@@ -9,7 +9,9 @@ use gpucache::core::status::{check_bookable, GpuStatus, ProviderStatus};
 use gpucache::core::{input, ttl};
 
 fn parsing(c: &mut Criterion) {
-    c.bench_function("price_parse", |b| b.iter(|| Price::parse(black_box(b"2.499"))));
+    c.bench_function("price_parse", |b| {
+        b.iter(|| Price::parse(black_box(b"2.499")))
+    });
     c.bench_function("id_validate", |b| {
         b.iter(|| input::id("gpu id", black_box(b"gpu-eu-0001234")))
     });
@@ -20,7 +22,13 @@ fn parsing(c: &mut Criterion) {
 
 fn rules(c: &mut Criterion) {
     c.bench_function("check_bookable", |b| {
-        b.iter(|| check_bookable("g1", black_box(GpuStatus::Available), ProviderStatus::Online))
+        b.iter(|| {
+            check_bookable(
+                "g1",
+                black_box(GpuStatus::Available),
+                ProviderStatus::Online,
+            )
+        })
     });
     c.bench_function("jittered_ttl", |b| {
         b.iter(|| ttl::jittered_ttl_ms(black_box(300), black_box(10), black_box(0.37)))

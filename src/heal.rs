@@ -166,7 +166,7 @@ fn heal_booking(region: &Region, booking_id: &str) -> Result<(), crate::core::er
         let mut new = old.clone();
         new.status = GpuStatus::Available;
         new.booking = None;
-        new.version += 1;
+        new.version = new.version.saturating_add(1);
         new.updated_ms = now;
         region.store_gpu(GpuWrite {
             gpu_id: &gpu_id,

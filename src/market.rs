@@ -6,7 +6,7 @@ use crate::config;
 use crate::core::booking::Booking;
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::events::Event;
-use crate::core::gpu::{self, GpuRecord, PriceSource, TypePrice};
+use crate::core::gpu::{self, GpuChange, GpuRecord, PriceSource, TypePrice};
 use crate::core::price::Price;
 use crate::core::status::{is_listed, GpuStatus, ProviderStatus};
 use crate::core::ttl::jittered_ttl_ms;
@@ -167,7 +167,7 @@ impl<'s, 'c> Region<'s, 'c> {
     /// The next value of the region's sequence, which orders own prices against type prices.
     pub fn next_seq(&self) -> MarketResult<i64> {
         let current = self.store.hget(&self.keys.stats(), stat::SEQ)?;
-        let next = parse_int(current.as_deref()).unwrap_or(0) + 1;
+        let next = parse_int(current.as_deref()).unwrap_or(0).saturating_add(1);
         self.store
             .hset(&self.keys.stats(), &[(stat::SEQ, next.to_string())]);
         Ok(next)
@@ -279,39 +279,41 @@ impl<'s, 'c> Region<'s, 'c> {
         }
         self.store.pexpire_at(&key, expire_at_ms);
 
-        let registry_entry = format!("{} {} {}", new.status.as_str(), new.gpu_type, new.provider);
-        self.store.write(
-            "HSET",
-            &[
-                self.keys.gpu_registry().as_bytes(),
-                gpu_id.as_bytes(),
-                registry_entry.as_bytes(),
-            ],
-        );
-        match old {
-            Some(old) if old.status != new.status => {
-                self.add_to_counter(&stat::gpus_with_status(old.status), -1);
-                self.add_to_counter(&stat::gpus_with_status(new.status), 1);
-            }
-            Some(_) => {}
-            None => self.add_to_counter(&stat::gpus_with_status(new.status), 1),
+        let change = old.map_or(GpuChange::all(), |o| GpuChange::between(o, new));
+        if change.alters_registry() {
+            let registry_entry =
+                format!("{} {} {}", new.status.as_str(), new.gpu_type, new.provider);
+            self.store.write(
+                "HSET",
+                &[
+                    self.keys.gpu_registry().as_bytes(),
+                    gpu_id.as_bytes(),
+                    registry_entry.as_bytes(),
+                ],
+            );
         }
-        if old.map(|o| o.gpu_type.as_str()) != Some(new.gpu_type.as_str()) {
+        if change.contains(GpuChange::STATUS) {
+            if let Some(old) = old {
+                self.add_to_counter(&stat::gpus_with_status(old.status), -1);
+            }
+            self.add_to_counter(&stat::gpus_with_status(new.status), 1);
+        }
+        if change.contains(GpuChange::TYPE) {
             self.store.write(
                 "SADD",
                 &[self.keys.types().as_bytes(), new.gpu_type.as_bytes()],
             );
         }
-        if let Some(old) = old.filter(|o| o.provider != new.provider) {
-            self.store.write(
-                "SREM",
-                &[
-                    self.keys.provider_gpus(&old.provider).as_bytes(),
-                    gpu_id.as_bytes(),
-                ],
-            );
-        }
-        if old.map(|o| o.provider.as_str()) != Some(new.provider.as_str()) {
+        if change.contains(GpuChange::PROVIDER) {
+            if let Some(old) = old {
+                self.store.write(
+                    "SREM",
+                    &[
+                        self.keys.provider_gpus(&old.provider).as_bytes(),
+                        gpu_id.as_bytes(),
+                    ],
+                );
+            }
             self.store.write(
                 "SADD",
                 &[
@@ -322,10 +324,14 @@ impl<'s, 'c> Region<'s, 'c> {
         }
 
         let was_listed = old.is_some_and(|o| is_listed(o.status, old_provider_status));
+        let now_listed = is_listed(new.status, new_provider_status);
+        if was_listed && now_listed && !change.moves_listing() {
+            return Ok(());
+        }
         if let Some(old) = old.filter(|_| was_listed) {
             self.unlist(gpu_id, &old.gpu_type)?;
         }
-        if is_listed(new.status, new_provider_status) {
+        if now_listed {
             self.list(gpu_id, new, type_price);
         }
         Ok(())

@@ -12,8 +12,21 @@ fn register_then_get_returns_the_full_record() {
     let created = fields(
         &mut con,
         &[
-            "GPUCACHE.REGISTER", "eu", "g1", "PROVIDER", "p1", "TYPE", "A100", "PRICE", "2.5",
-            "MEMORY", "80", "CORES", "6912", "SCORE", "9.5",
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g1",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "2.5",
+            "MEMORY",
+            "80",
+            "CORES",
+            "6912",
+            "SCORE",
+            "9.5",
         ],
     );
     assert_eq!(created["result"], "created");
@@ -44,17 +57,36 @@ fn re_registering_updates_in_place_and_bumps_the_version() {
     run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", "maintenance"]).unwrap();
     let updated = fields(
         &mut con,
-        &["GPUCACHE.REGISTER", "eu", "g1", "PROVIDER", "p2", "TYPE", "H100", "PRICE", "3"],
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g1",
+            "PROVIDER",
+            "p2",
+            "TYPE",
+            "H100",
+            "PRICE",
+            "3",
+        ],
     );
     assert_eq!(updated["result"], "updated");
     assert_eq!(updated["version"], "3");
     let gpu = fields(&mut con, &["GPUCACHE.GET", "eu", "g1"]);
-    assert_eq!(gpu["status"], "maintenance", "registration keeps the status");
+    assert_eq!(
+        gpu["status"], "maintenance",
+        "registration keeps the status"
+    );
     assert_eq!(gpu["provider"], "p2");
     assert_eq!(gpu["type"], "H100");
-    let members: Vec<String> =
-        redis::cmd("SMEMBERS").arg("gpucache:{eu}:provider-gpus:p1").query(&mut con).unwrap();
-    assert_eq!(members, vec!["g2".to_string()], "moved out of the old provider's set");
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("gpucache:{eu}:provider-gpus:p1")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(
+        members,
+        vec!["g2".to_string()],
+        "moved out of the old provider's set"
+    );
 }
 
 #[test]
@@ -64,10 +96,16 @@ fn available_lists_cheapest_first_with_filters() {
     seed(&mut con);
     assert_eq!(available_ids(&mut con, &["eu"]), ["g2", "g3", "g1", "g4"]);
     assert_eq!(available_ids(&mut con, &["eu", "TYPE", "H100"]), ["g4"]);
-    assert_eq!(available_ids(&mut con, &["eu", "MAXPRICE", "2"]), ["g2", "g3"]);
+    assert_eq!(
+        available_ids(&mut con, &["eu", "MAXPRICE", "2"]),
+        ["g2", "g3"]
+    );
     assert_eq!(available_ids(&mut con, &["eu", "LIMIT", "2"]), ["g2", "g3"]);
     assert_eq!(
-        available_ids(&mut con, &["eu", "type", "A100", "maxprice", "2.4", "limit", "1"]),
+        available_ids(
+            &mut con,
+            &["eu", "type", "A100", "maxprice", "2.4", "limit", "1"]
+        ),
         ["g2"]
     );
     assert!(available_ids(&mut con, &["nowhere"]).is_empty());
@@ -84,7 +122,10 @@ fn book_makes_the_gpu_busy_unlisted_and_records_the_booking() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    let booking = fields(&mut con, &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "7200"]);
+    let booking = fields(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "7200"],
+    );
     assert_eq!(booking["result"], "created");
     assert_eq!(booking["gpu_id"], "g2");
     assert_eq!(booking["price"], "1.5");
@@ -99,9 +140,18 @@ fn book_makes_the_gpu_busy_unlisted_and_records_the_booking() {
     assert_eq!(gpu["version"], "2");
     assert!(!available_ids(&mut con, &["eu"]).contains(&"g2".to_string()));
 
-    let expiry: i64 = redis::cmd("PEXPIRETIME").arg("gpucache:{eu}:booking:b1").query(&mut con).unwrap();
-    assert_eq!(expiry, end, "the booking record expires when the booking ends");
-    let gpu_expiry: i64 = redis::cmd("PEXPIRETIME").arg("gpucache:{eu}:gpu:g2").query(&mut con).unwrap();
+    let expiry: i64 = redis::cmd("PEXPIRETIME")
+        .arg("gpucache:{eu}:booking:b1")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(
+        expiry, end,
+        "the booking record expires when the booking ends"
+    );
+    let gpu_expiry: i64 = redis::cmd("PEXPIRETIME")
+        .arg("gpucache:{eu}:gpu:g2")
+        .query(&mut con)
+        .unwrap();
     assert!(gpu_expiry > end, "a booked GPU outlives its booking");
 
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
@@ -115,16 +165,29 @@ fn booking_refusals_change_nothing() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "60"]).unwrap();
+    run(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "60"],
+    )
+    .unwrap();
     run(&mut con, &["GPUCACHE.STATUS", "eu", "g3", "offline"]).unwrap();
     run(&mut con, &["GPUCACHE.PROVIDER", "eu", "p2", "maintenance"]).unwrap();
     let before = snapshot(&mut con);
     let cases: [(&[&str], &str); 5] = [
         (&["GPUCACHE.BOOK", "eu", "nope", "b2", "bob", "60"], "NOGPU"),
         (&["GPUCACHE.BOOK", "eu", "g1", "b2", "bob", "60"], "GPUBUSY"),
-        (&["GPUCACHE.BOOK", "eu", "g3", "b2", "bob", "60"], "GPUUNAVAILABLE"),
-        (&["GPUCACHE.BOOK", "eu", "g4", "b2", "bob", "60"], "GPUUNAVAILABLE"),
-        (&["GPUCACHE.BOOK", "eu", "g2", "b1", "bob", "60"], "BOOKINGEXISTS"),
+        (
+            &["GPUCACHE.BOOK", "eu", "g3", "b2", "bob", "60"],
+            "GPUUNAVAILABLE",
+        ),
+        (
+            &["GPUCACHE.BOOK", "eu", "g4", "b2", "bob", "60"],
+            "GPUUNAVAILABLE",
+        ),
+        (
+            &["GPUCACHE.BOOK", "eu", "g2", "b1", "bob", "60"],
+            "BOOKINGEXISTS",
+        ),
     ];
     for (args, code) in cases {
         let err = error(&mut con, args);
@@ -138,9 +201,15 @@ fn a_retried_booking_is_idempotent() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    let first = fields(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "60"]);
+    let first = fields(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "60"],
+    );
     let before = snapshot(&mut con);
-    let again = fields(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "60"]);
+    let again = fields(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "60"],
+    );
     assert_eq!(again["result"], "existing");
     assert_eq!(again["end_ms"], first["end_ms"]);
     assert_eq!(snapshot(&mut con), before, "a retry writes nothing");
@@ -151,12 +220,19 @@ fn cancel_releases_the_gpu() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    run(&mut con, &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "600"]).unwrap();
+    run(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "600"],
+    )
+    .unwrap();
     let cancelled = fields(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]);
     assert_eq!(cancelled["gpu_status"], "available");
     assert_eq!(cancelled["gpu_version"], "3");
     assert_eq!(available_ids(&mut con, &["eu", "LIMIT", "1"]), ["g2"]);
-    let exists: i64 = redis::cmd("EXISTS").arg("gpucache:{eu}:booking:b1").query(&mut con).unwrap();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("gpucache:{eu}:booking:b1")
+        .query(&mut con)
+        .unwrap();
     assert_eq!(exists, 0);
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
     assert_eq!(stats["bookings_active"], "0");
@@ -173,7 +249,11 @@ fn cancel_while_the_provider_is_offline_leaves_the_gpu_unlisted() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    run(&mut con, &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "600"]).unwrap();
+    run(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "600"],
+    )
+    .unwrap();
     run(&mut con, &["GPUCACHE.PROVIDER", "eu", "p1", "offline"]).unwrap();
     run(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]).unwrap();
     let gpu = fields(&mut con, &["GPUCACHE.GET", "eu", "g2"]);
@@ -199,7 +279,11 @@ fn status_follows_the_state_machine() {
     run(&mut con, &["GPUCACHE.STATUS", "eu", "g2", "available"]).unwrap();
     assert_eq!(available_ids(&mut con, &["eu", "LIMIT", "1"]), ["g2"]);
 
-    run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "60"]).unwrap();
+    run(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "60"],
+    )
+    .unwrap();
     let before = snapshot(&mut con);
     for args in [
         ["GPUCACHE.STATUS", "eu", "g1", "available"],
@@ -226,15 +310,37 @@ fn a_type_price_applies_until_a_gpu_registers_its_own_price() {
         assert_eq!(record["price"], "3.25", "{gpu}");
         assert_eq!(record["price_source"], "type");
     }
-    assert_eq!(fields(&mut con, &["GPUCACHE.GET", "eu", "g4"])["price"], "4");
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.GET", "eu", "g4"])["price"],
+        "4"
+    );
     // A100s (3.25) now come before the H100 (4).
     assert_eq!(available_ids(&mut con, &["eu"]), ["g1", "g2", "g3", "g4"]);
-    assert_eq!(available_ids(&mut con, &["eu", "MAXPRICE", "3"]), Vec::<String>::new());
+    assert_eq!(
+        available_ids(&mut con, &["eu", "MAXPRICE", "3"]),
+        Vec::<String>::new()
+    );
 
-    run(&mut con, &["GPUCACHE.REGISTER", "eu", "g3", "PROVIDER", "p2", "TYPE", "A100", "PRICE", "1"])
-        .unwrap();
+    run(
+        &mut con,
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g3",
+            "PROVIDER",
+            "p2",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "1",
+        ],
+    )
+    .unwrap();
     let own = fields(&mut con, &["GPUCACHE.GET", "eu", "g3"]);
-    assert_eq!((own["price"].as_str(), own["price_source"].as_str()), ("1", "own"));
+    assert_eq!(
+        (own["price"].as_str(), own["price_source"].as_str()),
+        ("1", "own")
+    );
     assert_eq!(available_ids(&mut con, &["eu", "LIMIT", "2"]), ["g3", "g1"]);
 
     // A booking is charged the price the GPU shows.
@@ -254,8 +360,14 @@ fn provider_status_moves_all_its_gpus_at_once() {
     assert_eq!(offline["gpus"], "2");
     assert_eq!(offline["gpus_unlisted"], "2");
     assert_eq!(available_ids(&mut con, &["eu"]), ["g3", "g4"]);
-    assert!(error(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b", "u", "60"]).starts_with("GPUUNAVAILABLE"));
-    assert_eq!(fields(&mut con, &["GPUCACHE.GET", "eu", "g1"])["provider_status"], "offline");
+    assert!(
+        error(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b", "u", "60"])
+            .starts_with("GPUUNAVAILABLE")
+    );
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.GET", "eu", "g1"])["provider_status"],
+        "offline"
+    );
     let online = fields(&mut con, &["GPUCACHE.PROVIDER", "eu", "p1", "online"]);
     assert_eq!(online["gpus_listed"], "2");
     assert_eq!(online["version"], "2");
@@ -298,19 +410,154 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let before = snapshot(&mut con);
     let cases: Vec<Vec<&str>> = vec![
         vec!["GPUCACHE.REGISTER", "eu", "g9"],
-        vec!["GPUCACHE.REGISTER", "eu", "g9", "PROVIDER", "p", "TYPE", "t", "PRICE", "nan"],
-        vec!["GPUCACHE.REGISTER", "eu", "g9", "PROVIDER", "p", "TYPE", "t", "PRICE", "inf"],
-        vec!["GPUCACHE.REGISTER", "eu", "g9", "PROVIDER", "p", "TYPE", "t", "PRICE", "-1"],
-        vec!["GPUCACHE.REGISTER", "eu", "g9", "PROVIDER", "p", "TYPE", "t", "PRICE", "1e9"],
-        vec!["GPUCACHE.REGISTER", "eu", "g9", "PROVIDER", "p", "TYPE", "t", "COLOR", "red"],
-        vec!["GPUCACHE.REGISTER", "eu", "g9", "PROVIDER", "p", "TYPE", "t", "PRICE", "1", "MEMORY"],
-        vec!["GPUCACHE.REGISTER", "eu", "g9", "PROVIDER", "p", "PROVIDER", "q", "TYPE", "t"],
-        vec!["GPUCACHE.REGISTER", "eu", "g9", "PROVIDER", "p", "TYPE", "t", "PRICE", "1", "MEMORY", "-4"],
-        vec!["GPUCACHE.REGISTER", "eu", "g9", "PROVIDER", "p", "TYPE", "t", "PRICE", "1", "SCORE", "NaN"],
-        vec!["GPUCACHE.REGISTER", "eu", "", "PROVIDER", "p", "TYPE", "t", "PRICE", "1"],
-        vec!["GPUCACHE.REGISTER", "", "g9", "PROVIDER", "p", "TYPE", "t", "PRICE", "1"],
-        vec!["GPUCACHE.REGISTER", "e{u}", "g9", "PROVIDER", "p", "TYPE", "t", "PRICE", "1"],
-        vec!["GPUCACHE.REGISTER", "eu", &huge, "PROVIDER", "p", "TYPE", "t", "PRICE", "1"],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "nan",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "inf",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "-1",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "1e9",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "COLOR",
+            "red",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "1",
+            "MEMORY",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p",
+            "PROVIDER",
+            "q",
+            "TYPE",
+            "t",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "1",
+            "MEMORY",
+            "-4",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "1",
+            "SCORE",
+            "NaN",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "1",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "1",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "e{u}",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "1",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            &huge,
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "t",
+            "PRICE",
+            "1",
+        ],
         vec!["GPUCACHE.GET", "eu"],
         vec!["GPUCACHE.GET", "eu", "g1", "extra"],
         vec!["GPUCACHE.STATUS", "eu", "g1", "sleeping"],
@@ -320,7 +567,14 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         vec!["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "-60"],
         vec!["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "0"],
         vec!["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "1.5"],
-        vec!["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "99999999999999999999999"],
+        vec![
+            "GPUCACHE.BOOK",
+            "eu",
+            "g1",
+            "b1",
+            "u",
+            "99999999999999999999999",
+        ],
         vec!["GPUCACHE.BOOK", "eu", "g1", "", "u", "60"],
         vec!["GPUCACHE.BOOK", "eu", "g1", "b1", &huge, "60"],
         vec!["GPUCACHE.CANCEL", "eu"],
@@ -336,7 +590,11 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     ];
     for args in &cases {
         let err = error(&mut con, args);
-        assert!(err.starts_with("ERR ") && err.len() > 8, "{:?}: {err}", &args[..args.len().min(4)]);
+        assert!(
+            err.starts_with("ERR ") && err.len() > 8,
+            "{:?}: {err}",
+            &args[..args.len().min(4)]
+        );
         assert!(!err.contains("panic"), "{err}");
     }
     assert_eq!(snapshot(&mut con), before);
@@ -349,13 +607,45 @@ fn a_foreign_value_in_a_gpucache_key_is_refused_without_writing() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    redis::cmd("SET").arg("gpucache:{eu}:gpu:g9").arg("oops").query::<()>(&mut con).unwrap();
-    redis::cmd("SET").arg("gpucache:{eu}:price:H100").arg("oops").query::<()>(&mut con).unwrap();
-    redis::cmd("SET").arg("gpucache:{eu}:booking:b7").arg("oops").query::<()>(&mut con).unwrap();
+    redis::cmd("SET")
+        .arg("gpucache:{eu}:gpu:g9")
+        .arg("oops")
+        .query::<()>(&mut con)
+        .unwrap();
+    redis::cmd("SET")
+        .arg("gpucache:{eu}:price:H100")
+        .arg("oops")
+        .query::<()>(&mut con)
+        .unwrap();
+    redis::cmd("SET")
+        .arg("gpucache:{eu}:booking:b7")
+        .arg("oops")
+        .query::<()>(&mut con)
+        .unwrap();
     let before = snapshot(&mut con);
     for args in [
-        vec!["GPUCACHE.REGISTER", "eu", "g9", "PROVIDER", "p1", "TYPE", "A100", "PRICE", "1"],
-        vec!["GPUCACHE.REGISTER", "eu", "g5", "PROVIDER", "p1", "TYPE", "H100", "PRICE", "1"],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "1",
+        ],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g5",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "H100",
+            "PRICE",
+            "1",
+        ],
         vec!["GPUCACHE.PRICE", "eu", "H100", "2"],
         vec!["GPUCACHE.BOOK", "eu", "g4", "b1", "u", "60"],
         vec!["GPUCACHE.BOOK", "eu", "g1", "b7", "u", "60"],
@@ -367,15 +657,39 @@ fn a_foreign_value_in_a_gpucache_key_is_refused_without_writing() {
     assert_eq!(snapshot(&mut con), before);
 
     // A hash that lacks gpucache's fields is reported, not trusted.
-    redis::cmd("HSET").arg("gpucache:{eu}:gpu:g8").arg("status").arg("busy").query::<()>(&mut con).unwrap();
+    redis::cmd("HSET")
+        .arg("gpucache:{eu}:gpu:g8")
+        .arg("status")
+        .arg("busy")
+        .query::<()>(&mut con)
+        .unwrap();
     assert!(error(&mut con, &["GPUCACHE.GET", "eu", "g8"]).starts_with("CORRUPT"));
 
+    // Extreme values written by hand do not overflow anything.
+    redis::cmd("HSET")
+        .arg("gpucache:{eu}:gpu:g2")
+        .arg("version")
+        .arg(i64::MAX)
+        .query::<()>(&mut con)
+        .unwrap();
+    let changed = fields(&mut con, &["GPUCACHE.STATUS", "eu", "g2", "offline"]);
+    assert_eq!(changed["version"], i64::MAX.to_string());
+
     // A broken event stream stops every write in the region.
-    redis::cmd("DEL").arg("gpucache:{eu}:events").query::<()>(&mut con).unwrap();
-    redis::cmd("SET").arg("gpucache:{eu}:events").arg("oops").query::<()>(&mut con).unwrap();
+    redis::cmd("DEL")
+        .arg("gpucache:{eu}:events")
+        .query::<()>(&mut con)
+        .unwrap();
+    redis::cmd("SET")
+        .arg("gpucache:{eu}:events")
+        .arg("oops")
+        .query::<()>(&mut con)
+        .unwrap();
     let before = snapshot(&mut con);
     assert!(error(&mut con, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).starts_with("WRONGTYPE"));
-    assert!(error(&mut con, &["GPUCACHE.PROVIDER", "eu", "p1", "offline"]).starts_with("WRONGTYPE"));
+    assert!(
+        error(&mut con, &["GPUCACHE.PROVIDER", "eu", "p1", "offline"]).starts_with("WRONGTYPE")
+    );
     assert_eq!(snapshot(&mut con), before);
 }
 
@@ -395,12 +709,24 @@ fn replies_are_maps_in_resp3() {
 fn commands_declare_flags_and_the_region_as_their_key() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
-    let info = run(&mut con, &["COMMAND", "INFO", "gpucache.book", "gpucache.get"]).unwrap();
-    let Value::Array(entries) = info else { panic!() };
+    let info = run(
+        &mut con,
+        &["COMMAND", "INFO", "gpucache.book", "gpucache.get"],
+    )
+    .unwrap();
+    let Value::Array(entries) = info else {
+        panic!()
+    };
     let describe = |entry: &Value| -> (Vec<String>, i64) {
-        let Value::Array(parts) = entry else { panic!("{entry:?}") };
-        let Value::Array(flags) = &parts[2] else { panic!() };
-        let Value::Int(first_key) = parts[3] else { panic!() };
+        let Value::Array(parts) = entry else {
+            panic!("{entry:?}")
+        };
+        let Value::Array(flags) = &parts[2] else {
+            panic!()
+        };
+        let Value::Int(first_key) = parts[3] else {
+            panic!()
+        };
         (flags.iter().map(text).collect(), first_key)
     };
     let (book_flags, book_key) = describe(&entries[0]);
@@ -408,38 +734,91 @@ fn commands_declare_flags_and_the_region_as_their_key() {
     assert_eq!(book_key, 1);
     let (get_flags, _) = describe(&entries[1]);
     assert!(get_flags.contains(&"readonly".into()) && get_flags.contains(&"fast".into()));
-    let keys = run(&mut con, &["COMMAND", "GETKEYS", "GPUCACHE.BOOK", "eu", "g1", "b", "u", "1"]).unwrap();
+    let keys = run(
+        &mut con,
+        &[
+            "COMMAND",
+            "GETKEYS",
+            "GPUCACHE.BOOK",
+            "eu",
+            "g1",
+            "b",
+            "u",
+            "1",
+        ],
+    )
+    .unwrap();
     assert_eq!(keys, Value::Array(vec![Value::BulkString(b"eu".to_vec())]));
 }
 
 #[test]
 fn load_arguments_set_the_configuration() {
-    let server = Server::start(&["AVAILABILITY_TTL", "120", "JITTER", "0", "STREAM_MAXLEN", "50"], &[]);
+    let server = Server::start(
+        &[
+            "AVAILABILITY_TTL",
+            "120",
+            "JITTER",
+            "0",
+            "STREAM_MAXLEN",
+            "50",
+        ],
+        &[],
+    );
     let mut con = server.connect();
-    let jitter: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("gpucache.jitter").query(&mut con).unwrap();
+    let jitter: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("gpucache.jitter")
+        .query(&mut con)
+        .unwrap();
     assert_eq!(jitter, ["gpucache.jitter", "0"]);
     seed(&mut con);
-    let ttl: i64 = redis::cmd("PTTL").arg("gpucache:{eu}:gpu:g1").query(&mut con).unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("gpucache:{eu}:gpu:g1")
+        .query(&mut con)
+        .unwrap();
     assert!((119_000..=120_000).contains(&ttl), "{ttl}");
-    redis::cmd("CONFIG").arg("SET").arg("gpucache.availability-ttl").arg("30").query::<()>(&mut con).unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("gpucache.availability-ttl")
+        .arg("30")
+        .query::<()>(&mut con)
+        .unwrap();
     run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
-    let ttl: i64 = redis::cmd("PTTL").arg("gpucache:{eu}:gpu:g1").query(&mut con).unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("gpucache:{eu}:gpu:g1")
+        .query(&mut con)
+        .unwrap();
     assert!((29_000..=30_000).contains(&ttl), "{ttl}");
-    assert!(redis::cmd("CONFIG").arg("SET").arg("gpucache.jitter").arg("80").query::<()>(&mut con).is_err());
+    assert!(redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("gpucache.jitter")
+        .arg("80")
+        .query::<()>(&mut con)
+        .is_err());
 }
 
 #[test]
 fn an_unknown_load_argument_refuses_to_load() {
     let port = free_port();
     let status = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
         .arg("--loadmodule")
         .arg(module_path())
         .args(["TTL_EVERYTHING", "5"])
         .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
-    assert!(!status.success(), "redis-server must refuse to start with a bad module argument");
+    assert!(
+        !status.success(),
+        "redis-server must refuse to start with a bad module argument"
+    );
 }
 
 #[test]

@@ -14,11 +14,16 @@ fn subscriber(server: &Server) -> std::sync::mpsc::Receiver<(String, String)> {
     std::thread::spawn(move || {
         let mut pubsub = con.as_pubsub();
         pubsub.psubscribe("__keyspace@0__:gpucache:*").unwrap();
-        pubsub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        pubsub
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         ready_tx.send(()).unwrap();
         while let Ok(msg) = pubsub.get_message() {
             let payload: String = msg.get_payload().unwrap_or_default();
-            if tx.send((msg.get_channel_name().to_owned(), payload)).is_err() {
+            if tx
+                .send((msg.get_channel_name().to_owned(), payload))
+                .is_err()
+            {
                 break;
             }
         }
@@ -52,7 +57,11 @@ fn a_booking_notifies_every_key_it_changed() {
     let mut con = server.connect();
     seed(&mut con);
     let rx = subscriber(&server);
-    run(&mut con, &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "600"]).unwrap();
+    run(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "600"],
+    )
+    .unwrap();
     let expected = [
         ("gpucache:{eu}:gpu:g2", "gpucache.booked"),
         ("gpucache:{eu}:booking:b1", "gpucache.booked"),
@@ -89,19 +98,32 @@ fn a_refused_command_notifies_nothing() {
     let server = Server::start(&[], &["--notify-keyspace-events", "KA"]);
     let mut con = server.connect();
     seed(&mut con);
-    run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "600"]).unwrap();
+    run(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "600"],
+    )
+    .unwrap();
     let rx = subscriber(&server);
     error(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b2", "bob", "600"]);
     // A marker write proves the subscriber was listening the whole time.
     run(&mut con, &["GPUCACHE.INVALIDATE", "eu", "stats"]).unwrap();
-    let seen = collect_until(&rx, |s| has(s, "gpucache:{eu}:stats:market", "gpucache.invalidate"));
-    assert!(has(&seen, "gpucache:{eu}:stats:market", "gpucache.invalidate"));
+    let seen = collect_until(&rx, |s| {
+        has(s, "gpucache:{eu}:stats:market", "gpucache.invalidate")
+    });
+    assert!(has(
+        &seen,
+        "gpucache:{eu}:stats:market",
+        "gpucache.invalidate"
+    ));
     let before_marker: Vec<_> = seen
         .iter()
         .take_while(|(_, e)| e != "gpucache.invalidate")
         .filter(|(_, e)| e != "xadd")
         .collect();
-    assert!(before_marker.is_empty(), "the refused booking notified: {before_marker:?}");
+    assert!(
+        before_marker.is_empty(),
+        "the refused booking notified: {before_marker:?}"
+    );
 }
 
 fn stream_events(con: &mut redis::Connection) -> Vec<(String, Json)> {
@@ -114,7 +136,12 @@ fn stream_events(con: &mut redis::Connection) -> Vec<(String, Json)> {
     entries
         .into_iter()
         .map(|(id, fields)| {
-            let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+            let get = |name: &str| {
+                fields
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
             let payload: Json = serde_json::from_str(&get("payload").unwrap()).unwrap();
             assert_eq!(get("type").unwrap(), payload["type"].as_str().unwrap());
             (id, payload)
@@ -127,7 +154,11 @@ fn every_command_appends_one_structured_event() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    run(&mut con, &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "600"]).unwrap();
+    run(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "600"],
+    )
+    .unwrap();
     run(&mut con, &["GPUCACHE.PRICE", "eu", "A100", "3"]).unwrap();
     run(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]).unwrap();
     run(&mut con, &["GPUCACHE.PROVIDER", "eu", "p2", "maintenance"]).unwrap();
@@ -136,7 +167,10 @@ fn every_command_appends_one_structured_event() {
     error(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]);
 
     let events = stream_events(&mut con);
-    let kinds: Vec<&str> = events.iter().map(|(_, e)| e["type"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|(_, e)| e["type"].as_str().unwrap())
+        .collect();
     assert_eq!(
         kinds,
         [
@@ -159,7 +193,12 @@ fn every_command_appends_one_structured_event() {
     assert_eq!(booked["version"], 2);
     assert_eq!(booked["old"]["status"], "available");
     assert_eq!(booked["new"]["status"], "busy");
-    let keys: Vec<&str> = booked["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    let keys: Vec<&str> = booked["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
     assert!(keys.contains(&"gpucache:{eu}:gpu:g2") && keys.contains(&"gpucache:{eu}:booking:b1"));
     assert!(!keys.iter().any(|k| k.ends_with(":events")), "{keys:?}");
 
@@ -191,6 +230,76 @@ fn the_stream_is_trimmed_to_about_stream_maxlen() {
         let status = if i % 2 == 0 { "offline" } else { "available" };
         run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", status]).unwrap();
     }
-    let len: i64 = redis::cmd("XLEN").arg("gpucache:{eu}:events").query(&mut con).unwrap();
-    assert!((100..300).contains(&len), "approximate trimming keeps about 100, got {len}");
+    let len: i64 = redis::cmd("XLEN")
+        .arg("gpucache:{eu}:events")
+        .query(&mut con)
+        .unwrap();
+    assert!(
+        (100..300).contains(&len),
+        "approximate trimming keeps about 100, got {len}"
+    );
+}
+
+#[test]
+fn updates_name_only_the_keys_they_changed() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    let seq_before: String = redis::cmd("HGET")
+        .arg("gpucache:{eu}:stats:market")
+        .arg("seq")
+        .query(&mut con)
+        .unwrap();
+    // Same price, provider and type; only MEMORY is new. The own price is re-asserted, so the
+    // GPU re-lists (a newer own price wins over a type price): its key set names the index.
+    run(
+        &mut con,
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g1",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "2.5",
+            "MEMORY",
+            "80",
+        ],
+    )
+    .unwrap();
+    let events = stream_events(&mut con);
+    let last = &events.last().unwrap().1;
+    assert_eq!(last["reason"], "updated");
+    assert_eq!(last["version"], 2);
+    let keys: Vec<&str> = last["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert!(keys.contains(&"gpucache:{eu}:gpu:g1"));
+    assert!(
+        !keys.contains(&"gpucache:{eu}:provider-gpus:p1"),
+        "provider unchanged: {keys:?}"
+    );
+    let seq_after: String = redis::cmd("HGET")
+        .arg("gpucache:{eu}:stats:market")
+        .arg("seq")
+        .query(&mut con)
+        .unwrap();
+    assert_ne!(seq_before, seq_after);
+
+    // A status change of an unlisted GPU to another unlisted status does not touch the index.
+    run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
+    run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", "maintenance"]).unwrap();
+    let events = stream_events(&mut con);
+    let keys: Vec<&str> = events.last().unwrap().1["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert!(!keys.iter().any(|k| k.contains(":avail-")), "{keys:?}");
 }

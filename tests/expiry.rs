@@ -12,17 +12,46 @@ fn ttls_fall_inside_the_jitter_window_and_are_spread() {
     let mut ttls = Vec::new();
     for i in 0..50 {
         let id = format!("g{i}");
-        run(&mut con, &["GPUCACHE.REGISTER", "eu", &id, "PROVIDER", "p", "TYPE", "T", "PRICE", "1"]).unwrap();
-        let ttl: i64 = redis::cmd("PTTL").arg(format!("gpucache:{{eu}}:gpu:{id}")).query(&mut con).unwrap();
-        assert!((269_000..=330_000).contains(&ttl), "{ttl} outside 300s ± 10%");
+        run(
+            &mut con,
+            &[
+                "GPUCACHE.REGISTER",
+                "eu",
+                &id,
+                "PROVIDER",
+                "p",
+                "TYPE",
+                "T",
+                "PRICE",
+                "1",
+            ],
+        )
+        .unwrap();
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(format!("gpucache:{{eu}}:gpu:{id}"))
+            .query(&mut con)
+            .unwrap();
+        assert!(
+            (269_000..=330_000).contains(&ttl),
+            "{ttl} outside 300s ± 10%"
+        );
         ttls.push(ttl);
     }
     let spread = ttls.iter().max().unwrap() - ttls.iter().min().unwrap();
-    assert!(spread > 10_000, "50 draws should spread over the window, spread {spread} ms");
+    assert!(
+        spread > 10_000,
+        "50 draws should spread over the window, spread {spread} ms"
+    );
 
     run(&mut con, &["GPUCACHE.PRICE", "eu", "T", "2"]).unwrap();
-    let ttl: i64 = redis::cmd("PTTL").arg("gpucache:{eu}:price:T").query(&mut con).unwrap();
-    assert!((539_000..=660_000).contains(&ttl), "pricing TTL {ttl} outside 600s ± 10%");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("gpucache:{eu}:price:T")
+        .query(&mut con)
+        .unwrap();
+    assert!(
+        (539_000..=660_000).contains(&ttl),
+        "pricing TTL {ttl} outside 600s ± 10%"
+    );
 }
 
 #[test]
@@ -33,10 +62,16 @@ fn every_change_re_draws_the_gpu_ttl() {
     let mut expiries = std::collections::BTreeSet::new();
     for status in ["offline", "available", "maintenance", "available"] {
         run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", status]).unwrap();
-        let at: i64 = redis::cmd("PEXPIRETIME").arg("gpucache:{eu}:gpu:g1").query(&mut con).unwrap();
+        let at: i64 = redis::cmd("PEXPIRETIME")
+            .arg("gpucache:{eu}:gpu:g1")
+            .query(&mut con)
+            .unwrap();
         expiries.insert(at);
     }
-    assert!(expiries.len() >= 3, "the expiry moves on each change: {expiries:?}");
+    assert!(
+        expiries.len() >= 3,
+        "the expiry moves on each change: {expiries:?}"
+    );
 }
 
 #[test]
@@ -44,24 +79,45 @@ fn an_expired_gpu_disappears_from_reads_and_indexes() {
     let server = Server::start(&["AVAILABILITY_TTL", "1", "JITTER", "0"], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    assert_eq!(fields(&mut con, &["GPUCACHE.STATS", "eu"])["gpus_total"], "4");
-    eventually("registry emptied by healing", Duration::from_secs(10), || {
-        let n: i64 = redis::cmd("HLEN").arg("gpucache:{eu}:index:gpus").query(&mut con).unwrap();
-        n == 0
-    });
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.STATS", "eu"])["gpus_total"],
+        "4"
+    );
+    eventually(
+        "registry emptied by healing",
+        Duration::from_secs(10),
+        || {
+            let n: i64 = redis::cmd("HLEN")
+                .arg("gpucache:{eu}:index:gpus")
+                .query(&mut con)
+                .unwrap();
+            n == 0
+        },
+    );
     assert!(available_ids(&mut con, &["eu"]).is_empty());
     assert!(error(&mut con, &["GPUCACHE.GET", "eu", "g1"]).starts_with("NOGPU"));
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
     assert_eq!(stats["gpus_total"], "0");
     assert_eq!(stats["gpus_available"], "0");
     assert_eq!(stats["gpus_listed"], "0");
-    let leftovers: Vec<String> = redis::cmd("KEYS").arg("gpucache:{eu}:avail-*").query(&mut con).unwrap();
+    let leftovers: Vec<String> = redis::cmd("KEYS")
+        .arg("gpucache:{eu}:avail-*")
+        .query(&mut con)
+        .unwrap();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    let provider_gpus: i64 = redis::cmd("SCARD").arg("gpucache:{eu}:provider-gpus:p1").query(&mut con).unwrap();
+    let provider_gpus: i64 = redis::cmd("SCARD")
+        .arg("gpucache:{eu}:provider-gpus:p1")
+        .query(&mut con)
+        .unwrap();
     assert_eq!(provider_gpus, 0);
     let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg("gpucache:{eu}:events").arg("+").arg("-").arg("COUNT").arg("1")
-        .query(&mut con).unwrap();
+        .arg("gpucache:{eu}:events")
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg("1")
+        .query(&mut con)
+        .unwrap();
     let payload = &entries[0].1.iter().find(|(k, _)| k == "payload").unwrap().1;
     assert!(payload.contains("\"reason\":\"expired\""), "{payload}");
 }
@@ -71,11 +127,20 @@ fn a_booking_that_ends_releases_its_gpu() {
     let server = Server::start(&["AVAILABILITY_TTL", "60", "JITTER", "0"], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "short", "alice", "1"]).unwrap();
-    assert_eq!(fields(&mut con, &["GPUCACHE.GET", "eu", "g1"])["status"], "busy");
-    eventually("booking end releases the GPU", Duration::from_secs(10), || {
-        fields(&mut con, &["GPUCACHE.GET", "eu", "g1"])["status"] == "available"
-    });
+    run(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g1", "short", "alice", "1"],
+    )
+    .unwrap();
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.GET", "eu", "g1"])["status"],
+        "busy"
+    );
+    eventually(
+        "booking end releases the GPU",
+        Duration::from_secs(10),
+        || fields(&mut con, &["GPUCACHE.GET", "eu", "g1"])["status"] == "available",
+    );
     let gpu = fields(&mut con, &["GPUCACHE.GET", "eu", "g1"]);
     assert_eq!(gpu["booking_id"], "(nil)");
     assert_eq!(gpu["version"], "3");
@@ -92,12 +157,21 @@ fn an_expired_type_price_hands_gpus_back_their_own_prices() {
     let mut con = server.connect();
     seed(&mut con);
     run(&mut con, &["GPUCACHE.PRICE", "eu", "A100", "9"]).unwrap();
-    assert_eq!(fields(&mut con, &["GPUCACHE.GET", "eu", "g2"])["price"], "9");
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.GET", "eu", "g2"])["price"],
+        "9"
+    );
     eventually("type price expiry healed", Duration::from_secs(10), || {
-        let n: i64 = redis::cmd("EXISTS").arg("gpucache:{eu}:avail-type:A100").query(&mut con).unwrap();
+        let n: i64 = redis::cmd("EXISTS")
+            .arg("gpucache:{eu}:avail-type:A100")
+            .query(&mut con)
+            .unwrap();
         n == 0
     });
-    assert_eq!(fields(&mut con, &["GPUCACHE.GET", "eu", "g2"])["price"], "1.5");
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.GET", "eu", "g2"])["price"],
+        "1.5"
+    );
     assert_eq!(available_ids(&mut con, &["eu"]), ["g2", "g3", "g1", "g4"]);
     let stats = run(&mut con, &["GPUCACHE.STATS", "eu"]).unwrap();
     let a100 = as_map(&as_map(&as_map(&stats)["types"])["A100"]);

@@ -13,7 +13,17 @@ fn workload(con: &mut redis::Connection) {
         vec!["GPUCACHE.PRICE", "eu", "A100", "3"],
         vec!["GPUCACHE.STATUS", "eu", "g4", "maintenance"],
         vec!["GPUCACHE.PROVIDER", "eu", "p2", "offline"],
-        vec!["GPUCACHE.REGISTER", "eu", "g5", "PROVIDER", "p1", "TYPE", "A100", "PRICE", "1.25"],
+        vec![
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g5",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "1.25",
+        ],
         vec!["GPUCACHE.BOOK", "eu", "g5", "b2", "bob", "3600"],
         vec!["GPUCACHE.CANCEL", "eu", "b1"],
         vec!["GPUCACHE.PROVIDER", "eu", "p2", "online"],
@@ -24,10 +34,16 @@ fn workload(con: &mut redis::Connection) {
 }
 
 fn start_replica(primary: &Server, module_args: &[&str]) -> Server {
-    let replica = Server::start(module_args, &["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let replica = Server::start(
+        module_args,
+        &["--replicaof", "127.0.0.1", &primary.port.to_string()],
+    );
     let mut con = replica.connect();
     eventually("replica link up", Duration::from_secs(10), || {
-        let info: String = redis::cmd("INFO").arg("replication").query(&mut con).unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut con)
+            .unwrap();
         info.contains("master_link_status:up")
     });
     replica
@@ -52,7 +68,10 @@ fn a_replica_holds_the_same_keys_values_and_absolute_expiries() {
     assert_same_state(&snapshot(&mut rcon), &on_primary, "replica");
 
     // Reads work on the replica; writes are refused there.
-    assert_eq!(fields(&mut rcon, &["GPUCACHE.GET", "eu", "g5"])["status"], "busy");
+    assert_eq!(
+        fields(&mut rcon, &["GPUCACHE.GET", "eu", "g5"])["status"],
+        "busy"
+    );
     assert!(error(&mut rcon, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).starts_with("READONLY"));
 }
 
@@ -64,12 +83,22 @@ fn healing_after_expiry_reaches_the_replica() {
     let mut rcon = replica.connect();
     seed(&mut pcon);
     eventually("primary healed", Duration::from_secs(10), || {
-        let n: i64 = redis::cmd("HLEN").arg("gpucache:{eu}:index:gpus").query(&mut pcon).unwrap();
+        let n: i64 = redis::cmd("HLEN")
+            .arg("gpucache:{eu}:index:gpus")
+            .query(&mut pcon)
+            .unwrap();
         n == 0
     });
     wait_for_replica(&mut pcon);
-    assert_same_state(&snapshot(&mut rcon), &snapshot(&mut pcon), "replica after healing");
-    assert_eq!(fields(&mut rcon, &["GPUCACHE.STATS", "eu"])["gpus_total"], "0");
+    assert_same_state(
+        &snapshot(&mut rcon),
+        &snapshot(&mut pcon),
+        "replica after healing",
+    );
+    assert_eq!(
+        fields(&mut rcon, &["GPUCACHE.STATS", "eu"])["gpus_total"],
+        "0"
+    );
 }
 
 fn restart_from_aof(extra: &[&str]) {
@@ -80,8 +109,13 @@ fn restart_from_aof(extra: &[&str]) {
     workload(&mut con);
     let before = snapshot(&mut con);
     let last_id: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg("gpucache:{eu}:events").arg("+").arg("-").arg("COUNT").arg("1")
-        .query(&mut con).unwrap();
+        .arg("gpucache:{eu}:events")
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg("1")
+        .query(&mut con)
+        .unwrap();
     drop(con);
     let dir = server.stop();
     let restarted = Server::start_in(dir, free_port(), &["JITTER", "20"], &args);
@@ -90,8 +124,13 @@ fn restart_from_aof(extra: &[&str]) {
     // New events continue after the replayed ones.
     run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
     let newest: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg("gpucache:{eu}:events").arg("+").arg("-").arg("COUNT").arg("1")
-        .query(&mut con).unwrap();
+        .arg("gpucache:{eu}:events")
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg("1")
+        .query(&mut con)
+        .unwrap();
     let id = |s: &str| {
         let (ms, seq) = s.split_once('-').unwrap();
         (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())

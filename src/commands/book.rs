@@ -76,7 +76,7 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     let mut new = old.clone();
     new.status = GpuStatus::Busy;
     new.booking = Some(booking_id.clone());
-    new.version += 1;
+    new.version = new.version.saturating_add(1);
     new.updated_ms = now;
     region.store_gpu(GpuWrite {
         gpu_id: &gpu_id,
@@ -150,7 +150,7 @@ pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         let mut new = old.clone();
         new.status = GpuStatus::Available;
         new.booking = None;
-        new.version += 1;
+        new.version = new.version.saturating_add(1);
         new.updated_ms = now;
         region.store_gpu(GpuWrite {
             gpu_id: &booking.gpu_id,

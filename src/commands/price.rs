@@ -34,7 +34,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
 
     let now = store.now_ms();
     let seq = region.next_seq()?;
-    let version = old.map_or(1, |o| o.version + 1);
+    let version = old.map_or(1, |o| o.version.saturating_add(1));
     store.hset(
         &price_key,
         &[

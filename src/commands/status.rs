@@ -31,7 +31,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     let now = store.now_ms();
     let mut new = old.clone();
     new.status = target;
-    new.version += 1;
+    new.version = new.version.saturating_add(1);
     new.updated_ms = now;
     region.store_gpu(GpuWrite {
         gpu_id: &gpu_id,

@@ -90,6 +90,38 @@ bitflags! {
     }
 }
 
+impl GpuChange {
+    /// What differs between two versions of one GPU's record.
+    pub fn between(old: &GpuRecord, new: &GpuRecord) -> GpuChange {
+        let mut change = GpuChange::empty();
+        change.set(GpuChange::STATUS, old.status != new.status);
+        change.set(
+            GpuChange::PRICE,
+            old.own_price != new.own_price || old.price_seq != new.price_seq,
+        );
+        change.set(GpuChange::PROVIDER, old.provider != new.provider);
+        change.set(GpuChange::TYPE, old.gpu_type != new.gpu_type);
+        change.set(
+            GpuChange::ATTRIBUTES,
+            old.memory_gb != new.memory_gb || old.cores != new.cores || old.score != new.score,
+        );
+        change.set(GpuChange::BOOKING, old.booking != new.booking);
+        change
+    }
+
+    /// Changes that move a listed GPU to another place in the availability index.
+    pub fn moves_listing(self) -> bool {
+        self.intersects(GpuChange::PRICE | GpuChange::TYPE)
+    }
+
+    /// Changes that alter the registry entry (`"<status> <type> <provider>"`).
+    pub fn alters_registry(self) -> bool {
+        self.intersects(
+            GpuChange::CREATED | GpuChange::STATUS | GpuChange::TYPE | GpuChange::PROVIDER,
+        )
+    }
+}
+
 impl GpuRecord {
     /// Reads a record from its hash fields; `None` when a field this module always writes is
     /// missing or malformed (someone edited the hash by hand).
@@ -262,6 +294,27 @@ mod tests {
             effective_price(&gpu, Some(&newer_type)),
             (Price::from_micros(1), PriceSource::Type)
         );
+    }
+
+    #[test]
+    fn changes_are_classified() {
+        let old = sample();
+        let mut new = sample();
+        assert!(GpuChange::between(&old, &new).is_empty());
+        new.memory_gb = Some(40);
+        let change = GpuChange::between(&old, &new);
+        assert_eq!(change, GpuChange::ATTRIBUTES);
+        assert!(!change.moves_listing() && !change.alters_registry());
+        new.price_seq += 1;
+        assert!(
+            GpuChange::between(&old, &new).moves_listing(),
+            "a newer own price re-lists"
+        );
+        new.status = GpuStatus::Busy;
+        new.booking = Some("b".into());
+        let change = GpuChange::between(&old, &new);
+        assert!(change.contains(GpuChange::STATUS | GpuChange::BOOKING));
+        assert!(change.alters_registry());
     }
 
     #[test]

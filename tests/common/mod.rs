@@ -167,7 +167,10 @@ pub fn as_map(v: &Value) -> HashMap<String, Value> {
 /// Runs a command and returns its reply as a map of field -> text.
 pub fn fields(con: &mut Connection, args: &[&str]) -> HashMap<String, String> {
     let reply = run(con, args).unwrap_or_else(|e| panic!("{args:?} failed: {e}"));
-    as_map(&reply).iter().map(|(k, v)| (k.clone(), text(v))).collect()
+    as_map(&reply)
+        .iter()
+        .map(|(k, v)| (k.clone(), text(v)))
+        .collect()
 }
 
 pub fn run(con: &mut Connection, args: &[&str]) -> redis::RedisResult<Value> {
@@ -194,7 +197,10 @@ pub fn error(con: &mut Connection, args: &[&str]) -> String {
 /// changed nothing and that a replica or a restart holds the same state. (Content rather than
 /// `DUMP`, whose encoding may differ between equal values.)
 pub fn snapshot(con: &mut Connection) -> BTreeMap<String, (String, i64)> {
-    let keys: Vec<String> = redis::cmd("KEYS").arg("gpucache:*").query(con).expect("KEYS");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("gpucache:*")
+        .query(con)
+        .expect("KEYS");
     keys.into_iter()
         .map(|k| {
             let kind: String = redis::cmd("TYPE").arg(&k).query(con).expect("TYPE");
@@ -213,11 +219,21 @@ pub fn snapshot(con: &mut Connection) -> BTreeMap<String, (String, i64)> {
                 }
                 "zset" => {
                     let members: Vec<(String, String)> = redis::cmd("ZRANGE")
-                        .arg(&k).arg(0).arg(-1).arg("WITHSCORES").query(con).expect("ZRANGE");
+                        .arg(&k)
+                        .arg(0)
+                        .arg(-1)
+                        .arg("WITHSCORES")
+                        .query(con)
+                        .expect("ZRANGE");
                     format!("zset {members:?}")
                 }
                 "stream" => {
-                    let entries: Value = redis::cmd("XRANGE").arg(&k).arg("-").arg("+").query(con).expect("XRANGE");
+                    let entries: Value = redis::cmd("XRANGE")
+                        .arg(&k)
+                        .arg("-")
+                        .arg("+")
+                        .query(con)
+                        .expect("XRANGE");
                     format!("stream {entries:?}")
                 }
                 _ => {
@@ -225,7 +241,10 @@ pub fn snapshot(con: &mut Connection) -> BTreeMap<String, (String, i64)> {
                     format!("{kind} {value:?}")
                 }
             };
-            let expiry: i64 = redis::cmd("PEXPIRETIME").arg(&k).query(con).expect("PEXPIRETIME");
+            let expiry: i64 = redis::cmd("PEXPIRETIME")
+                .arg(&k)
+                .query(con)
+                .expect("PEXPIRETIME");
             (k, (content, expiry))
         })
         .collect()
@@ -243,16 +262,61 @@ pub fn assert_same_state(
         .filter(|k| left.get(*k) != right.get(*k))
         .map(|k| format!("{k}:\n  {:?}\n  {:?}", left.get(k), right.get(k)))
         .collect();
-    assert!(differing.is_empty(), "{what}: {} keys differ:\n{}", differing.len(), differing.join("\n"));
+    assert!(
+        differing.is_empty(),
+        "{what}: {} keys differ:\n{}",
+        differing.len(),
+        differing.join("\n")
+    );
 }
 
 /// A small marketplace: region `eu`, providers p1/p2, A100s and an H100.
 pub fn seed(con: &mut Connection) {
     for args in [
-        ["GPUCACHE.REGISTER", "eu", "g1", "PROVIDER", "p1", "TYPE", "A100", "PRICE", "2.5"],
-        ["GPUCACHE.REGISTER", "eu", "g2", "PROVIDER", "p1", "TYPE", "A100", "PRICE", "1.5"],
-        ["GPUCACHE.REGISTER", "eu", "g3", "PROVIDER", "p2", "TYPE", "A100", "PRICE", "2.0"],
-        ["GPUCACHE.REGISTER", "eu", "g4", "PROVIDER", "p2", "TYPE", "H100", "PRICE", "4.0"],
+        [
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g1",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "2.5",
+        ],
+        [
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g2",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "1.5",
+        ],
+        [
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g3",
+            "PROVIDER",
+            "p2",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "2.0",
+        ],
+        [
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g4",
+            "PROVIDER",
+            "p2",
+            "TYPE",
+            "H100",
+            "PRICE",
+            "4.0",
+        ],
     ] {
         run(con, &args).expect("seed");
     }
