@@ -1,7 +1,11 @@
 //! Module configuration: load arguments (`loadmodule libgpucache.so AVAILABILITY_TTL 300 ...`)
 //! and `CONFIG SET/GET gpucache.<name>` both land in these values.
 
+use crate::core::demand::DemandTiers;
+use redis_module::configuration::{ConfigurationContext, ConfigurationValue};
+use redis_module::{RedisError, RedisString};
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 pub static AVAILABILITY_TTL: AtomicI64 = AtomicI64::new(300);
 pub static PRICING_TTL: AtomicI64 = AtomicI64::new(600);
@@ -53,6 +57,48 @@ pub const SETTINGS: [Setting; 4] = [
     },
 ];
 
+/// Demand-pricing tiers (`gpucache.demand-tiers`, load argument `DEMAND_TIERS`): validated when
+/// set, so `CONFIG SET` with a malformed value fails and keeps the old tiers.
+pub struct DemandTiersSetting(OnceLock<Mutex<DemandTiers>>);
+
+pub static DEMAND_TIERS: DemandTiersSetting = DemandTiersSetting(OnceLock::new());
+pub const DEFAULT_DEMAND_TIERS: &str = "10:2 30:1.5 50:1.2";
+
+impl DemandTiersSetting {
+    fn cell(&self) -> &Mutex<DemandTiers> {
+        self.0.get_or_init(|| Mutex::new(DemandTiers::default()))
+    }
+
+    pub fn current(&self) -> DemandTiers {
+        self.cell()
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn replace(&self, text: &str) -> Result<(), String> {
+        let tiers = DemandTiers::parse(text)?;
+        *self
+            .cell()
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = tiers;
+        Ok(())
+    }
+}
+
+impl ConfigurationValue<RedisString> for DemandTiersSetting {
+    fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
+        RedisString::create(None, self.current().to_string().as_str())
+    }
+
+    fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
+        let text = val
+            .try_as_str()
+            .map_err(|_| RedisError::Str("demand tiers must be text"))?;
+        self.replace(text).map_err(RedisError::String)
+    }
+}
+
 pub fn get(value: &AtomicI64) -> i64 {
     value.load(Ordering::Relaxed)
 }
@@ -66,6 +112,15 @@ pub fn apply_load_args(args: &[&[u8]]) -> Result<(), String> {
     for pair in args.chunks_exact(2) {
         let (name, raw) = (pair[0], pair[1]);
         let name_text = String::from_utf8_lossy(name);
+        if name.eq_ignore_ascii_case(b"DEMAND_TIERS") || name.eq_ignore_ascii_case(b"demand-tiers")
+        {
+            let text =
+                std::str::from_utf8(raw).map_err(|_| "DEMAND_TIERS must be text".to_owned())?;
+            DEMAND_TIERS
+                .replace(text)
+                .map_err(|e| format!("module argument DEMAND_TIERS: {e}"))?;
+            continue;
+        }
         let setting = SETTINGS
             .iter()
             .find(|s| {
@@ -73,7 +128,8 @@ pub fn apply_load_args(args: &[&[u8]]) -> Result<(), String> {
                     || name.eq_ignore_ascii_case(s.config_name.as_bytes())
             })
             .ok_or_else(|| {
-                let known: Vec<&str> = SETTINGS.iter().map(|s| s.load_arg).collect();
+                let mut known: Vec<&str> = SETTINGS.iter().map(|s| s.load_arg).collect();
+                known.push("DEMAND_TIERS");
                 format!(
                     "unknown module argument '{name_text}' (known: {})",
                     known.join(", ")
@@ -104,6 +160,19 @@ mod tests {
         assert!(apply_load_args(&[b"JITTER"]).is_err());
         assert!(apply_load_args(&[b"JITTER", b"99"]).is_err());
         assert!(apply_load_args(&[b"JITTER", b"ten"]).is_err());
+    }
+
+    #[test]
+    fn demand_tiers_are_validated() {
+        assert!(apply_load_args(&[b"DEMAND_TIERS", b"10:3"]).is_ok());
+        assert_eq!(DEMAND_TIERS.current().multiplier(0, 10), 300);
+        assert!(apply_load_args(&[b"DEMAND_TIERS", b"10:zero"]).is_err());
+        assert_eq!(
+            DEMAND_TIERS.current().multiplier(0, 10),
+            300,
+            "a bad value keeps the old"
+        );
+        DEMAND_TIERS.replace(DEFAULT_DEMAND_TIERS).unwrap();
     }
 
     #[test]

@@ -106,7 +106,9 @@ fn heal_gpu(region: &Region, gpu_id: &str) -> Result<(), crate::core::error::Mar
         return Ok(());
     };
     region.check_gpu_key_types(gpu_id, gpu_type, provider)?;
+    region.touch_type(gpu_type, false)?;
     region.unlist(gpu_id, gpu_type)?;
+    region.add_to_counter(&stat::type_total(gpu_type), -1);
     store.write(
         "SREM",
         &[
@@ -130,7 +132,7 @@ fn heal_gpu(region: &Region, gpu_id: &str) -> Result<(), crate::core::error::Mar
     event.gpu_type = Some(gpu_type.to_owned());
     event.provider_id = Some(provider.to_owned());
     event.changed("status", status, serde_json::Value::Null);
-    region.publish(notify::EXPIRED, event);
+    region.publish(notify::EXPIRED, event)?;
     Ok(())
 }
 
@@ -180,7 +182,7 @@ fn heal_booking(region: &Region, booking_id: &str) -> Result<(), crate::core::er
         event.version = Some(new.version);
         event.changed("status", old.status.as_str(), new.status.as_str());
     }
-    region.publish(notify::CANCELLED, event);
+    region.publish(notify::CANCELLED, event)?;
     Ok(())
 }
 
@@ -191,6 +193,7 @@ fn heal_type_price(region: &Region, gpu_type: &str) -> Result<(), crate::core::e
     let typed = region.keys.available_typed(gpu_type);
     let own = region.keys.available_own(gpu_type);
     let members = store.members_of_range(&typed)?;
+    region.touch_type(gpu_type, !members.is_empty())?;
     let mut moves: Vec<(String, Price)> = Vec::new();
     for gpu_id in members {
         if let Some(gpu) = region.load_gpu(&gpu_id)? {
@@ -211,6 +214,6 @@ fn heal_type_price(region: &Region, gpu_type: &str) -> Result<(), crate::core::e
     event.reason = Some("expired");
     event.gpu_type = Some(gpu_type.to_owned());
     event.new.insert("gpus_repriced".into(), moves.len().into());
-    region.publish(notify::EXPIRED, event);
+    region.publish(notify::EXPIRED, event)?;
     Ok(())
 }

@@ -60,6 +60,21 @@ impl RegionKeys {
         self.key("avail-type", gpu_type)
     }
 
+    /// Sorted set: listed GPUs of a type scored by performance score (for `SORT SCORE`).
+    pub fn available_by_score(&self, gpu_type: &str) -> String {
+        self.key("avail-score", gpu_type)
+    }
+
+    /// Not stored: the channel key on which a type's order book changes are notified.
+    pub fn order_book(&self, gpu_type: &str) -> String {
+        self.key("orderbook", gpu_type)
+    }
+
+    /// Hash: booking counts and volume in 15-minute buckets for the rolling 24-hour window.
+    pub fn window_24h(&self) -> String {
+        self.key("stats", "24h")
+    }
+
     /// Hash: every registered GPU id -> `"<status> <type> <provider>"`, so indexes can be
     /// healed after the GPU's own record has expired.
     pub fn gpu_registry(&self) -> String {

@@ -73,11 +73,12 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         ctx,
         RedisLogLevel::Notice,
         &format!(
-            "gpucache loaded: availability-ttl={}s pricing-ttl={}s jitter={}% stream-maxlen={}",
+            "gpucache loaded: availability-ttl={}s pricing-ttl={}s jitter={}% stream-maxlen={} demand-tiers={}",
             config::get(&config::AVAILABILITY_TTL),
             config::get(&config::PRICING_TTL),
             config::get(&config::JITTER_PERCENT),
             config::get(&config::STREAM_MAXLEN),
+            config::DEMAND_TIERS.current(),
         ),
     );
     Status::Ok
@@ -113,7 +114,9 @@ redis_module! {
             ["jitter", &config::JITTER_PERCENT, 10, 0, 50, ConfigurationFlags::DEFAULT, None],
             ["stream-maxlen", &config::STREAM_MAXLEN, 10_000, 1, 100_000_000, ConfigurationFlags::DEFAULT, None],
         ],
-        string: [],
+        string: [
+            ["demand-tiers", &config::DEMAND_TIERS, config::DEFAULT_DEMAND_TIERS, ConfigurationFlags::DEFAULT, None],
+        ],
         bool: [],
         enum: [],
         // Load arguments are parsed in `init` (case-insensitive, range-checked).

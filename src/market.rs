@@ -4,8 +4,9 @@
 
 use crate::config;
 use crate::core::booking::Booking;
+use crate::core::demand;
 use crate::core::error::{MarketError, MarketResult};
-use crate::core::events::Event;
+use crate::core::events::{Event, EventKind};
 use crate::core::gpu::{self, GpuChange, GpuRecord, PriceSource, TypePrice};
 use crate::core::price::Price;
 use crate::core::status::{is_listed, GpuStatus, ProviderStatus};
@@ -13,6 +14,8 @@ use crate::core::ttl::jittered_ttl_ms;
 use crate::keys::RegionKeys;
 use crate::store::Store;
 use redis_module::KeyType;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Hash fields of the region's market-counters hash (`RegionKeys::stats`).
 pub mod stat {
@@ -23,6 +26,11 @@ pub mod stat {
 
     pub fn gpus_with_status(status: crate::core::status::GpuStatus) -> String {
         format!("gpus:{}", status.as_str())
+    }
+
+    /// Registered GPUs of a type, whatever their status (the demand ratio's denominator).
+    pub fn type_total(gpu_type: &str) -> String {
+        format!("type-total:{gpu_type}")
     }
 
     /// Sum of the own prices (micro-units) of a type's listed, own-priced GPUs.
@@ -50,6 +58,10 @@ pub struct Region<'s, 'c> {
     pub store: &'s Store<'c>,
     pub name: String,
     pub keys: RegionKeys,
+    /// Demand multiplier of each type this command changes, as it was before the first change.
+    demand_before: RefCell<BTreeMap<String, u32>>,
+    /// Types whose availability index (order book) this command changed.
+    books_changed: RefCell<BTreeSet<String>>,
 }
 
 fn parse_int(bytes: Option<&[u8]>) -> Option<i64> {
@@ -59,7 +71,46 @@ fn parse_int(bytes: Option<&[u8]>) -> Option<i64> {
 impl<'s, 'c> Region<'s, 'c> {
     pub fn new(store: &'s Store<'c>, name: String) -> Self {
         let keys = RegionKeys::new(&name);
-        Region { store, name, keys }
+        Region {
+            store,
+            name,
+            keys,
+            demand_before: RefCell::new(BTreeMap::new()),
+            books_changed: RefCell::new(BTreeSet::new()),
+        }
+    }
+
+    /// Listed and registered GPUs of a type.
+    pub fn type_counts(&self, gpu_type: &str) -> MarketResult<(i64, i64)> {
+        let own = self.keys.available_own(gpu_type);
+        let typed = self.keys.available_typed(gpu_type);
+        let listed = self.store.integer("ZCARD", &[own.as_bytes()])?
+            + self.store.integer("ZCARD", &[typed.as_bytes()])?;
+        let total = self
+            .store
+            .hget(&self.keys.stats(), &stat::type_total(gpu_type))?;
+        Ok((listed, parse_int(total.as_deref()).unwrap_or(0)))
+    }
+
+    /// The demand multiplier (hundredths) a type's prices carry right now.
+    pub fn demand_multiplier(&self, gpu_type: &str) -> MarketResult<u32> {
+        let (listed, total) = self.type_counts(gpu_type)?;
+        Ok(config::DEMAND_TIERS.current().multiplier(listed, total))
+    }
+
+    /// Remembers a type's multiplier before this command first changes its counts or index, so
+    /// `publish` can tell whether its effective prices moved. Called before each such write.
+    pub fn touch_type(&self, gpu_type: &str, book_changes: bool) -> MarketResult<()> {
+        if !self.demand_before.borrow().contains_key(gpu_type) {
+            let before = self.demand_multiplier(gpu_type)?;
+            self.demand_before
+                .borrow_mut()
+                .insert(gpu_type.to_owned(), before);
+        }
+        if book_changes {
+            self.books_changed.borrow_mut().insert(gpu_type.to_owned());
+        }
+        Ok(())
     }
 
     pub fn load_gpu(&self, gpu_id: &str) -> MarketResult<Option<GpuRecord>> {
@@ -129,8 +180,10 @@ impl<'s, 'c> Region<'s, 'c> {
         let types = self.keys.types();
         let bookings = self.keys.booking_registry();
         let stats = self.keys.stats();
+        let window = self.keys.window_24h();
         let events = self.keys.events();
         let base = [
+            (window.as_str(), KeyType::Hash),
             (registry.as_str(), KeyType::Hash),
             (types.as_str(), KeyType::Set),
             (bookings.as_str(), KeyType::Hash),
@@ -151,6 +204,7 @@ impl<'s, 'c> Region<'s, 'c> {
         let gpu_key = self.keys.gpu(gpu_id);
         let own = self.keys.available_own(gpu_type);
         let typed = self.keys.available_typed(gpu_type);
+        let by_score = self.keys.available_by_score(gpu_type);
         let price = self.keys.type_price(gpu_type);
         let provider_key = self.keys.provider(provider);
         let provider_gpus = self.keys.provider_gpus(provider);
@@ -158,6 +212,7 @@ impl<'s, 'c> Region<'s, 'c> {
             (gpu_key.as_str(), KeyType::Hash),
             (own.as_str(), KeyType::ZSet),
             (typed.as_str(), KeyType::ZSet),
+            (by_score.as_str(), KeyType::ZSet),
             (price.as_str(), KeyType::Hash),
             (provider_key.as_str(), KeyType::Hash),
             (provider_gpus.as_str(), KeyType::Set),
@@ -187,7 +242,22 @@ impl<'s, 'c> Region<'s, 'c> {
     }
 
     /// Puts a GPU in its type's availability index at the price it shows.
-    pub fn list(&self, gpu_id: &str, gpu: &GpuRecord, type_price: Option<&TypePrice>) {
+    pub fn list(
+        &self,
+        gpu_id: &str,
+        gpu: &GpuRecord,
+        type_price: Option<&TypePrice>,
+    ) -> MarketResult<()> {
+        self.touch_type(&gpu.gpu_type, true)?;
+        let performance = gpu.score.unwrap_or(0.0).to_string();
+        self.store.write(
+            "ZADD",
+            &[
+                self.keys.available_by_score(&gpu.gpu_type).as_bytes(),
+                performance.as_bytes(),
+                gpu_id.as_bytes(),
+            ],
+        );
         match gpu::price_source(gpu.price_seq, type_price) {
             PriceSource::Own => {
                 let score = gpu.own_price.as_score().to_string();
@@ -212,10 +282,15 @@ impl<'s, 'c> Region<'s, 'c> {
                 );
             }
         }
+        Ok(())
     }
 
     /// Takes a GPU out of its type's availability index, wherever it is listed.
     pub fn unlist(&self, gpu_id: &str, gpu_type: &str) -> MarketResult<()> {
+        self.touch_type(gpu_type, true)?;
+        let by_score = self.keys.available_by_score(gpu_type);
+        self.store
+            .write("ZREM", &[by_score.as_bytes(), gpu_id.as_bytes()]);
         let own = self.keys.available_own(gpu_type);
         if let Some(score) = self.store.zscore(&own, gpu_id)? {
             self.store
@@ -332,7 +407,7 @@ impl<'s, 'c> Region<'s, 'c> {
             self.unlist(gpu_id, &old.gpu_type)?;
         }
         if now_listed {
-            self.list(gpu_id, new, type_price);
+            self.list(gpu_id, new, type_price)?;
         }
         Ok(())
     }
@@ -358,9 +433,16 @@ impl<'s, 'c> Region<'s, 'c> {
     }
 
     /// The price a GPU shows now.
-    pub fn shown_price(&self, gpu: &GpuRecord) -> MarketResult<(Price, PriceSource)> {
+    pub fn shown_price(&self, gpu: &GpuRecord) -> MarketResult<ShownPrice> {
         let type_price = self.load_type_price(&gpu.gpu_type)?;
-        Ok(gpu::effective_price(gpu, type_price.as_ref()))
+        let (base, source) = gpu::effective_price(gpu, type_price.as_ref());
+        let multiplier = self.demand_multiplier(&gpu.gpu_type)?;
+        Ok(ShownPrice {
+            price: demand::apply(base, multiplier),
+            base,
+            source,
+            multiplier,
+        })
     }
 
     pub fn status_count(&self, status: GpuStatus) -> MarketResult<i64> {
@@ -369,6 +451,16 @@ impl<'s, 'c> Region<'s, 'c> {
             .hget(&self.keys.stats(), &stat::gpus_with_status(status))?;
         Ok(parse_int(value.as_deref()).unwrap_or(0))
     }
+}
+
+/// What a GPU costs now: its base price (own or type) times the type's demand multiplier.
+#[derive(Debug, Clone, Copy)]
+pub struct ShownPrice {
+    pub price: Price,
+    pub base: Price,
+    pub source: PriceSource,
+    /// Hundredths: 150 is x1.5.
+    pub multiplier: u32,
 }
 
 /// Everything `Region::store_gpu` needs to write one GPU change.
@@ -385,14 +477,17 @@ pub struct GpuWrite<'a> {
 impl Region<'_, '_> {
     /// Finishes a write command: appends its stream event (listing the keys a consumer must
     /// drop) and fires a keyspace notification on every key it changed. The counters hash gets
-    /// `gpucache.stats`; every other key gets the command's own event name.
-    pub fn publish(&self, notify_name: &str, mut event: Event) {
+    /// `gpucache.stats`; every other key gets the command's own event name. Then, for each type
+    /// whose demand multiplier moved, a `pricing_updated` event, and for each type whose
+    /// availability index changed, an `order_book_updated` event.
+    pub fn publish(&self, notify_name: &str, mut event: Event) -> MarketResult<()> {
         let stats = self.keys.stats();
         let events = self.keys.events();
         let internal = [
             self.keys.gpu_registry(),
             self.keys.types(),
             self.keys.booking_registry(),
+            self.keys.window_24h(),
         ];
         let written = self.store.written_keys();
         event.keys = written
@@ -409,5 +504,36 @@ impl Region<'_, '_> {
             };
             self.store.notify(name, key);
         }
+        self.publish_derived(event.ts_ms)
+    }
+
+    fn publish_derived(&self, ts_ms: i64) -> MarketResult<()> {
+        use crate::core::demand::format_hundredths;
+        use crate::core::events::notify;
+        let before = self.demand_before.take();
+        for (gpu_type, old) in before {
+            let new = self.demand_multiplier(&gpu_type)?;
+            if new == old {
+                continue;
+            }
+            let key = self.keys.type_price(&gpu_type);
+            let mut event = Event::new(EventKind::PricingUpdated, &self.name, ts_ms);
+            event.reason = Some("demand");
+            event.gpu_type = Some(gpu_type.clone());
+            event.changed("multiplier", format_hundredths(old), format_hundredths(new));
+            event.keys = vec![key.clone()];
+            self.append_event(&event);
+            self.store.notify(notify::PRICE, &key);
+            self.books_changed.borrow_mut().insert(gpu_type);
+        }
+        for gpu_type in self.books_changed.take() {
+            let key = self.keys.order_book(&gpu_type);
+            let mut event = Event::new(EventKind::OrderBookUpdated, &self.name, ts_ms);
+            event.gpu_type = Some(gpu_type);
+            event.keys = vec![key.clone()];
+            self.append_event(&event);
+            self.store.notify(notify::ORDER_BOOK, &key);
+        }
+        Ok(())
     }
 }

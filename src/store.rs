@@ -129,28 +129,29 @@ impl<'a> Store<'a> {
         Ok(text(&reply).and_then(|s| s.parse::<f64>().ok()))
     }
 
-    /// Members with scores in `[min, max]`, lowest first, `count` of them from `offset`.
+    /// Members with scores in `[min, max]`, `count` of them from `offset`: lowest first, or
+    /// highest first when `descending` (then `min`/`max` are still the bounds).
     pub fn zrange_by_score_page(
         &self,
         key: &str,
-        min: &str,
-        max: &str,
+        (min, max): (&str, &str),
+        descending: bool,
         offset: usize,
         count: usize,
     ) -> MarketResult<Vec<String>> {
         let (offset, count) = (offset.to_string(), count.to_string());
-        self.members_of(
-            "ZRANGE",
-            &[
-                key.as_bytes(),
-                min.as_bytes(),
-                max.as_bytes(),
-                b"BYSCORE",
-                b"LIMIT",
-                offset.as_bytes(),
-                count.as_bytes(),
-            ],
-        )
+        let (start, stop) = if descending { (max, min) } else { (min, max) };
+        let mut args: Vec<&[u8]> = vec![
+            key.as_bytes(),
+            start.as_bytes(),
+            stop.as_bytes(),
+            b"BYSCORE",
+        ];
+        if descending {
+            args.push(b"REV");
+        }
+        args.extend([&b"LIMIT"[..], offset.as_bytes(), count.as_bytes()]);
+        self.members_of("ZRANGE", &args)
     }
 
     /// The first member and score of a sorted set (its cheapest entry).

@@ -126,6 +126,19 @@ fn a_refused_command_notifies_nothing() {
     );
 }
 
+/// Events derived from a command's changes (order book moved, demand multiplier moved) follow
+/// its primary event; `primary_events` leaves them out.
+fn is_derived(event: &Json) -> bool {
+    event["type"] == "order_book_updated" || event["reason"] == "demand"
+}
+
+fn primary_events(con: &mut redis::Connection) -> Vec<(String, Json)> {
+    stream_events(con)
+        .into_iter()
+        .filter(|(_, e)| !is_derived(e))
+        .collect()
+}
+
 fn stream_events(con: &mut redis::Connection) -> Vec<(String, Json)> {
     let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg("gpucache:{eu}:events")
@@ -166,7 +179,12 @@ fn every_command_appends_one_structured_event() {
     run(&mut con, &["GPUCACHE.INVALIDATE", "eu", "gpu:g1"]).unwrap();
     error(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]);
 
-    let events = stream_events(&mut con);
+    let all = stream_events(&mut con);
+    let events: Vec<(String, Json)> = all
+        .iter()
+        .filter(|(_, e)| !is_derived(e))
+        .cloned()
+        .collect();
     let kinds: Vec<&str> = events
         .iter()
         .map(|(_, e)| e["type"].as_str().unwrap())
@@ -211,8 +229,20 @@ fn every_command_appends_one_structured_event() {
     assert_eq!(events[7].1["new"]["status"], "maintenance");
     assert_eq!(events[9].1["keys"][0], "gpucache:{eu}:gpu:g1");
 
+    // Every command that moved the availability index also reported its order book.
+    let books: Vec<&str> = all
+        .iter()
+        .filter(|(_, e)| e["type"] == "order_book_updated")
+        .map(|(_, e)| e["gpu_type"].as_str().unwrap())
+        .collect();
+    // 4 registrations, book, price, cancel, provider (A100 and H100), status.
+    assert_eq!(
+        books,
+        ["A100", "A100", "A100", "H100", "A100", "A100", "A100", "A100", "H100", "A100"]
+    );
+
     // Stream ids grow, so a consumer can resume after the last one it saw.
-    let ids: Vec<&String> = events.iter().map(|(id, _)| id).collect();
+    let ids: Vec<&String> = all.iter().map(|(id, _)| id).collect();
     let mut sorted = ids.clone();
     sorted.sort_by_key(|id| {
         let (ms, seq) = id.split_once('-').unwrap();
@@ -269,7 +299,7 @@ fn updates_name_only_the_keys_they_changed() {
         ],
     )
     .unwrap();
-    let events = stream_events(&mut con);
+    let events = primary_events(&mut con);
     let last = &events.last().unwrap().1;
     assert_eq!(last["reason"], "updated");
     assert_eq!(last["version"], 2);
@@ -295,6 +325,11 @@ fn updates_name_only_the_keys_they_changed() {
     run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
     run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", "maintenance"]).unwrap();
     let events = stream_events(&mut con);
+    assert_eq!(
+        events.last().unwrap().1["type"],
+        "gpu_availability_changed",
+        "no order book event"
+    );
     let keys: Vec<&str> = events.last().unwrap().1["keys"]
         .as_array()
         .unwrap()

@@ -110,16 +110,18 @@ fn an_expired_gpu_disappears_from_reads_and_indexes() {
         .query(&mut con)
         .unwrap();
     assert_eq!(provider_gpus, 0);
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg("gpucache:{eu}:events")
-        .arg("+")
         .arg("-")
-        .arg("COUNT")
-        .arg("1")
+        .arg("+")
         .query(&mut con)
         .unwrap();
-    let payload = &entries[0].1.iter().find(|(k, _)| k == "payload").unwrap().1;
-    assert!(payload.contains("\"reason\":\"expired\""), "{payload}");
+    let expired = entries
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().filter(|(k, _)| k == "payload"))
+        .filter(|(_, payload)| payload.contains("\"reason\":\"expired\""))
+        .count();
+    assert_eq!(expired, 4, "one gpu_availability_changed per expired GPU");
 }
 
 #[test]

@@ -59,7 +59,8 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     check_bookable(&gpu_id, old.status, provider_status)?;
     region.check_gpu_key_types(&gpu_id, &old.gpu_type, &old.provider)?;
     let type_price = region.load_type_price(&old.gpu_type)?;
-    let (price, _) = crate::core::gpu::effective_price(&old, type_price.as_ref());
+    // The booking is charged what the GPU shows at this moment, demand multiplier included.
+    let price = region.shown_price(&old)?.price;
 
     let now = store.now_ms();
     let booking = Booking::new(&gpu_id, &user_id, price, duration_s, now);
@@ -100,7 +101,7 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     event.changed("listed", true, false);
     event.new.insert("price".into(), price.to_string().into());
     event.new.insert("end_ms".into(), booking.end_ms.into());
-    region.publish(notify::BOOKED, event);
+    region.publish(notify::BOOKED, event)?;
 
     Ok(booking_reply(&booking_id, &booking, "created", new.version))
 }
@@ -177,6 +178,6 @@ pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         reply = reply.value("gpu_status", RedisValue::Null);
     }
     region.add_to_counter(stat::BOOKINGS_CANCELLED, 1);
-    region.publish(notify::CANCELLED, event);
+    region.publish(notify::CANCELLED, event)?;
     Ok(reply.build())
 }

@@ -1,6 +1,7 @@
 //! `GPUCACHE.GET region gpu_id`
 
 use super::{Args, Reply};
+use crate::core::demand::format_hundredths;
 use crate::core::error::MarketResult;
 use crate::core::gpu::GpuRecord;
 use crate::core::status::is_listed;
@@ -11,7 +12,7 @@ use redis_module::{RedisString, RedisValue};
 /// The full record of one GPU as clients see it: effective price, provider status, booking.
 pub fn gpu_reply(region: &Region, gpu_id: &str, gpu: &GpuRecord) -> MarketResult<RedisValue> {
     let provider_status = region.provider_status(&gpu.provider)?;
-    let (price, source) = region.shown_price(gpu)?;
+    let shown = region.shown_price(gpu)?;
     let mut reply = Reply::new()
         .text("gpu_id", gpu_id)
         .text("region", region.name.as_str())
@@ -20,8 +21,10 @@ pub fn gpu_reply(region: &Region, gpu_id: &str, gpu: &GpuRecord) -> MarketResult
         .text("type", gpu.gpu_type.as_str())
         .text("status", gpu.status.as_str())
         .int("listed", i64::from(is_listed(gpu.status, provider_status)))
-        .text("price", price.to_string())
-        .text("price_source", source.as_str())
+        .text("price", shown.price.to_string())
+        .text("base_price", shown.base.to_string())
+        .text("demand_multiplier", format_hundredths(shown.multiplier))
+        .text("price_source", shown.source.as_str())
         .text("own_price", gpu.own_price.to_string())
         .opt_text("booking_id", gpu.booking.clone())
         .int("version", gpu.version)

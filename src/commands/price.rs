@@ -32,6 +32,10 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     let moved = store.integer("ZCARD", &[own.as_bytes()])?;
     let already_typed = store.integer("ZCARD", &[typed.as_bytes()])?;
 
+    // Listed GPUs of the type move within its order book (their shown price changes).
+    if moved + already_typed > 0 {
+        region.touch_type(&gpu_type, true)?;
+    }
     let now = store.now_ms();
     let seq = region.next_seq()?;
     let version = old.map_or(1, |o| o.version.saturating_add(1));
@@ -80,7 +84,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         old.map_or(serde_json::Value::Null, |o| o.price.to_string().into()),
         price.to_string(),
     );
-    region.publish(notify::PRICE, event);
+    region.publish(notify::PRICE, event)?;
 
     Ok(Reply::new()
         .text("type", gpu_type)

@@ -64,7 +64,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
             unlisted += 1;
         } else if !was && now_listed {
             let type_price = type_prices.get(&gpu.gpu_type).copied().flatten();
-            region.list(gpu_id, gpu, type_price.as_ref());
+            region.list(gpu_id, gpu, type_price.as_ref())?;
             listed += 1;
         }
     }
@@ -75,7 +75,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     event.changed("status", old_status.as_str(), target.as_str());
     event.new.insert("gpus_listed".into(), listed.into());
     event.new.insert("gpus_unlisted".into(), unlisted.into());
-    region.publish(notify::PROVIDER, event);
+    region.publish(notify::PROVIDER, event)?;
 
     Ok(Reply::new()
         .text("provider_id", provider_id)

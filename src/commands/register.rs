@@ -145,7 +145,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         event.changed("status", serde_json::Value::Null, new.status.as_str());
         event.changed("price", serde_json::Value::Null, new.own_price.to_string());
     }
-    region.publish(notify::REGISTERED, event);
+    region.publish(notify::REGISTERED, event)?;
 
     Ok(Reply::new()
         .text("gpu_id", req.gpu_id)

@@ -55,7 +55,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         is_listed(old.status, provider_status),
         is_listed(new.status, provider_status),
     );
-    region.publish(notify::STATUS, event);
+    region.publish(notify::STATUS, event)?;
 
     Ok(Reply::new()
         .text("gpu_id", gpu_id)

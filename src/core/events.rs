@@ -15,6 +15,7 @@ pub enum EventKind {
     ProviderStatusChanged,
     MarketStatsUpdated,
     ManualInvalidation,
+    OrderBookUpdated,
 }
 
 impl EventKind {
@@ -27,6 +28,7 @@ impl EventKind {
             EventKind::ProviderStatusChanged => "provider_status_changed",
             EventKind::MarketStatsUpdated => "market_stats_updated",
             EventKind::ManualInvalidation => "manual_invalidation",
+            EventKind::OrderBookUpdated => "order_book_updated",
         }
     }
 }
@@ -42,6 +44,7 @@ pub mod notify {
     pub const STATS: &str = "gpucache.stats";
     pub const INVALIDATE: &str = "gpucache.invalidate";
     pub const EXPIRED: &str = "gpucache.expired";
+    pub const ORDER_BOOK: &str = "gpucache.orderbook";
 }
 
 /// One stream event. Optional ids are omitted from the JSON when they do not apply.
@@ -147,6 +150,7 @@ mod tests {
             EventKind::ProviderStatusChanged,
             EventKind::MarketStatsUpdated,
             EventKind::ManualInvalidation,
+            EventKind::OrderBookUpdated,
         ] {
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
         }

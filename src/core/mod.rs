@@ -4,6 +4,7 @@
 //! the result.
 
 pub mod booking;
+pub mod demand;
 pub mod error;
 pub mod events;
 pub mod gpu;
@@ -11,3 +12,4 @@ pub mod input;
 pub mod price;
 pub mod status;
 pub mod ttl;
+pub mod window;
