@@ -19,7 +19,7 @@ pub struct DemandTiers(Vec<Tier>);
 /// ×1.00 expressed in hundredths.
 pub const NO_SURGE: u32 = 100;
 const MAX_TIERS: usize = 16;
-const MAX_MULTIPLIER_HUNDREDTHS: u32 = 100_00;
+const MAX_MULTIPLIER_HUNDREDTHS: u32 = 10_000;
 
 impl Default for DemandTiers {
     /// ×2.0 below 10% available, ×1.5 below 30%, ×1.2 below 50%, ×1.0 otherwise.
