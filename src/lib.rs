@@ -9,6 +9,7 @@ pub mod core;
 mod heal;
 pub mod keys;
 pub mod market;
+mod regions;
 pub mod store;
 
 use redis_module::configuration::ConfigurationFlags;
@@ -57,6 +58,7 @@ command!(cancel, commands::book::cancel);
 command!(provider, commands::provider::command);
 command!(available, commands::available::command);
 command!(stats, commands::stats::command);
+command!(orderbook, commands::orderbook::command);
 command!(invalidate, commands::invalidate::command);
 
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
@@ -101,11 +103,15 @@ redis_module! {
         ["gpucache.cancel", cancel, "write deny-oom", 1, 1, 1, ""],
         ["gpucache.provider", provider, "write deny-oom", 1, 1, 1, ""],
         ["gpucache.available", available, "readonly", 1, 1, 1, ""],
+        // STATS without a region (or `*`) sums this server's regions; with no argument it has
+        // no key, so a cluster client may send it to any node.
         ["gpucache.stats", stats, "readonly", 1, 1, 1, ""],
+        ["gpucache.orderbook", orderbook, "readonly", 1, 1, 1, ""],
         ["gpucache.invalidate", invalidate, "write deny-oom", 1, 1, 1, ""],
     ],
     event_handlers: [
         [@EXPIRED @EVICTED: heal::on_key_gone],
+        [@HASH @LOADED: regions::on_counters_written],
     ],
     configurations: [
         i64: [

@@ -11,6 +11,7 @@ use crate::core::gpu::{self, GpuChange, GpuRecord, PriceSource, TypePrice};
 use crate::core::price::Price;
 use crate::core::status::{is_listed, GpuStatus, ProviderStatus};
 use crate::core::ttl::jittered_ttl_ms;
+use crate::core::window;
 use crate::keys::RegionKeys;
 use crate::store::Store;
 use redis_module::KeyType;
@@ -241,6 +242,47 @@ impl<'s, 'c> Region<'s, 'c> {
         }
     }
 
+    /// Adds a new booking to the rolling 24-hour window and drops buckets that left it.
+    pub fn record_booking(&self, now_ms: i64, cost_micros: i64) -> MarketResult<()> {
+        let key = self.keys.window_24h();
+        let bucket = window::bucket_of(now_ms);
+        // Two fields per bucket; a few spare buckets before pruning keeps pruning rare.
+        let prune = self.store.hlen(&key)? > 2 * (window::BUCKETS + 8);
+        let stale: Vec<String> = if prune {
+            self.store
+                .members("HKEYS", &key)?
+                .into_iter()
+                .filter(|f| window::bucket_of_field(f).is_some_and(|b| !window::is_live(b, now_ms)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (field, delta) in [
+            (window::count_field(bucket), 1),
+            (window::volume_field(bucket), cost_micros),
+        ] {
+            self.store.write(
+                "HINCRBY",
+                &[
+                    key.as_bytes(),
+                    field.as_bytes(),
+                    delta.to_string().as_bytes(),
+                ],
+            );
+        }
+        if !stale.is_empty() {
+            let mut args: Vec<&[u8]> = vec![key.as_bytes()];
+            args.extend(stale.iter().map(|f| f.as_bytes()));
+            self.store.write("HDEL", &args);
+        }
+        // A region without bookings for a whole window needs none of it.
+        self.store.pexpire_at(
+            &key,
+            now_ms.saturating_add(window::WINDOW_MS + window::BUCKET_MS),
+        );
+        Ok(())
+    }
+
     /// Puts a GPU in its type's availability index at the price it shows.
     pub fn list(
         &self,
@@ -378,6 +420,12 @@ impl<'s, 'c> Region<'s, 'c> {
                 "SADD",
                 &[self.keys.types().as_bytes(), new.gpu_type.as_bytes()],
             );
+            if let Some(old) = old {
+                self.touch_type(&old.gpu_type, false)?;
+                self.add_to_counter(&stat::type_total(&old.gpu_type), -1);
+            }
+            self.touch_type(&new.gpu_type, false)?;
+            self.add_to_counter(&stat::type_total(&new.gpu_type), 1);
         }
         if change.contains(GpuChange::PROVIDER) {
             if let Some(old) = old {

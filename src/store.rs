@@ -154,6 +154,29 @@ impl<'a> Store<'a> {
         self.members_of("ZRANGE", &args)
     }
 
+    /// The lowest-scored member at or above `min` (a `ZRANGE` bound such as `2.5` or `(2.5`),
+    /// with its score exactly as Redis prints it.
+    pub fn zfirst_from(&self, key: &str, min: &str) -> MarketResult<Option<(String, String)>> {
+        let reply = self.read(
+            "ZRANGE",
+            &[
+                key.as_bytes(),
+                min.as_bytes(),
+                b"+inf",
+                b"BYSCORE",
+                b"LIMIT",
+                b"0",
+                b"1",
+                b"WITHSCORES",
+            ],
+        )?;
+        let RedisValue::Array(items) = reply else {
+            return Ok(None);
+        };
+        let mut items = items.iter().filter_map(text);
+        Ok(items.next().zip(items.next()))
+    }
+
     /// The first member and score of a sorted set (its cheapest entry).
     pub fn zfirst(&self, key: &str) -> MarketResult<Option<(String, f64)>> {
         let reply = self.read("ZRANGE", &[key.as_bytes(), b"0", b"0", b"WITHSCORES"])?;

@@ -89,6 +89,7 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         expire_at_ms: region.gpu_expire_at(now, Some(booking.end_ms)),
     })?;
     region.add_to_counter(stat::BOOKINGS_CREATED, 1);
+    region.record_booking(now, booking.cost_micros())?;
 
     let mut event = Event::new(EventKind::BookingCreated, &region.name, now);
     event.gpu_id = Some(gpu_id.clone());

@@ -5,6 +5,7 @@ pub mod available;
 pub mod book;
 pub mod get;
 pub mod invalidate;
+pub mod orderbook;
 pub mod price;
 pub mod provider;
 pub mod register;

@@ -1,26 +1,79 @@
-//! `GPUCACHE.STATS region`
+//! `GPUCACHE.STATS region` and `GPUCACHE.STATS [*]` (every region on this server).
 //!
-//! Every figure comes from a counter or an index cardinality kept by the write commands, so the
-//! reply costs O(types), not O(GPUs).
+//! Every figure comes from a counter, an index cardinality or a time bucket kept by the write
+//! commands, so one region costs O(types + 96 buckets), never O(GPUs) or O(bookings).
 
 use super::{Args, Reply};
+use crate::core::demand::{self, format_hundredths};
 use crate::core::error::MarketResult;
-use crate::core::gpu::TypePrice;
+use crate::core::input;
 use crate::core::price::Price;
 use crate::core::status::GpuStatus;
+use crate::core::window::{self, WindowTotals};
 use crate::market::{stat, Region};
 use crate::store::Store;
 use redis_module::{RedisString, RedisValue};
+use std::collections::BTreeMap;
 
-/// Listed-GPU count, minimum and average shown price of one type.
-fn type_figures(
-    region: &Region,
-    gpu_type: &str,
-    type_price: Option<TypePrice>,
-) -> MarketResult<RedisValue> {
+/// One type's figures in one region (or summed over regions).
+#[derive(Debug, Clone, Default)]
+struct TypeFigures {
+    listed: i64,
+    total: i64,
+    /// Demand multiplier; `None` once figures of several regions are summed.
+    multiplier: Option<u32>,
+    min_price: Option<Price>,
+    /// Sum of the shown prices of listed GPUs, micro-units.
+    shown_sum: i128,
+    type_price: Option<Price>,
+}
+
+impl TypeFigures {
+    fn merge(&mut self, other: &TypeFigures) {
+        self.listed += other.listed;
+        self.total += other.total;
+        self.multiplier = None;
+        self.min_price = match (self.min_price, other.min_price) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.shown_sum += other.shown_sum;
+        self.type_price = None;
+    }
+
+    fn reply(&self) -> RedisValue {
+        let average = (self.listed > 0).then(|| {
+            let avg = self.shown_sum / i128::from(self.listed);
+            Price::from_micros(i64::try_from(avg).unwrap_or(i64::MAX))
+        });
+        let mut reply = Reply::new()
+            .int("listed", self.listed)
+            .int("total", self.total)
+            .opt_text("min_price", self.min_price.map(|p| p.to_string()))
+            .opt_text("avg_price", average.map(|p| p.to_string()));
+        if let Some(m) = self.multiplier {
+            reply = reply
+                .text("demand_multiplier", format_hundredths(m))
+                .opt_text("type_price", self.type_price.map(|p| p.to_string()));
+        }
+        reply.build()
+    }
+}
+
+fn counter(region: &Region, field: &str) -> MarketResult<i64> {
+    Ok(region
+        .store
+        .hget(&region.keys.stats(), field)?
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0))
+}
+
+fn type_figures(region: &Region, gpu_type: &str) -> MarketResult<TypeFigures> {
     let store = region.store;
     let own_key = region.keys.available_own(gpu_type);
     let typed_key = region.keys.available_typed(gpu_type);
+    let type_price = region.load_type_price(gpu_type)?;
     let own_count = store.integer("ZCARD", &[own_key.as_bytes()])?;
     // Type-priced entries show the type price; while an expired type price awaits healing they
     // are not counted (AVAILABLE skips them too).
@@ -28,82 +81,170 @@ fn type_figures(
         Some(_) => store.integer("ZCARD", &[typed_key.as_bytes()])?,
         None => 0,
     };
-    let own_sum = store
-        .hget(&region.keys.stats(), &stat::own_price_sum(gpu_type))?
-        .and_then(|v| String::from_utf8(v).ok())
-        .and_then(|v| v.parse::<i64>().ok())
-        .unwrap_or(0);
+    let own_sum = counter(region, &stat::own_price_sum(gpu_type))?;
     let own_min = store
         .zfirst(&own_key)?
         .and_then(|(_, score)| Price::from_score(score));
     let typed_price = type_price.filter(|_| typed_count > 0).map(|tp| tp.price);
-    let min = match (own_min, typed_price) {
+    let base_min = match (own_min, typed_price) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let listed = own_count + typed_count;
-    let total_micros = i128::from(own_sum)
+    let multiplier = region.demand_multiplier(gpu_type)?;
+    let base_sum = i128::from(own_sum)
         + i128::from(typed_price.map_or(0, Price::micros)) * i128::from(typed_count);
-    let average = (listed > 0).then(|| {
-        Price::from_micros(i64::try_from(total_micros / i128::from(listed)).unwrap_or(i64::MAX))
-    });
-    Ok(Reply::new()
-        .int("listed", listed)
-        .opt_text("min_price", min.map(|p| p.to_string()))
-        .opt_text("avg_price", average.map(|p| p.to_string()))
-        .opt_text("type_price", type_price.map(|tp| tp.price.to_string()))
-        .build())
+    Ok(TypeFigures {
+        listed: own_count + typed_count,
+        total: counter(region, &stat::type_total(gpu_type))?,
+        multiplier: Some(multiplier),
+        min_price: base_min.map(|p| demand::apply(p, multiplier)),
+        shown_sum: base_sum * i128::from(multiplier) / 100,
+        type_price: type_price.map(|tp| tp.price),
+    })
+}
+
+fn window_totals(region: &Region, now_ms: i64) -> MarketResult<WindowTotals> {
+    let buckets: Vec<i64> = window::live_buckets(now_ms).collect();
+    let fields: Vec<String> = buckets
+        .iter()
+        .flat_map(|b| [window::count_field(*b), window::volume_field(*b)])
+        .collect();
+    let names: Vec<&str> = fields.iter().map(String::as_str).collect();
+    let values = region.store.hmget(&region.keys.window_24h(), &names)?;
+    let number = |i: usize| {
+        values
+            .get(i)
+            .and_then(|v| v.as_deref())
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(window::totals(
+        buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (*b, number(2 * i), number(2 * i + 1))),
+        now_ms,
+    ))
+}
+
+/// Everything STATS reports for one region, as numbers, so regions can be summed.
+#[derive(Debug, Clone, Default)]
+struct RegionFigures {
+    total: i64,
+    by_status: BTreeMap<&'static str, i64>,
+    bookings_active: i64,
+    bookings_created: i64,
+    bookings_cancelled: i64,
+    bookings_ended: i64,
+    last_24h: WindowTotals,
+    types: BTreeMap<String, TypeFigures>,
+}
+
+impl RegionFigures {
+    fn read(region: &Region, now_ms: i64) -> MarketResult<RegionFigures> {
+        let store = region.store;
+        let mut figures = RegionFigures {
+            total: store.hlen(&region.keys.gpu_registry())?,
+            bookings_active: store.hlen(&region.keys.booking_registry())?,
+            bookings_created: counter(region, stat::BOOKINGS_CREATED)?,
+            bookings_cancelled: counter(region, stat::BOOKINGS_CANCELLED)?,
+            bookings_ended: counter(region, stat::BOOKINGS_ENDED)?,
+            last_24h: window_totals(region, now_ms)?,
+            ..RegionFigures::default()
+        };
+        for status in GpuStatus::ALL {
+            figures
+                .by_status
+                .insert(status.as_str(), region.status_count(status)?);
+        }
+        for gpu_type in store.members("SMEMBERS", &region.keys.types())? {
+            let t = type_figures(region, &gpu_type)?;
+            figures.types.insert(gpu_type, t);
+        }
+        Ok(figures)
+    }
+
+    fn merge(&mut self, other: &RegionFigures) {
+        self.total += other.total;
+        for (status, count) in &other.by_status {
+            *self.by_status.entry(status).or_default() += count;
+        }
+        self.bookings_active += other.bookings_active;
+        self.bookings_created += other.bookings_created;
+        self.bookings_cancelled += other.bookings_cancelled;
+        self.bookings_ended += other.bookings_ended;
+        self.last_24h.bookings += other.last_24h.bookings;
+        self.last_24h.volume_micros += other.last_24h.volume_micros;
+        for (gpu_type, figures) in &other.types {
+            self.types
+                .entry(gpu_type.clone())
+                .and_modify(|t| t.merge(figures))
+                .or_insert_with(|| TypeFigures {
+                    multiplier: None,
+                    type_price: None,
+                    ..figures.clone()
+                });
+        }
+    }
+
+    fn reply(&self, region_label: &str, regions: usize) -> RedisValue {
+        let mut reply = Reply::new()
+            .text("region", region_label)
+            .int("gpus_total", self.total);
+        if region_label == "*" {
+            reply = reply.int("regions", regions as i64);
+        }
+        for (status, count) in &self.by_status {
+            reply = reply.int(&format!("gpus_{status}"), *count);
+        }
+        let busy = self.by_status.get("busy").copied().unwrap_or(0);
+        let utilisation = if self.total > 0 {
+            busy as f64 / self.total as f64
+        } else {
+            0.0
+        };
+        let mut types = Reply::new();
+        for (gpu_type, figures) in &self.types {
+            types = types.value(gpu_type, figures.reply());
+        }
+        reply
+            .int("gpus_listed", self.types.values().map(|t| t.listed).sum())
+            .text("utilisation", format!("{utilisation:.4}"))
+            .int("bookings_active", self.bookings_active)
+            .int("bookings_created", self.bookings_created)
+            .int("bookings_cancelled", self.bookings_cancelled)
+            .int("bookings_ended", self.bookings_ended)
+            .int("bookings_24h", self.last_24h.bookings)
+            .text(
+                "volume_24h",
+                Price::from_micros(self.last_24h.volume_micros).to_string(),
+            )
+            .value("types", types.build())
+            .build()
+    }
 }
 
 pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
-    let mut args = Args::new(all, 1, 1)?;
-    let region = Region::new(store, args.region()?);
-    let total = store.hlen(&region.keys.gpu_registry())?;
-    let counter = |field: &str| -> MarketResult<i64> {
-        Ok(store
-            .hget(&region.keys.stats(), field)?
-            .and_then(|v| String::from_utf8(v).ok())
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0))
-    };
-    let mut reply = Reply::new()
-        .text("region", region.name.as_str())
-        .int("gpus_total", total);
-    let mut busy = 0;
-    for status in GpuStatus::ALL {
-        let count = region.status_count(status)?;
-        if status == GpuStatus::Busy {
-            busy = count;
+    let mut args = Args::new(all, 0, 1)?;
+    let now = store.now_ms();
+    match args.next_arg() {
+        Some(region) if region != b"*" => {
+            let region = Region::new(store, input::region(region)?);
+            Ok(RegionFigures::read(&region, now)?.reply(&region.name, 1))
         }
-        reply = reply.int(&format!("gpus_{}", status.as_str()), count);
-    }
-    let mut types = Reply::new();
-    let mut listed = 0;
-    for gpu_type in store.members("SMEMBERS", &region.keys.types())? {
-        let type_price = region.load_type_price(&gpu_type)?;
-        let figures = type_figures(&region, &gpu_type, type_price)?;
-        if let RedisValue::OrderedMap(map) = &figures {
-            if let Some(RedisValue::Integer(n)) = map.get(&"listed".into()) {
-                listed += n;
+        _ => {
+            let mut sum = RegionFigures::default();
+            let mut regions = 0;
+            for name in crate::regions::known() {
+                let region = Region::new(store, name);
+                if store.key_type(&region.keys.stats()) == redis_module::KeyType::Empty {
+                    continue;
+                }
+                sum.merge(&RegionFigures::read(&region, now)?);
+                regions += 1;
             }
+            Ok(sum.reply("*", regions))
         }
-        types = types.value(&gpu_type, figures);
     }
-    let utilisation = if total > 0 {
-        busy as f64 / total as f64
-    } else {
-        0.0
-    };
-    Ok(reply
-        .int("gpus_listed", listed)
-        .text("utilisation", format!("{utilisation:.4}"))
-        .int(
-            "bookings_active",
-            store.hlen(&region.keys.booking_registry())?,
-        )
-        .int("bookings_created", counter(stat::BOOKINGS_CREATED)?)
-        .int("bookings_cancelled", counter(stat::BOOKINGS_CANCELLED)?)
-        .int("bookings_ended", counter(stat::BOOKINGS_ENDED)?)
-        .value("types", types.build())
-        .build())
 }
