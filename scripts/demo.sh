@@ -17,6 +17,12 @@ echo "6 GPUs registered"
 step "cheapest available GPUs in eu-west"
 cli GPUCACHE.AVAILABLE eu-west LIMIT 3
 
+step "top performing GPUs with at least 40 GB"
+cli GPUCACHE.AVAILABLE eu-west SORT SCORE MINMEMORY 40 LIMIT 3
+
+step "the A100 order book"
+cli GPUCACHE.ORDERBOOK eu-west A100
+
 step "alice books the cheapest A100 for two hours"
 cli GPUCACHE.BOOK eu-west a100-3 demo-booking-1 alice 7200
 
@@ -39,8 +45,16 @@ step "alice cancels; runpod comes back"
 cli GPUCACHE.CANCEL eu-west demo-booking-1
 cli GPUCACHE.PROVIDER eu-west runpod online >/dev/null
 
-step "market statistics"
+step "bob books two A100s: a third of them is left, so demand pricing lifts the last one (x1.2)"
+cli GPUCACHE.BOOK eu-west a100-1 demo-booking-3 bob 3600 >/dev/null
+cli GPUCACHE.BOOK eu-west a100-2 demo-booking-4 bob 3600 >/dev/null
+cli GPUCACHE.GET eu-west a100-3 | paste - - | grep -E '^(price|base_price|demand_multiplier)\b'
+
+step "market statistics for eu-west (last 24 hours included)"
 cli GPUCACHE.STATS eu-west
+
+step "statistics over every region on this server"
+cli GPUCACHE.STATS | paste - - | head -20
 
 step "the last three invalidation events"
 cli XREVRANGE 'gpucache:{eu-west}:events' + - COUNT 3

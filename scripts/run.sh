@@ -18,6 +18,8 @@ fi
 scripts/deps.sh
 cargo build --release --quiet
 mkdir -p "$RUN_DIR"
+# A demo starts from an empty marketplace: drop what an earlier run persisted.
+rm -rf "$RUN_DIR/appendonlydir" "$RUN_DIR/dump.rdb"
 
 if redis-cli -p "$PORT" ping >/dev/null 2>&1; then
   echo "something already answers on port $PORT; stop it or use PORT=..." >&2

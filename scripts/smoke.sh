@@ -52,7 +52,7 @@ expect_field() {
 expect "module loaded" "gpucache" MODULE LIST
 expect_field "register" result created GPUCACHE.REGISTER eu g1 PROVIDER p1 TYPE A100 PRICE 2.5 MEMORY 80
 expect_field "register 2" result created GPUCACHE.REGISTER eu g2 PROVIDER p1 TYPE A100 PRICE 1.5
-expect_field "register 3" result created GPUCACHE.REGISTER eu g3 PROVIDER p2 TYPE H100 PRICE 4
+expect_field "register 3" result created GPUCACHE.REGISTER eu g3 PROVIDER p2 TYPE H100 PRICE 4 SCORE 9
 expect_field "get price" price 2.5 GPUCACHE.GET eu g1
 expect_field "load argument applied" gpucache.jitter 0 CONFIG GET gpucache.jitter
 expect_field "cheapest first" gpu_id g2 GPUCACHE.AVAILABLE eu LIMIT 1
@@ -71,6 +71,14 @@ expect "bad price" "ERR invalid price" GPUCACHE.PRICE eu A100 nan
 expect "manual busy refused" "BADSTATE" GPUCACHE.STATUS eu g1 busy
 expect "invalidate" "3" GPUCACHE.INVALIDATE eu gpu:g1 price:A100 stats
 expect "events appended" "booking_created" XRANGE "gpucache:{eu}:events" - +
+expect "order book" "asks" GPUCACHE.ORDERBOOK eu A100
+expect_field "register scored" result created GPUCACHE.REGISTER eu g5 PROVIDER p1 TYPE H100 PRICE 5 SCORE 9
+expect_field "search by score" gpu_id g5 GPUCACHE.AVAILABLE eu SORT SCORE LIMIT 1
+expect_field "24h bookings" bookings_24h 1 GPUCACHE.STATS eu
+expect_field "all regions" region "*" GPUCACHE.STATS
+expect "demand tiers configurable" "OK" CONFIG SET gpucache.demand-tiers "100:2"
+expect_field "book half the A100s" result created GPUCACHE.BOOK eu g2 b9 carol 60
+expect_field "demand multiplier applies" demand_multiplier 2 GPUCACHE.GET eu g1
 expect "server alive" "PONG" PING
 
 echo "smoke: $passed passed, $failed failed"
