@@ -59,6 +59,7 @@ command!(provider, commands::provider::command);
 command!(available, commands::available::command);
 command!(stats, commands::stats::command);
 command!(orderbook, commands::orderbook::command);
+command!(check, commands::check::command);
 command!(invalidate, commands::invalidate::command);
 
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
@@ -107,6 +108,7 @@ redis_module! {
         // no key, so a cluster client may send it to any node.
         ["gpucache.stats", stats, "readonly", 1, 1, 1, ""],
         ["gpucache.orderbook", orderbook, "readonly", 1, 1, 1, ""],
+        ["gpucache.check", check, "readonly", 1, 1, 1, ""],
         ["gpucache.invalidate", invalidate, "write deny-oom", 1, 1, 1, ""],
     ],
     event_handlers: [

@@ -200,6 +200,15 @@ impl<'a> Store<'a> {
         }
     }
 
+    /// Every member of a sorted set with its score, lowest first.
+    pub fn members_of_range_with_scores(&self, key: &str) -> MarketResult<Vec<(String, f64)>> {
+        let flat = self.members_of("ZRANGE", &[key.as_bytes(), b"0", b"-1", b"WITHSCORES"])?;
+        Ok(flat
+            .chunks_exact(2)
+            .filter_map(|pair| Some((pair[0].clone(), pair[1].parse::<f64>().ok()?)))
+            .collect())
+    }
+
     /// Every member of a sorted set, lowest score first.
     pub fn members_of_range(&self, key: &str) -> MarketResult<Vec<String>> {
         self.members_of("ZRANGE", &[key.as_bytes(), b"0", b"-1"])

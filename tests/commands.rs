@@ -87,6 +87,7 @@ fn re_registering_updates_in_place_and_bumps_the_version() {
         vec!["g2".to_string()],
         "moved out of the old provider's set"
     );
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -158,6 +159,7 @@ fn book_makes_the_gpu_busy_unlisted_and_records_the_booking() {
     assert_eq!(stats["gpus_busy"], "1");
     assert_eq!(stats["bookings_active"], "1");
     assert_eq!(stats["bookings_created"], "1");
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -194,6 +196,7 @@ fn booking_refusals_change_nothing() {
         assert!(err.starts_with(code), "{args:?}: {err}");
     }
     assert_eq!(snapshot(&mut con), before);
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -242,6 +245,7 @@ fn cancel_releases_the_gpu() {
     let before = snapshot(&mut con);
     assert!(error(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]).starts_with("NOBOOKING"));
     assert_eq!(snapshot(&mut con), before);
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -262,6 +266,7 @@ fn cancel_while_the_provider_is_offline_leaves_the_gpu_unlisted() {
     assert!(!available_ids(&mut con, &["eu"]).contains(&"g2".to_string()));
     run(&mut con, &["GPUCACHE.PROVIDER", "eu", "p1", "online"]).unwrap();
     assert_eq!(available_ids(&mut con, &["eu", "LIMIT", "1"]), ["g2"]);
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -295,6 +300,7 @@ fn status_follows_the_state_machine() {
     }
     assert!(error(&mut con, &["GPUCACHE.STATUS", "eu", "zz", "offline"]).starts_with("NOGPU"));
     assert_eq!(snapshot(&mut con), before);
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -349,6 +355,7 @@ fn a_type_price_applies_until_a_gpu_registers_its_own_price() {
 
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
     assert_eq!(stats["gpus_listed"], "3");
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -372,6 +379,7 @@ fn provider_status_moves_all_its_gpus_at_once() {
     assert_eq!(online["gpus_listed"], "2");
     assert_eq!(online["version"], "2");
     assert_eq!(available_ids(&mut con, &["eu"]), ["g2", "g3", "g1", "g4"]);
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -399,6 +407,7 @@ fn stats_report_counts_utilisation_and_prices_per_type() {
     let h100 = as_map(&types["H100"]);
     assert_eq!(text(&h100["listed"]), "0");
     assert_eq!(text(&h100["min_price"]), "(nil)");
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -604,6 +613,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(snapshot(&mut con), before);
     let pong: String = redis::cmd("PING").query(&mut con).unwrap();
     assert_eq!(pong, "PONG", "the server survived every case");
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -846,4 +856,26 @@ fn invalidate_names_keys_without_changing_data() {
     after.remove("gpucache:{eu}:events");
     before.remove("gpucache:{eu}:events");
     assert_eq!(after, before);
+}
+
+#[test]
+fn check_reports_what_a_hand_edit_broke() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "600"]).unwrap();
+    assert_consistent(&mut con, "eu");
+    redis::cmd("ZREM").arg("gpucache:{eu}:avail-own:A100").arg("g2").query::<()>(&mut con).unwrap();
+    redis::cmd("HINCRBY").arg("gpucache:{eu}:stats:market").arg("gpus:busy").arg(5).query::<()>(&mut con).unwrap();
+    redis::cmd("DEL").arg("gpucache:{eu}:booking:b1").query::<()>(&mut con).unwrap();
+    let report = run(&mut con, &["GPUCACHE.CHECK", "eu"]).unwrap();
+    let report = as_map(&report);
+    assert_eq!(text(&report["ok"]), "0");
+    let Value::Array(violations) = &report["violations"] else { panic!() };
+    let violations: Vec<String> = violations.iter().map(text).collect();
+    let has = |needle: &str| violations.iter().any(|v| v.contains(needle));
+    assert!(has("g2 should be in avail-own:A100"), "{violations:?}");
+    assert!(has("busy GPU count is 6, recount gives 1"), "{violations:?}");
+    assert!(has("g1 holds booking b1, which does not exist"), "{violations:?}");
+    assert_eq!(text(&report["gpus_checked"]), "4");
 }

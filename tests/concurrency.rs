@@ -52,4 +52,5 @@ fn exactly_one_of_many_concurrent_bookings_wins() {
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
     assert_eq!(stats["bookings_created"], "5");
     assert_eq!(stats["bookings_cancelled"], "5");
+    assert_consistent(&mut con, "eu");
 }

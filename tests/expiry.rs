@@ -122,6 +122,7 @@ fn an_expired_gpu_disappears_from_reads_and_indexes() {
         .filter(|(_, payload)| payload.contains("\"reason\":\"expired\""))
         .count();
     assert_eq!(expired, 4, "one gpu_availability_changed per expired GPU");
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -151,6 +152,7 @@ fn a_booking_that_ends_releases_its_gpu() {
     assert_eq!(stats["bookings_active"], "0");
     assert_eq!(stats["bookings_ended"], "1");
     assert_eq!(stats["gpus_busy"], "0");
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -178,4 +180,5 @@ fn an_expired_type_price_hands_gpus_back_their_own_prices() {
     let stats = run(&mut con, &["GPUCACHE.STATS", "eu"]).unwrap();
     let a100 = as_map(&as_map(&as_map(&stats)["types"])["A100"]);
     assert_eq!(text(&a100["avg_price"]), "2");
+    assert_consistent(&mut con, "eu");
 }

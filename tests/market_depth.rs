@@ -132,6 +132,7 @@ fn the_demand_multiplier_crosses_thresholds_in_both_directions() {
         fields(&mut con, &["GPUCACHE.GET", "eu", "a9"])["price"],
         "2"
     );
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -297,6 +298,7 @@ fn the_order_book_lists_price_levels_from_the_index() {
         &["GPUCACHE.ORDERBOOK", "eu", "A100", "WIDTH", "2"]
     )
     .starts_with("ERR"));
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -378,6 +380,7 @@ fn search_filters_and_sorts_by_score() {
         available_ids(&mut con, &["eu", "SORT", "SCORE", "LIMIT", "1"]),
         ["a0"]
     );
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]
@@ -432,6 +435,7 @@ fn stats_count_the_last_24_hours_and_sum_all_regions() {
         assert_eq!(text(&as_map(&types["H100"])["listed"]), "0");
         assert_eq!(text(&as_map(&types["A100"])["total"]), "10");
     }
+    assert_consistent(&mut con, "eu");
 }
 
 #[test]

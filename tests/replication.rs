@@ -66,6 +66,8 @@ fn a_replica_holds_the_same_keys_values_and_absolute_expiries() {
     assert!(on_primary.len() > 10);
     assert!(on_primary.values().any(|(_, expiry)| *expiry > 0));
     assert_same_state(&snapshot(&mut rcon), &on_primary, "replica");
+    assert_consistent(&mut pcon, "eu");
+    assert_consistent(&mut rcon, "eu");
 
     // Reads work on the replica; writes are refused there.
     assert_eq!(
@@ -121,6 +123,7 @@ fn restart_from_aof(extra: &[&str]) {
     let restarted = Server::start_in(dir, free_port(), &["JITTER", "20"], &args);
     let mut con = restarted.connect();
     assert_same_state(&snapshot(&mut con), &before, "AOF replay");
+    assert_consistent(&mut con, "eu");
     // New events continue after the replayed ones.
     run(&mut con, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
     let newest: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")

@@ -3,6 +3,7 @@
 
 pub mod available;
 pub mod book;
+pub mod check;
 pub mod get;
 pub mod invalidate;
 pub mod orderbook;

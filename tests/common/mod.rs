@@ -334,3 +334,15 @@ pub fn available_ids(con: &mut Connection, args: &[&str]) -> Vec<String> {
         other => panic!("AVAILABLE returned {other:?}"),
     }
 }
+
+/// Asserts `GPUCACHE.CHECK` finds every invariant of the region intact.
+pub fn assert_consistent(con: &mut Connection, region: &str) {
+    let reply = run(con, &["GPUCACHE.CHECK", region]).expect("CHECK");
+    let report = as_map(&reply);
+    assert_eq!(
+        text(&report["ok"]),
+        "1",
+        "CHECK {region} found violations: {:?}",
+        report["violations"]
+    );
+}
