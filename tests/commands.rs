@@ -865,17 +865,37 @@ fn check_reports_what_a_hand_edit_broke() {
     seed(&mut con);
     run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "600"]).unwrap();
     assert_consistent(&mut con, "eu");
-    redis::cmd("ZREM").arg("gpucache:{eu}:avail-own:A100").arg("g2").query::<()>(&mut con).unwrap();
-    redis::cmd("HINCRBY").arg("gpucache:{eu}:stats:market").arg("gpus:busy").arg(5).query::<()>(&mut con).unwrap();
-    redis::cmd("DEL").arg("gpucache:{eu}:booking:b1").query::<()>(&mut con).unwrap();
+    redis::cmd("ZREM")
+        .arg("gpucache:{eu}:avail-own:A100")
+        .arg("g2")
+        .query::<()>(&mut con)
+        .unwrap();
+    redis::cmd("HINCRBY")
+        .arg("gpucache:{eu}:stats:market")
+        .arg("gpus:busy")
+        .arg(5)
+        .query::<()>(&mut con)
+        .unwrap();
+    redis::cmd("DEL")
+        .arg("gpucache:{eu}:booking:b1")
+        .query::<()>(&mut con)
+        .unwrap();
     let report = run(&mut con, &["GPUCACHE.CHECK", "eu"]).unwrap();
     let report = as_map(&report);
     assert_eq!(text(&report["ok"]), "0");
-    let Value::Array(violations) = &report["violations"] else { panic!() };
+    let Value::Array(violations) = &report["violations"] else {
+        panic!()
+    };
     let violations: Vec<String> = violations.iter().map(text).collect();
     let has = |needle: &str| violations.iter().any(|v| v.contains(needle));
     assert!(has("g2 should be in avail-own:A100"), "{violations:?}");
-    assert!(has("busy GPU count is 6, recount gives 1"), "{violations:?}");
-    assert!(has("g1 holds booking b1, which does not exist"), "{violations:?}");
+    assert!(
+        has("busy GPU count is 6, recount gives 1"),
+        "{violations:?}"
+    );
+    assert!(
+        has("g1 holds booking b1, which does not exist"),
+        "{violations:?}"
+    );
     assert_eq!(text(&report["gpus_checked"]), "4");
 }

@@ -1,0 +1,525 @@
+//! Model-based test: random sequences of every command, valid and invalid, run against the
+//! module and against an in-memory reference marketplace. After each step the replies agree and
+//! `GPUCACHE.CHECK` finds every invariant intact.
+//!
+//! Cases: `PROPTEST_CASES` (default 48); each case is up to 60 commands.
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use redis::{Connection, Value};
+use std::collections::BTreeMap;
+
+const GPUS: [&str; 6] = ["g0", "g1", "g2", "g3", "g4", "g5"];
+const PROVIDERS: [&str; 3] = ["p0", "p1", "p2"];
+const TYPES: [&str; 2] = ["A100", "H100"];
+const BOOKINGS: [&str; 5] = ["b0", "b1", "b2", "b3", "b4"];
+const USERS: [&str; 2] = ["u0", "u1"];
+const GPU_STATUSES: [&str; 4] = ["available", "busy", "offline", "maintenance"];
+const PROVIDER_STATUSES: [&str; 3] = ["online", "offline", "maintenance"];
+/// Prices in micro-units, all exactly representable as decimals.
+const PRICES: [i64; 5] = [500_000, 1_000_000, 1_250_000, 2_000_000, 3_999_999];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Register {
+        gpu: usize,
+        provider: usize,
+        gpu_type: usize,
+        price: usize,
+        memory: Option<i64>,
+    },
+    Status {
+        gpu: usize,
+        status: usize,
+    },
+    Price {
+        gpu_type: usize,
+        price: usize,
+    },
+    Book {
+        gpu: usize,
+        booking: usize,
+        user: usize,
+        hours: i64,
+    },
+    Cancel {
+        booking: usize,
+    },
+    Provider {
+        provider: usize,
+        status: usize,
+    },
+    Get {
+        gpu: usize,
+    },
+    Available {
+        gpu_type: Option<usize>,
+        max_price: Option<usize>,
+        limit: i64,
+    },
+    /// Malformed input of many kinds: must be refused and change nothing.
+    Invalid {
+        which: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..6usize, 0..3usize, 0..2usize, 0..5usize, prop::option::of(1..200i64)).prop_map(
+            |(gpu, provider, gpu_type, price, memory)| Op::Register { gpu, provider, gpu_type, price, memory }
+        ),
+        2 => (0..6usize, 0..4usize).prop_map(|(gpu, status)| Op::Status { gpu, status }),
+        1 => (0..2usize, 0..5usize).prop_map(|(gpu_type, price)| Op::Price { gpu_type, price }),
+        3 => (0..6usize, 0..5usize, 0..2usize, 1..3i64)
+            .prop_map(|(gpu, booking, user, hours)| Op::Book { gpu, booking, user, hours }),
+        2 => (0..5usize).prop_map(|booking| Op::Cancel { booking }),
+        1 => (0..3usize, 0..3usize).prop_map(|(provider, status)| Op::Provider { provider, status }),
+        2 => (0..6usize).prop_map(|gpu| Op::Get { gpu }),
+        2 => (prop::option::of(0..2usize), prop::option::of(0..5usize), 1..8i64)
+            .prop_map(|(gpu_type, max_price, limit)| Op::Available { gpu_type, max_price, limit }),
+        1 => (0..INVALID.len()).prop_map(|which| Op::Invalid { which }),
+    ]
+}
+
+const INVALID: [&[&str]; 10] = [
+    &[
+        "GPUCACHE.REGISTER",
+        "m",
+        "g0",
+        "PROVIDER",
+        "p0",
+        "TYPE",
+        "A100",
+        "PRICE",
+        "NaN",
+    ],
+    &[
+        "GPUCACHE.REGISTER",
+        "m",
+        "g0",
+        "PROVIDER",
+        "p0",
+        "TYPE",
+        "A100",
+        "PRICE",
+        "-1",
+    ],
+    &[
+        "GPUCACHE.REGISTER",
+        "m",
+        "g0",
+        "PROVIDER",
+        "p0",
+        "TYPE",
+        "A100",
+    ],
+    &["GPUCACHE.BOOK", "m", "g0", "b0", "u0", "-5"],
+    &["GPUCACHE.BOOK", "m", "g0", "", "u0", "5"],
+    &["GPUCACHE.STATUS", "m", "g0", "asleep"],
+    &["GPUCACHE.PRICE", "m", "A100", "inf"],
+    &["GPUCACHE.PROVIDER", "m", "p0", "busy"],
+    &["GPUCACHE.AVAILABLE", "m", "LIMIT", "0"],
+    &["GPUCACHE.CANCEL", "m"],
+];
+
+#[derive(Debug, Clone)]
+struct Gpu {
+    provider: usize,
+    gpu_type: usize,
+    own_price: i64,
+    price_seq: i64,
+    status: usize,
+    booking: Option<usize>,
+    version: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Booking {
+    gpu: usize,
+    user: usize,
+    hours: i64,
+}
+
+/// The marketplace as the README specifies it.
+#[derive(Debug, Default)]
+struct Model {
+    gpus: BTreeMap<usize, Gpu>,
+    provider_status: BTreeMap<usize, usize>,
+    type_prices: BTreeMap<usize, (i64, i64)>,
+    bookings: BTreeMap<usize, Booking>,
+    seq: i64,
+}
+
+const AVAILABLE: usize = 0;
+const BUSY: usize = 1;
+const ONLINE: usize = 0;
+
+fn price_text(micros: i64) -> String {
+    let (whole, fraction) = (micros / 1_000_000, micros % 1_000_000);
+    if fraction == 0 {
+        whole.to_string()
+    } else {
+        format!("{whole}.{}", format!("{fraction:06}").trim_end_matches('0'))
+    }
+}
+
+impl Model {
+    fn provider(&self, p: usize) -> usize {
+        self.provider_status.get(&p).copied().unwrap_or(ONLINE)
+    }
+
+    fn listed(&self, gpu: &Gpu) -> bool {
+        gpu.status == AVAILABLE && self.provider(gpu.provider) == ONLINE
+    }
+
+    fn multiplier(&self, gpu_type: usize) -> i64 {
+        let of_type: Vec<&Gpu> = self
+            .gpus
+            .values()
+            .filter(|g| g.gpu_type == gpu_type)
+            .collect();
+        let total = of_type.len() as i64;
+        let listed = of_type.iter().filter(|g| self.listed(g)).count() as i64;
+        if total == 0 {
+            return 100;
+        }
+        for (below, m) in [(10, 200), (30, 150), (50, 120)] {
+            if listed * 100 < total * below {
+                return m;
+            }
+        }
+        100
+    }
+
+    fn shown_price(&self, gpu: &Gpu) -> i64 {
+        let base = match self.type_prices.get(&gpu.gpu_type) {
+            Some((price, seq)) if *seq > gpu.price_seq => *price,
+            _ => gpu.own_price,
+        };
+        (base * self.multiplier(gpu.gpu_type) + 50) / 100
+    }
+
+    /// Applies one operation; returns the expected outcome: `Ok(detail)` or `Err(error code)`.
+    fn apply(&mut self, op: &Op) -> Result<Expected, &'static str> {
+        match *op {
+            Op::Register {
+                gpu,
+                provider,
+                gpu_type,
+                price,
+                ..
+            } => {
+                self.seq += 1;
+                let (status, booking, version) = match self.gpus.get(&gpu) {
+                    Some(g) => (g.status, g.booking, g.version + 1),
+                    None => (AVAILABLE, None, 1),
+                };
+                self.gpus.insert(
+                    gpu,
+                    Gpu {
+                        provider,
+                        gpu_type,
+                        own_price: PRICES[price],
+                        price_seq: self.seq,
+                        status,
+                        booking,
+                        version,
+                    },
+                );
+                Ok(Expected::Nothing)
+            }
+            Op::Status { gpu, status } => {
+                let g = self.gpus.get_mut(&gpu).ok_or("NOGPU")?;
+                if g.booking.is_some() && status != g.status {
+                    return Err("BADSTATE");
+                }
+                if status == BUSY && g.status != BUSY {
+                    return Err("BADSTATE");
+                }
+                if status != g.status {
+                    g.status = status;
+                    g.version += 1;
+                }
+                Ok(Expected::Nothing)
+            }
+            Op::Price { gpu_type, price } => {
+                self.seq += 1;
+                self.type_prices.insert(gpu_type, (PRICES[price], self.seq));
+                Ok(Expected::Nothing)
+            }
+            Op::Book {
+                gpu,
+                booking,
+                user,
+                hours,
+            } => {
+                if let Some(existing) = self.bookings.get(&booking) {
+                    return if existing.gpu == gpu
+                        && existing.user == user
+                        && existing.hours == hours
+                    {
+                        Ok(Expected::Nothing)
+                    } else {
+                        Err("BOOKINGEXISTS")
+                    };
+                }
+                let g = self.gpus.get(&gpu).ok_or("NOGPU")?;
+                if g.status == BUSY {
+                    return Err("GPUBUSY");
+                }
+                if !self.listed(g) {
+                    return Err("GPUUNAVAILABLE");
+                }
+                let price = self.shown_price(g);
+                let g = self.gpus.get_mut(&gpu).ok_or("NOGPU")?;
+                g.status = BUSY;
+                g.booking = Some(booking);
+                g.version += 1;
+                self.bookings.insert(booking, Booking { gpu, user, hours });
+                Ok(Expected::BookedAt(price_text(price)))
+            }
+            Op::Cancel { booking } => {
+                let b = self.bookings.remove(&booking).ok_or("NOBOOKING")?;
+                if let Some(g) = self.gpus.get_mut(&b.gpu) {
+                    if g.booking == Some(booking) {
+                        g.status = AVAILABLE;
+                        g.booking = None;
+                        g.version += 1;
+                    }
+                }
+                Ok(Expected::Nothing)
+            }
+            Op::Provider { provider, status } => {
+                self.provider_status.insert(provider, status);
+                Ok(Expected::Nothing)
+            }
+            Op::Get { gpu } => {
+                let g = self.gpus.get(&gpu).ok_or("NOGPU")?;
+                Ok(Expected::Record {
+                    status: GPU_STATUSES[g.status].to_string(),
+                    price: price_text(self.shown_price(g)),
+                    version: g.version.to_string(),
+                    booking: g
+                        .booking
+                        .map_or("(nil)".into(), |b| BOOKINGS[b].to_string()),
+                })
+            }
+            Op::Available {
+                gpu_type,
+                max_price,
+                limit,
+            } => {
+                let mut rows: Vec<(i64, &str)> = self
+                    .gpus
+                    .iter()
+                    .filter(|(_, g)| self.listed(g))
+                    .filter(|(_, g)| gpu_type.is_none_or(|t| g.gpu_type == t))
+                    .map(|(id, g)| (self.shown_price(g), GPUS[*id]))
+                    .filter(|(price, _)| max_price.is_none_or(|m| *price <= PRICES[m]))
+                    .collect();
+                rows.sort();
+                rows.truncate(limit as usize);
+                Ok(Expected::Ids(
+                    rows.into_iter().map(|(_, id)| id.to_string()).collect(),
+                ))
+            }
+            Op::Invalid { .. } => Err("ERR"),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Expected {
+    Nothing,
+    BookedAt(String),
+    Record {
+        status: String,
+        price: String,
+        version: String,
+        booking: String,
+    },
+    Ids(Vec<String>),
+}
+
+fn command(op: &Op) -> Vec<String> {
+    let s = |v: &str| v.to_string();
+    match *op {
+        Op::Register {
+            gpu,
+            provider,
+            gpu_type,
+            price,
+            memory,
+        } => {
+            let mut c = vec![
+                s("GPUCACHE.REGISTER"),
+                s("m"),
+                s(GPUS[gpu]),
+                s("PROVIDER"),
+                s(PROVIDERS[provider]),
+                s("TYPE"),
+                s(TYPES[gpu_type]),
+                s("PRICE"),
+                price_text(PRICES[price]),
+            ];
+            if let Some(m) = memory {
+                c.extend([s("MEMORY"), m.to_string()]);
+            }
+            c
+        }
+        Op::Status { gpu, status } => vec![
+            s("GPUCACHE.STATUS"),
+            s("m"),
+            s(GPUS[gpu]),
+            s(GPU_STATUSES[status]),
+        ],
+        Op::Price { gpu_type, price } => vec![
+            s("GPUCACHE.PRICE"),
+            s("m"),
+            s(TYPES[gpu_type]),
+            price_text(PRICES[price]),
+        ],
+        Op::Book {
+            gpu,
+            booking,
+            user,
+            hours,
+        } => vec![
+            s("GPUCACHE.BOOK"),
+            s("m"),
+            s(GPUS[gpu]),
+            s(BOOKINGS[booking]),
+            s(USERS[user]),
+            (hours * 3600).to_string(),
+        ],
+        Op::Cancel { booking } => vec![s("GPUCACHE.CANCEL"), s("m"), s(BOOKINGS[booking])],
+        Op::Provider { provider, status } => vec![
+            s("GPUCACHE.PROVIDER"),
+            s("m"),
+            s(PROVIDERS[provider]),
+            s(PROVIDER_STATUSES[status]),
+        ],
+        Op::Get { gpu } => vec![s("GPUCACHE.GET"), s("m"), s(GPUS[gpu])],
+        Op::Available {
+            gpu_type,
+            max_price,
+            limit,
+        } => {
+            let mut c = vec![
+                s("GPUCACHE.AVAILABLE"),
+                s("m"),
+                s("LIMIT"),
+                limit.to_string(),
+            ];
+            if let Some(t) = gpu_type {
+                c.extend([s("TYPE"), s(TYPES[t])]);
+            }
+            if let Some(m) = max_price {
+                c.extend([s("MAXPRICE"), price_text(PRICES[m])]);
+            }
+            c
+        }
+        Op::Invalid { which } => INVALID[which].iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+fn observed(op: &Op, reply: &Value) -> Expected {
+    match op {
+        Op::Book { .. } => {
+            let m = as_map(reply);
+            if text(&m["result"]) == "existing" {
+                Expected::Nothing
+            } else {
+                Expected::BookedAt(text(&m["price"]))
+            }
+        }
+        Op::Get { .. } => {
+            let m = as_map(reply);
+            Expected::Record {
+                status: text(&m["status"]),
+                price: text(&m["price"]),
+                version: text(&m["version"]),
+                booking: text(&m["booking_id"]),
+            }
+        }
+        Op::Available { .. } => match reply {
+            Value::Array(rows) => {
+                Expected::Ids(rows.iter().map(|r| text(&as_map(r)["gpu_id"])).collect())
+            }
+            other => panic!("AVAILABLE returned {other:?}"),
+        },
+        _ => Expected::Nothing,
+    }
+}
+
+fn run_case(con: &mut Connection, ops: &[Op]) -> Result<(), TestCaseError> {
+    redis::cmd("FLUSHALL").query::<()>(con).unwrap();
+    let mut model = Model::default();
+    for (step, op) in ops.iter().enumerate() {
+        let args = command(op);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let before = matches!(op, Op::Invalid { .. }).then(|| snapshot(con));
+        let expected = model.apply(op);
+        let actual = run(con, &argv);
+        match (&expected, &actual) {
+            (Ok(want), Ok(reply)) => {
+                prop_assert_eq!(want, &observed(op, reply), "step {} {:?}", step, argv)
+            }
+            (Err(code), Err(e)) => prop_assert_eq!(
+                *code,
+                e.code().unwrap_or(""),
+                "step {} {:?}: {}",
+                step,
+                argv,
+                e
+            ),
+            _ => prop_assert!(
+                false,
+                "step {} {:?}: model {:?}, module {:?}",
+                step,
+                argv,
+                expected,
+                actual
+            ),
+        }
+        if let Some(before) = before {
+            prop_assert_eq!(before, snapshot(con), "invalid input changed state");
+        }
+        let report = run(con, &["GPUCACHE.CHECK", "m"]).unwrap();
+        let report = as_map(&report);
+        prop_assert_eq!(
+            text(&report["ok"]),
+            "1",
+            "step {} {:?}: {:?}",
+            step,
+            argv,
+            report["violations"]
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_module_behaves_like_the_reference_model() {
+    let server = Server::start(
+        &["AVAILABILITY_TTL", "100000", "PRICING_TTL", "100000"],
+        &[],
+    );
+    let con = std::cell::RefCell::new(server.connect());
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&prop::collection::vec(op(), 1..60), |ops| {
+        run_case(&mut con.borrow_mut(), &ops)
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
