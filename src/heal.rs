@@ -8,7 +8,7 @@
 //! gone, so no read ever returns an expired GPU.
 
 use crate::core::events::{notify, Event, EventKind};
-use crate::core::gpu::GpuRecord;
+use crate::core::gpu::{GpuRecord, RegistryEntry};
 use crate::core::price::Price;
 use crate::core::status::{GpuStatus, ProviderStatus};
 use crate::keys::RegionKeys;
@@ -98,14 +98,22 @@ fn heal_gpu(region: &Region, gpu_id: &str) -> Result<(), crate::core::error::Mar
     let Some(entry) = store.hget(&registry, gpu_id)? else {
         return Ok(());
     };
-    let entry = String::from_utf8_lossy(&entry).into_owned();
-    let mut parts = entry.splitn(3, ' ');
-    let (Some(status), Some(gpu_type), Some(provider)) = (parts.next(), parts.next(), parts.next())
-    else {
+    let Some(entry) = RegistryEntry::parse(&String::from_utf8_lossy(&entry)) else {
         store.write("HDEL", &[registry.as_bytes(), gpu_id.as_bytes()]);
         return Ok(());
     };
+    let (gpu_type, provider) = (entry.gpu_type.as_str(), entry.provider.as_str());
     region.check_gpu_key_types(gpu_id, gpu_type, provider)?;
+    // A booking the vanished GPU held cannot be served any more: it goes with it.
+    let booking_registry = region.keys.booking_registry();
+    let orphan = match &entry.booking {
+        Some(booking_id) => store
+            .hget(&booking_registry, booking_id)?
+            .filter(|holder| holder.as_slice() == gpu_id.as_bytes())
+            .map(|_| booking_id.clone()),
+        None => None,
+    };
+
     region.touch_type(gpu_type, false)?;
     region.unlist(gpu_id, gpu_type)?;
     region.add_to_counter(&stat::type_total(gpu_type), -1);
@@ -117,10 +125,16 @@ fn heal_gpu(region: &Region, gpu_id: &str) -> Result<(), crate::core::error::Mar
         ],
     );
     store.write("HDEL", &[registry.as_bytes(), gpu_id.as_bytes()]);
-    if let Ok(status) = GpuStatus::parse(status.as_bytes()) {
-        region.add_to_counter(&stat::gpus_with_status(status), -1);
-    }
+    region.add_to_counter(&stat::gpus_with_status(entry.status), -1);
     store.mark_written(&region.keys.gpu(gpu_id));
+    if let Some(booking_id) = &orphan {
+        store.write("DEL", &[region.keys.booking(booking_id).as_bytes()]);
+        store.write(
+            "HDEL",
+            &[booking_registry.as_bytes(), booking_id.as_bytes()],
+        );
+        region.add_to_counter(stat::BOOKINGS_ENDED, 1);
+    }
 
     let mut event = Event::new(
         EventKind::GpuAvailabilityChanged,
@@ -131,7 +145,8 @@ fn heal_gpu(region: &Region, gpu_id: &str) -> Result<(), crate::core::error::Mar
     event.gpu_id = Some(gpu_id.to_owned());
     event.gpu_type = Some(gpu_type.to_owned());
     event.provider_id = Some(provider.to_owned());
-    event.changed("status", status, serde_json::Value::Null);
+    event.booking_id = orphan;
+    event.changed("status", entry.status.as_str(), serde_json::Value::Null);
     region.publish(notify::EXPIRED, event)?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use crate::core::booking::Booking;
 use crate::core::demand;
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::events::{Event, EventKind};
-use crate::core::gpu::{self, GpuChange, GpuRecord, PriceSource, TypePrice};
+use crate::core::gpu::{self, GpuChange, GpuRecord, PriceSource, RegistryEntry, TypePrice};
 use crate::core::price::Price;
 use crate::core::status::{is_listed, GpuStatus, ProviderStatus};
 use crate::core::ttl::jittered_ttl_ms;
@@ -398,8 +398,7 @@ impl<'s, 'c> Region<'s, 'c> {
 
         let change = old.map_or(GpuChange::all(), |o| GpuChange::between(o, new));
         if change.alters_registry() {
-            let registry_entry =
-                format!("{} {} {}", new.status.as_str(), new.gpu_type, new.provider);
+            let registry_entry = RegistryEntry::of(new).to_string();
             self.store.write(
                 "HSET",
                 &[

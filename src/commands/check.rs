@@ -11,7 +11,7 @@
 
 use super::{Args, Reply};
 use crate::core::error::MarketResult;
-use crate::core::gpu::{price_source, GpuRecord, PriceSource, TypePrice};
+use crate::core::gpu::{price_source, GpuRecord, PriceSource, RegistryEntry, TypePrice};
 use crate::core::price::Price;
 use crate::core::status::{is_listed, GpuStatus};
 use crate::market::{stat, Region};
@@ -67,7 +67,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     for (gpu_id, entry) in &registry {
         match region.load_gpu(gpu_id) {
             Ok(Some(gpu)) => {
-                let expected = format!("{} {} {}", gpu.status.as_str(), gpu.gpu_type, gpu.provider);
+                let expected = RegistryEntry::of(&gpu).to_string();
                 if *entry != expected {
                     findings.add(format!(
                         "registry entry of {gpu_id} is '{entry}', record says '{expected}'"

@@ -114,11 +114,70 @@ impl GpuChange {
         self.intersects(GpuChange::PRICE | GpuChange::TYPE)
     }
 
-    /// Changes that alter the registry entry (`"<status> <type> <provider>"`).
+    /// Changes that alter the registry entry (see [`RegistryEntry`]).
     pub fn alters_registry(self) -> bool {
         self.intersects(
-            GpuChange::CREATED | GpuChange::STATUS | GpuChange::TYPE | GpuChange::PROVIDER,
+            GpuChange::CREATED
+                | GpuChange::STATUS
+                | GpuChange::TYPE
+                | GpuChange::PROVIDER
+                | GpuChange::BOOKING,
         )
+    }
+}
+
+/// What the region's GPU registry keeps about each GPU, so its indexes and booking can be
+/// cleaned up after the GPU's own record expired or was evicted:
+/// `"<status> <type> <provider>"`, plus `" <booking>"` while it holds one. Ids contain no spaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryEntry {
+    pub status: GpuStatus,
+    pub gpu_type: String,
+    pub provider: String,
+    pub booking: Option<String>,
+}
+
+impl RegistryEntry {
+    pub fn of(gpu: &GpuRecord) -> RegistryEntry {
+        RegistryEntry {
+            status: gpu.status,
+            gpu_type: gpu.gpu_type.clone(),
+            provider: gpu.provider.clone(),
+            booking: gpu.booking.clone(),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RegistryEntry> {
+        let mut parts = text.split(' ');
+        let status = GpuStatus::parse(parts.next()?.as_bytes()).ok()?;
+        let gpu_type = parts.next().filter(|t| !t.is_empty())?.to_owned();
+        let provider = parts.next().filter(|p| !p.is_empty())?.to_owned();
+        let booking = parts.next().map(str::to_owned);
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(RegistryEntry {
+            status,
+            gpu_type,
+            provider,
+            booking,
+        })
+    }
+}
+
+impl std::fmt::Display for RegistryEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {}",
+            self.status.as_str(),
+            self.gpu_type,
+            self.provider
+        )?;
+        match &self.booking {
+            Some(b) => write!(f, " {b}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -315,6 +374,29 @@ mod tests {
         let change = GpuChange::between(&old, &new);
         assert!(change.contains(GpuChange::STATUS | GpuChange::BOOKING));
         assert!(change.alters_registry());
+    }
+
+    #[test]
+    fn registry_entries_round_trip() {
+        let mut gpu = sample();
+        let entry = RegistryEntry::of(&gpu);
+        assert_eq!(entry.to_string(), "available A100 p1");
+        assert_eq!(RegistryEntry::parse(&entry.to_string()), Some(entry));
+        gpu.status = GpuStatus::Busy;
+        gpu.booking = Some("b-1".into());
+        let entry = RegistryEntry::of(&gpu);
+        assert_eq!(entry.to_string(), "busy A100 p1 b-1");
+        assert_eq!(RegistryEntry::parse(&entry.to_string()), Some(entry));
+        for bad in [
+            "",
+            "busy",
+            "busy A100",
+            "asleep A100 p1",
+            "busy A100 p1 b extra",
+            "busy  p1",
+        ] {
+            assert_eq!(RegistryEntry::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
