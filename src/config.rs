@@ -111,7 +111,7 @@ pub fn apply_load_args(args: &[&[u8]]) -> Result<(), String> {
     }
     for pair in args.chunks_exact(2) {
         let (name, raw) = (pair[0], pair[1]);
-        let name_text = String::from_utf8_lossy(name);
+        let name_text = crate::core::input::shown(name, 64);
         if name.eq_ignore_ascii_case(b"DEMAND_TIERS") || name.eq_ignore_ascii_case(b"demand-tiers")
         {
             let text =

@@ -188,13 +188,28 @@ fn a_booked_gpu_that_vanishes_takes_its_booking_along() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "3600"]).unwrap();
+    run(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "3600"],
+    )
+    .unwrap();
     // As if evicted: the record goes before its booking ends.
-    redis::cmd("PEXPIRE").arg("gpucache:{eu}:gpu:g1").arg(1).query::<()>(&mut con).unwrap();
-    eventually("GPU and its booking healed away", Duration::from_secs(10), || {
-        let n: i64 = redis::cmd("HLEN").arg("gpucache:{eu}:index:gpus").query(&mut con).unwrap();
-        n == 3
-    });
+    redis::cmd("PEXPIRE")
+        .arg("gpucache:{eu}:gpu:g1")
+        .arg(1)
+        .query::<()>(&mut con)
+        .unwrap();
+    eventually(
+        "GPU and its booking healed away",
+        Duration::from_secs(10),
+        || {
+            let n: i64 = redis::cmd("HLEN")
+                .arg("gpucache:{eu}:index:gpus")
+                .query(&mut con)
+                .unwrap();
+            n == 3
+        },
+    );
     assert!(error(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]).starts_with("NOBOOKING"));
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
     assert_eq!(stats["bookings_active"], "0");

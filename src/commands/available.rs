@@ -80,7 +80,7 @@ fn parse(args: &mut Args) -> MarketResult<Query> {
         return Err(if known.iter().any(|k| option_is(dangling, k)) {
             MarketError::syntax(format!(
                 "option {} needs a value",
-                String::from_utf8_lossy(dangling).to_uppercase()
+                input::shown(dangling, 64).to_uppercase()
             ))
         } else {
             unknown_option(dangling)

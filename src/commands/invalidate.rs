@@ -69,7 +69,7 @@ fn expand(region: &Region, target: &[u8], types: &[String]) -> MarketResult<Vec<
 fn bad_target(target: &[u8]) -> MarketError {
     MarketError::syntax(format!(
         "cannot invalidate '{}': expected a key of the region, <entity>:<id> ({}), stats, available or region",
-        String::from_utf8_lossy(&target[..target.len().min(128)]),
+        input::shown(target, 128),
         ENTITIES.join(", ")
     ))
 }

@@ -34,7 +34,7 @@ impl<'a> Args<'a> {
         if items.len() < min || items.len() > max {
             let name = all
                 .first()
-                .map(|n| String::from_utf8_lossy(n.as_slice()).to_lowercase())
+                .map(|n| input::shown(n.as_slice(), 64).to_lowercase())
                 .unwrap_or_default();
             return Err(MarketError::syntax(format!(
                 "wrong number of arguments for '{name}' command"
@@ -76,10 +76,7 @@ pub fn option_is(arg: &[u8], name: &str) -> bool {
 }
 
 pub fn unknown_option(arg: &[u8]) -> MarketError {
-    MarketError::syntax(format!(
-        "unknown option '{}'",
-        String::from_utf8_lossy(&arg[..arg.len().min(64)])
-    ))
+    MarketError::syntax(format!("unknown option '{}'", input::shown(arg, 64)))
 }
 
 /// Turns a command body into a Redis reply, mapping marketplace errors to error replies.
@@ -89,7 +86,9 @@ pub fn run(
     body: impl FnOnce(&Store, &[RedisString]) -> MarketResult<RedisValue>,
 ) -> RedisResult {
     let store = Store::new(ctx);
-    body(&store, args).map_err(|e| RedisError::String(e.to_string()))
+    // The crate writes error replies byte by byte from chars: anything outside ASCII (from a
+    // hand-edited record, say) would reach clients as broken UTF-8, so escape it here, once.
+    body(&store, args).map_err(|e| RedisError::String(input::shown(e.to_string().as_bytes(), 4096)))
 }
 
 /// Builds a reply map with a stable field order (RESP3 map, RESP2 flat array).

@@ -53,14 +53,14 @@ fn parse(args: &mut Args) -> MarketResult<Registration> {
         if slot_taken {
             return Err(MarketError::syntax(format!(
                 "option {} given twice",
-                String::from_utf8_lossy(name).to_uppercase()
+                input::shown(name, 64).to_uppercase()
             )));
         }
     }
     if let Some(dangling) = pairs.remainder().first() {
         return Err(MarketError::syntax(format!(
             "option '{}' needs a value",
-            String::from_utf8_lossy(&dangling[..dangling.len().min(64)])
+            input::shown(dangling, 64)
         )));
     }
     let missing = |what: &str| MarketError::syntax(format!("{what} is required"));

@@ -10,6 +10,24 @@ pub const MAX_ID_LEN: usize = 128;
 /// One year: a booking longer than that is certainly a unit mistake.
 pub const MAX_BOOKING_SECONDS: i64 = 366 * 24 * 3600;
 
+/// Renders client input for an error message: printable ASCII as is, anything else as `\xHH`,
+/// cut to `max` input bytes. Error replies must be plain ASCII: Redis and client libraries
+/// treat them as text, and a stray byte would break a client's parser.
+pub fn shown(text: &[u8], max: usize) -> String {
+    let mut out = String::new();
+    for &b in text.iter().take(max) {
+        if (0x20..0x7f).contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    if text.len() > max {
+        out.push_str("...");
+    }
+    out
+}
+
 fn id_byte_allowed(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/' | b'@' | b'+' | b'=')
 }
@@ -26,7 +44,7 @@ fn checked_name(what: &str, text: &[u8], max_len: usize) -> MarketResult<String>
     if !text.iter().copied().all(id_byte_allowed) {
         return Err(MarketError::syntax(format!(
             "{what} '{}' may only contain letters, digits and _ - . : / @ + =",
-            String::from_utf8_lossy(text)
+            shown(text, 64)
         )));
     }
     // Only ASCII passed the filter above, so this cannot fail.
@@ -56,7 +74,7 @@ pub fn integer(what: &str, text: &[u8], min: i64, max: i64) -> MarketResult<i64>
         .ok_or_else(|| {
             MarketError::syntax(format!(
                 "{what} must be an integer, got '{}'",
-                String::from_utf8_lossy(&text[..text.len().min(64)])
+                shown(text, 64)
             ))
         })?;
     if value < min || value > max {
@@ -77,7 +95,7 @@ pub fn non_negative_number(what: &str, text: &[u8], max: f64) -> MarketResult<f6
         .ok_or_else(|| {
             MarketError::syntax(format!(
                 "{what} must be a non-negative decimal, got '{}'",
-                String::from_utf8_lossy(&text[..text.len().min(64)])
+                shown(text, 64)
             ))
         })?;
     if value > max {
@@ -114,6 +132,17 @@ mod tests {
         }
         assert!(region(b"eu:west").is_err());
         assert!(region(&[b'r'; MAX_REGION_LEN + 1]).is_err());
+    }
+
+    #[test]
+    fn shown_input_is_plain_ascii() {
+        assert_eq!(shown(b"ok-1", 64), "ok-1");
+        assert_eq!(
+            shown(b"a\r\n\0\xff\xc3\xa9", 64),
+            "a\\x0d\\x0a\\x00\\xff\\xc3\\xa9"
+        );
+        assert_eq!(shown(&[b'x'; 100], 4), "xxxx...");
+        assert!(shown(&(0..=255).collect::<Vec<u8>>(), 256).is_ascii());
     }
 
     #[test]

@@ -30,7 +30,7 @@ impl Price {
         let invalid = || {
             MarketError::syntax(format!(
                 "invalid price '{}': expected a decimal from 0 to {MAX_PRICE_UNITS} with at most 6 decimal places",
-                String::from_utf8_lossy(&text[..text.len().min(64)])
+                super::input::shown(text, 64)
             ))
         };
         let (whole, fraction) = match text.iter().position(|&b| b == b'.') {

@@ -34,7 +34,7 @@ impl GpuStatus {
             .ok_or_else(|| {
                 MarketError::syntax(format!(
                     "invalid GPU status '{}': expected available, busy, offline or maintenance",
-                    String::from_utf8_lossy(&text[..text.len().min(64)])
+                    super::input::shown(text, 64)
                 ))
             })
     }
@@ -72,7 +72,7 @@ impl ProviderStatus {
             .ok_or_else(|| {
                 MarketError::syntax(format!(
                     "invalid provider status '{}': expected online, offline or maintenance",
-                    String::from_utf8_lossy(&text[..text.len().min(64)])
+                    super::input::shown(text, 64)
                 ))
             })
     }

@@ -193,59 +193,53 @@ pub fn error(con: &mut Connection, args: &[&str]) -> String {
     }
 }
 
-/// Every gpucache key with its logical content and absolute expiry, to prove a failed command
-/// changed nothing and that a replica or a restart holds the same state. (Content rather than
-/// `DUMP`, whose encoding may differ between equal values.)
+/// Every key of the database with its logical content and absolute expiry, to prove a failed
+/// command changed nothing (and created no stray key), and that a replica or a restart holds the
+/// same state. (Content rather than `DUMP`, whose encoding may differ between equal values.)
 pub fn snapshot(con: &mut Connection) -> BTreeMap<String, (String, i64)> {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("gpucache:*")
-        .query(con)
-        .expect("KEYS");
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(con).expect("KEYS");
     keys.into_iter()
-        .map(|k| {
-            let kind: String = redis::cmd("TYPE").arg(&k).query(con).expect("TYPE");
+        .map(|raw| {
+            let kind: String = redis::cmd("TYPE").arg(&raw).query(con).expect("TYPE");
+            let read = |con: &mut Connection, command: &[&str]| -> Value {
+                let mut cmd = redis::cmd(command[0]);
+                cmd.arg(&raw);
+                for a in &command[1..] {
+                    cmd.arg(*a);
+                }
+                cmd.query(con).expect("snapshot read")
+            };
+            let sorted = |value: Value| -> String {
+                match value {
+                    Value::Array(items) => {
+                        let mut items: Vec<String> = items.iter().map(text).collect();
+                        items.sort();
+                        format!("{items:?}")
+                    }
+                    other => format!("{other:?}"),
+                }
+            };
             let content = match kind.as_str() {
                 "hash" => {
+                    let Value::Array(flat) = read(con, &["HGETALL"]) else {
+                        panic!()
+                    };
                     let mut pairs: Vec<(String, String)> =
-                        redis::cmd("HGETALL").arg(&k).query(con).expect("HGETALL");
+                        flat.chunks(2).map(|p| (text(&p[0]), text(&p[1]))).collect();
                     pairs.sort();
                     format!("hash {pairs:?}")
                 }
-                "set" => {
-                    let mut members: Vec<String> =
-                        redis::cmd("SMEMBERS").arg(&k).query(con).expect("SMEMBERS");
-                    members.sort();
-                    format!("set {members:?}")
-                }
-                "zset" => {
-                    let members: Vec<(String, String)> = redis::cmd("ZRANGE")
-                        .arg(&k)
-                        .arg(0)
-                        .arg(-1)
-                        .arg("WITHSCORES")
-                        .query(con)
-                        .expect("ZRANGE");
-                    format!("zset {members:?}")
-                }
-                "stream" => {
-                    let entries: Value = redis::cmd("XRANGE")
-                        .arg(&k)
-                        .arg("-")
-                        .arg("+")
-                        .query(con)
-                        .expect("XRANGE");
-                    format!("stream {entries:?}")
-                }
-                _ => {
-                    let value: Value = redis::cmd("DUMP").arg(&k).query(con).expect("DUMP");
-                    format!("{kind} {value:?}")
-                }
+                "set" => format!("set {}", sorted(read(con, &["SMEMBERS"]))),
+                "zset" => format!("zset {:?}", read(con, &["ZRANGE", "0", "-1", "WITHSCORES"])),
+                "stream" => format!("stream {:?}", read(con, &["XRANGE", "-", "+"])),
+                _ => format!("{kind} {:?}", read(con, &["DUMP"])),
             };
             let expiry: i64 = redis::cmd("PEXPIRETIME")
-                .arg(&k)
+                .arg(&raw)
                 .query(con)
                 .expect("PEXPIRETIME");
-            (k, (content, expiry))
+            let name = String::from_utf8_lossy(&raw).into_owned();
+            (name, (content, expiry))
         })
         .collect()
 }
