@@ -52,9 +52,38 @@ impl Server {
     }
 
     pub fn start_in(dir: PathBuf, port: u16, module_args: &[&str], server_args: &[&str]) -> Server {
+        Server::launch(None, dir, port, module_args, server_args)
+    }
+
+    /// Starts redis-server from a configuration file (its own `loadmodule` lines are dropped:
+    /// the module under test is loaded instead, with `module_args`).
+    pub fn start_with_config(config: &str, module_args: &[&str]) -> Server {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("gpucache-test-{port}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        let kept: Vec<&str> = config
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("loadmodule"))
+            .collect();
+        let path = dir.join("redis.conf");
+        std::fs::write(&path, kept.join("\n")).expect("write config");
+        Server::launch(Some(path), dir, port, module_args, &[])
+    }
+
+    fn launch(
+        config: Option<PathBuf>,
+        dir: PathBuf,
+        port: u16,
+        module_args: &[&str],
+        server_args: &[&str],
+    ) -> Server {
         let mut load = vec![module_path().display().to_string()];
         load.extend(module_args.iter().map(|s| s.to_string()));
         let mut cmd = Command::new("redis-server");
+        if let Some(config) = config {
+            cmd.arg(config);
+        }
         cmd.arg("--port")
             .arg(port.to_string())
             .arg("--bind")
