@@ -7,6 +7,7 @@
 //! through replication. Until the repair runs, reads already skip index entries whose record is
 //! gone, so no read ever returns an expired GPU.
 
+use crate::core::error::MarketResult;
 use crate::core::events::{notify, Event, EventKind};
 use crate::core::gpu::{GpuRecord, RegistryEntry};
 use crate::core::price::Price;
@@ -15,7 +16,9 @@ use crate::keys::RegionKeys;
 use crate::market::{stat, GpuWrite, Region};
 use crate::store::Store;
 use redis_module::logging::RedisLogLevel;
+use redis_module::server_events::LoadingSubevent;
 use redis_module::{Context, ContextFlags, NotifyEvent};
+use redis_module_macros::loading_event_handler;
 use std::cell::RefCell;
 use std::time::Duration;
 
@@ -59,48 +62,127 @@ fn drain(ctx: &Context, _: ()) {
         return;
     }
     for key in keys {
-        let Some((region, entity, id)) = RegionKeys::parse(&key) else {
-            continue;
-        };
-        let store = Store::new(ctx);
-        let region = Region::new(&store, region.to_owned());
-        if store.key_type(&key) != redis_module::KeyType::Empty {
-            continue; // written again since it expired
+        heal_key(ctx, &key);
+    }
+}
+
+/// Repairs what one vanished record left behind. Returns whether anything was repaired.
+fn heal_key(ctx: &Context, key: &str) -> bool {
+    let Some((region, entity, id)) = RegionKeys::parse(key) else {
+        return false;
+    };
+    let store = Store::new(ctx);
+    let region = Region::new(&store, region.to_owned());
+    if store.key_type(key) != redis_module::KeyType::Empty {
+        return false; // written again since it expired
+    }
+    if region.check_key_types(&[]).is_err() {
+        crate::log(
+            ctx,
+            RedisLogLevel::Warning,
+            &format!("gpucache: cannot heal after {key}: foreign key types"),
+        );
+        return false;
+    }
+    let outcome = match entity {
+        "gpu" => heal_gpu(&region, id),
+        "booking" => heal_booking(&region, id),
+        "price" => heal_type_price(&region, id),
+        _ => Ok(false),
+    };
+    outcome.unwrap_or_else(|e| {
+        crate::log(
+            ctx,
+            RedisLogLevel::Warning,
+            &format!("gpucache: healing after {key} failed: {e}"),
+        );
+        false
+    })
+}
+
+/// What a sweep repaired.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Swept {
+    pub gpus: i64,
+    pub bookings: i64,
+    pub type_prices: i64,
+}
+
+/// Finds and repairs what records that vanished without an `expired`/`evicted` event left
+/// behind: keys whose time passed while the server was down are not loaded from RDB/AOF, and
+/// no event announces them. Runs after loading and on `GPUCACHE.REPAIR`. O(GPUs + bookings).
+pub fn sweep_region(ctx: &Context, region_name: &str) -> MarketResult<Swept> {
+    let store = Store::new(ctx);
+    let region = Region::new(&store, region_name.to_owned());
+    region.check_key_types(&[])?;
+    let keys = &region.keys;
+    let mut swept = Swept::default();
+    for gpu_id in store.members("HKEYS", &keys.gpu_registry())? {
+        let key = keys.gpu(&gpu_id);
+        if store.key_type(&key) == redis_module::KeyType::Empty && heal_key(ctx, &key) {
+            swept.gpus += 1;
         }
-        if region.check_key_types(&[]).is_err() {
-            crate::log(
+    }
+    for booking_id in store.members("HKEYS", &keys.booking_registry())? {
+        let key = keys.booking(&booking_id);
+        if store.key_type(&key) == redis_module::KeyType::Empty && heal_key(ctx, &key) {
+            swept.bookings += 1;
+        }
+    }
+    for gpu_type in store.members("SMEMBERS", &keys.types())? {
+        let key = keys.type_price(&gpu_type);
+        let typed = store.integer("ZCARD", &[keys.available_typed(&gpu_type).as_bytes()])?;
+        if typed > 0 && store.key_type(&key) == redis_module::KeyType::Empty && heal_key(ctx, &key)
+        {
+            swept.type_prices += 1;
+        }
+    }
+    Ok(swept)
+}
+
+/// After an RDB/AOF load, sweep every region this server holds (on the primary; a replica gets
+/// the primary's repairs through replication).
+#[loading_event_handler]
+fn after_loading(ctx: &Context, event: LoadingSubevent) {
+    if event == LoadingSubevent::Ended {
+        ctx.create_timer(Duration::from_millis(1), sweep_all, ());
+    }
+}
+
+fn sweep_all(ctx: &Context, _: ()) {
+    if ctx.get_flags().contains(ContextFlags::SLAVE) {
+        return;
+    }
+    for region in crate::regions::known() {
+        match sweep_region(ctx, &region) {
+            Ok(s) if s.gpus + s.bookings + s.type_prices > 0 => crate::log(
+                ctx,
+                RedisLogLevel::Notice,
+                &format!(
+                    "gpucache: region {region}: repaired {} GPUs, {} bookings, {} type prices that vanished while down",
+                    s.gpus, s.bookings, s.type_prices
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => crate::log(
                 ctx,
                 RedisLogLevel::Warning,
-                &format!("gpucache: cannot heal after {key}: foreign key types"),
-            );
-            continue;
-        }
-        let outcome = match entity {
-            "gpu" => heal_gpu(&region, id),
-            "booking" => heal_booking(&region, id),
-            "price" => heal_type_price(&region, id),
-            _ => Ok(()),
-        };
-        if let Err(e) = outcome {
-            crate::log(
-                ctx,
-                RedisLogLevel::Warning,
-                &format!("gpucache: healing after {key} failed: {e}"),
-            );
+                &format!("gpucache: sweeping region {region} failed: {e}"),
+            ),
         }
     }
 }
 
 /// A GPU record expired: drop it from every index using the registry entry kept for it.
-fn heal_gpu(region: &Region, gpu_id: &str) -> Result<(), crate::core::error::MarketError> {
+fn heal_gpu(region: &Region, gpu_id: &str) -> MarketResult<bool> {
     let store = region.store;
     let registry = region.keys.gpu_registry();
     let Some(entry) = store.hget(&registry, gpu_id)? else {
-        return Ok(());
+        return Ok(false);
     };
     let Some(entry) = RegistryEntry::parse(&String::from_utf8_lossy(&entry)) else {
         store.write("HDEL", &[registry.as_bytes(), gpu_id.as_bytes()]);
-        return Ok(());
+        return Ok(true);
     };
     let (gpu_type, provider) = (entry.gpu_type.as_str(), entry.provider.as_str());
     region.check_gpu_key_types(gpu_id, gpu_type, provider)?;
@@ -148,15 +230,15 @@ fn heal_gpu(region: &Region, gpu_id: &str) -> Result<(), crate::core::error::Mar
     event.booking_id = orphan;
     event.changed("status", entry.status.as_str(), serde_json::Value::Null);
     region.publish(notify::EXPIRED, event)?;
-    Ok(())
+    Ok(true)
 }
 
 /// A booking reached its end: the GPU it held becomes available again.
-fn heal_booking(region: &Region, booking_id: &str) -> Result<(), crate::core::error::MarketError> {
+fn heal_booking(region: &Region, booking_id: &str) -> MarketResult<bool> {
     let store = region.store;
     let registry = region.keys.booking_registry();
     let Some(gpu_id) = store.hget(&registry, booking_id)? else {
-        return Ok(());
+        return Ok(false);
     };
     let gpu_id = String::from_utf8_lossy(&gpu_id).into_owned();
     let gpu = region.load_gpu(&gpu_id)?;
@@ -198,12 +280,12 @@ fn heal_booking(region: &Region, booking_id: &str) -> Result<(), crate::core::er
         event.changed("status", old.status.as_str(), new.status.as_str());
     }
     region.publish(notify::CANCELLED, event)?;
-    Ok(())
+    Ok(true)
 }
 
 /// A type price expired: its GPUs show their own prices again, so they move back to the
 /// own-price index with those prices.
-fn heal_type_price(region: &Region, gpu_type: &str) -> Result<(), crate::core::error::MarketError> {
+fn heal_type_price(region: &Region, gpu_type: &str) -> MarketResult<bool> {
     let store = region.store;
     let typed = region.keys.available_typed(gpu_type);
     let own = region.keys.available_own(gpu_type);
@@ -230,5 +312,5 @@ fn heal_type_price(region: &Region, gpu_type: &str) -> Result<(), crate::core::e
     event.gpu_type = Some(gpu_type.to_owned());
     event.new.insert("gpus_repriced".into(), moves.len().into());
     region.publish(notify::EXPIRED, event)?;
-    Ok(())
+    Ok(true)
 }

@@ -6,7 +6,7 @@
 pub mod commands;
 pub mod config;
 pub mod core;
-mod heal;
+pub mod heal;
 pub mod keys;
 pub mod market;
 mod regions;
@@ -60,6 +60,7 @@ command!(available, commands::available::command);
 command!(stats, commands::stats::command);
 command!(orderbook, commands::orderbook::command);
 command!(check, commands::check::command);
+command!(repair, commands::repair::command);
 command!(invalidate, commands::invalidate::command);
 
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
@@ -109,6 +110,7 @@ redis_module! {
         ["gpucache.stats", stats, "readonly", 1, 1, 1, ""],
         ["gpucache.orderbook", orderbook, "readonly", 1, 1, 1, ""],
         ["gpucache.check", check, "readonly", 1, 1, 1, ""],
+        ["gpucache.repair", repair, "write", 1, 1, 1, ""],
         ["gpucache.invalidate", invalidate, "write deny-oom", 1, 1, 1, ""],
     ],
     event_handlers: [

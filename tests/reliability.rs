@@ -314,3 +314,60 @@ fn info_field(con: &mut redis::Connection, name: &str) -> i64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("INFO has no {name}"))
 }
+
+#[test]
+fn records_that_expire_while_the_server_is_down_are_repaired_after_loading() {
+    let server = Server::start(&["AVAILABILITY_TTL", "2", "JITTER", "0"], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "1"]).unwrap();
+    redis::cmd("SAVE").query::<()>(&mut con).unwrap();
+    drop(con);
+    let dir = server.stop();
+    // Let every record's time pass while no server runs: nothing will announce their expiry.
+    std::thread::sleep(Duration::from_millis(3200));
+    let restarted = Server::start_in(
+        dir,
+        free_port(),
+        &["AVAILABILITY_TTL", "2", "JITTER", "0"],
+        &[],
+    );
+    let mut con = restarted.connect();
+    eventually(
+        "the post-load sweep repaired the region",
+        Duration::from_secs(10),
+        || {
+            let report = run(&mut con, &["GPUCACHE.CHECK", "eu"]).unwrap();
+            text(&as_map(&report)["ok"]) == "1"
+        },
+    );
+    let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
+    assert_eq!(
+        (
+            stats["gpus_total"].as_str(),
+            stats["bookings_active"].as_str()
+        ),
+        ("0", "0")
+    );
+    assert!(available_ids(&mut con, &["eu"]).is_empty());
+    let repaired = fields(&mut con, &["GPUCACHE.REPAIR", "eu"]);
+    assert_eq!(repaired["gpus"], "0", "nothing left to repair");
+}
+
+#[test]
+fn repair_fixes_a_registry_entry_whose_record_vanished_silently() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    // DEL sends no expired/evicted event: only a sweep notices.
+    redis::cmd("DEL")
+        .arg("gpucache:{eu}:gpu:g2")
+        .query::<()>(&mut con)
+        .unwrap();
+    let report = run(&mut con, &["GPUCACHE.CHECK", "eu"]).unwrap();
+    assert_eq!(text(&as_map(&report)["ok"]), "0");
+    let repaired = fields(&mut con, &["GPUCACHE.REPAIR", "eu"]);
+    assert_eq!(repaired["gpus"], "1");
+    assert_consistent(&mut con, "eu");
+    assert_eq!(available_ids(&mut con, &["eu"]), ["g3", "g1", "g4"]);
+}

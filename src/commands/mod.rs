@@ -10,6 +10,7 @@ pub mod orderbook;
 pub mod price;
 pub mod provider;
 pub mod register;
+pub mod repair;
 pub mod stats;
 pub mod status;
 
