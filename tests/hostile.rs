@@ -24,7 +24,7 @@ const COMMANDS: [&str; 13] = [
     "GPUCACHE.INVALIDATE",
     "GPUCACHE.ORDERBOOK",
     "GPUCACHE.CHECK",
-    "GPUCACHE.AVAILABLE",
+    "GPUCACHE.REPAIR",
 ];
 
 const TOKENS: [&str; 40] = [
