@@ -137,6 +137,8 @@ fn book_makes_the_gpu_busy_unlisted_and_records_the_booking() {
     let gpu = fields(&mut con, &["GPUCACHE.GET", "eu", "g2"]);
     assert_eq!(gpu["status"], "busy");
     assert_eq!(gpu["booking_id"], "b1");
+    assert_eq!(gpu["booking_user"], "alice");
+    assert_eq!(gpu["booking_end_ms"], booking["end_ms"]);
     assert_eq!(gpu["listed"], "0");
     assert_eq!(gpu["version"], "2");
     assert!(!available_ids(&mut con, &["eu"]).contains(&"g2".to_string()));

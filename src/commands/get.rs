@@ -38,6 +38,18 @@ pub fn gpu_reply(region: &Region, gpu_id: &str, gpu: &GpuRecord) -> MarketResult
     if let Some(s) = gpu.score {
         reply = reply.text("score", s.to_string());
     }
+    if let Some(booking) = gpu
+        .booking
+        .as_deref()
+        .map(|id| region.load_booking(id))
+        .transpose()?
+        .flatten()
+    {
+        reply = reply
+            .text("booking_user", booking.user_id)
+            .text("booking_price", booking.price.to_string())
+            .int("booking_end_ms", booking.end_ms);
+    }
     if let Some(ttl) = region.store.pttl(&region.keys.gpu(gpu_id))? {
         reply = reply.int("ttl_ms", ttl);
     }
