@@ -129,8 +129,8 @@ impl<'a> Store<'a> {
         Ok(text(&reply).and_then(|s| s.parse::<f64>().ok()))
     }
 
-    /// Members with scores in `[min, max]`, `count` of them from `offset`: lowest first, or
-    /// highest first when `descending` (then `min`/`max` are still the bounds).
+    /// Members with their scores in `[min, max]`, `count` of them from `offset`: lowest first,
+    /// or highest first when `descending` (then `min`/`max` are still the bounds).
     pub fn zrange_by_score_page(
         &self,
         key: &str,
@@ -138,7 +138,7 @@ impl<'a> Store<'a> {
         descending: bool,
         offset: usize,
         count: usize,
-    ) -> MarketResult<Vec<String>> {
+    ) -> MarketResult<Vec<(String, f64)>> {
         let (offset, count) = (offset.to_string(), count.to_string());
         let (start, stop) = if descending { (max, min) } else { (min, max) };
         let mut args: Vec<&[u8]> = vec![
@@ -150,8 +150,17 @@ impl<'a> Store<'a> {
         if descending {
             args.push(b"REV");
         }
-        args.extend([&b"LIMIT"[..], offset.as_bytes(), count.as_bytes()]);
-        self.members_of("ZRANGE", &args)
+        args.extend([
+            &b"LIMIT"[..],
+            offset.as_bytes(),
+            count.as_bytes(),
+            b"WITHSCORES",
+        ]);
+        let flat = self.members_of("ZRANGE", &args)?;
+        Ok(flat
+            .chunks_exact(2)
+            .filter_map(|pair| Some((pair[0].clone(), pair[1].parse::<f64>().ok()?)))
+            .collect())
     }
 
     /// The lowest-scored member at or above `min` (a `ZRANGE` bound such as `2.5` or `(2.5`),

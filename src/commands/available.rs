@@ -1,13 +1,14 @@
 //! `GPUCACHE.AVAILABLE region [TYPE t] [MAXPRICE x] [MINMEMORY gb] [MINCORES n]
 //!  [SORT PRICE|SCORE] [LIMIT n]`
 //!
-//! Served from the per-type availability sorted sets, never by scanning the region. For
-//! `SORT PRICE` (the default) each type contributes its cheapest `LIMIT` own-priced GPUs
-//! (`ZRANGE ... BYSCORE LIMIT`, bounded by `MAXPRICE`) and up to `LIMIT` type-priced ones; for
-//! `SORT SCORE` its `LIMIT` best-scoring GPUs from the score index. The per-type lists are merged.
-//! Cost: O(types x (log n + LIMIT)) when only `TYPE`, `MAXPRICE` and `LIMIT` filter;
-//! `MINMEMORY`/`MINCORES` (and `MAXPRICE` under `SORT SCORE`) are checked while walking the
-//! index, so a selective filter walks further, up to every listed GPU of the type.
+//! Served from the per-type availability sorted sets, never by scanning the region. Each type
+//! opens one walk per index (`SORT PRICE`: its own-price set bounded by `MAXPRICE`, plus its
+//! type-price set; `SORT SCORE`: its score set, best first), ranked by the price each entry shows
+//! (or its score) straight from the index. The walks are merged lazily, and a GPU record is read
+//! only when its entry comes out on top, until `LIMIT` GPUs pass the filters: O(types x log n +
+//! LIMIT) record reads when only `TYPE`, `MAXPRICE` and `LIMIT` filter. `MINMEMORY`/`MINCORES`
+//! (and `MAXPRICE` under `SORT SCORE`) are checked on the records, so a selective filter walks
+//! further, up to every listed GPU of the type.
 
 use super::{option_is, unknown_option, Args, Reply};
 use crate::core::demand;
@@ -15,10 +16,12 @@ use crate::core::error::{MarketError, MarketResult};
 use crate::core::gpu::{effective_price, GpuRecord, TypePrice};
 use crate::core::input;
 use crate::core::price::{Price, MAX_PRICE_UNITS};
-use crate::core::status::is_listed;
+use crate::core::status::{GpuStatus, ProviderStatus};
 use crate::market::Region;
 use crate::store::Store;
 use redis_module::{RedisString, RedisValue};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 pub const DEFAULT_LIMIT: i64 = 100;
 pub const MAX_LIMIT: i64 = 10_000;
@@ -95,120 +98,182 @@ struct Offer {
     gpu: GpuRecord,
 }
 
-impl Offer {
-    fn performance(&self) -> f64 {
-        self.gpu.score.unwrap_or(0.0)
-    }
+/// Where a source's entries come from and how an entry's index score ranks it.
+#[derive(Clone, Copy)]
+enum Ranking {
+    /// Own-price index: the score is the base price; the type's multiplier applies.
+    OwnPrice { multiplier: u32 },
+    /// Type-price index: every entry shows the same price.
+    TypePrice { shown: Price },
+    /// Performance-score index, best first.
+    Score,
 }
 
-/// One sorted-set walk: which key, which score range, which direction.
-struct Walk<'a> {
+/// One index walked lazily in pages, cheapest (or best) entry first.
+struct Source {
     key: String,
-    range: (&'a str, &'a str),
+    range: (String, String),
     descending: bool,
+    ranking: Ranking,
+    page: usize,
+    offset: usize,
+    exhausted: bool,
+    buffer: VecDeque<(String, f64)>,
 }
 
-/// Walks one index in pages, keeping up to `limit` GPUs that still exist, are listed and pass
-/// `price_if_wanted` (which prices the GPU or rejects it). A record that expired a moment ago is
-/// skipped even before its index entry is healed.
-fn collect(
-    region: &Region,
-    walk: Walk,
-    limit: usize,
-    price_if_wanted: impl Fn(&GpuRecord) -> Option<Price>,
-    offers: &mut Vec<Offer>,
-) -> MarketResult<()> {
-    let (mut found, mut offset) = (0, 0);
-    let page = limit.clamp(16, 1000);
-    loop {
-        let batch = region.store.zrange_by_score_page(
-            &walk.key,
-            walk.range,
-            walk.descending,
-            offset,
+impl Source {
+    fn new(key: String, range: (&str, &str), ranking: Ranking, page: usize) -> Source {
+        Source {
+            key,
+            range: (range.0.to_owned(), range.1.to_owned()),
+            descending: matches!(ranking, Ranking::Score),
+            ranking,
             page,
-        )?;
-        let exhausted = batch.len() < page;
-        offset += batch.len();
-        for gpu_id in batch {
-            let Some(gpu) = region.load_gpu(&gpu_id).ok().flatten() else {
-                continue;
-            };
-            if !is_listed(gpu.status, region.provider_status(&gpu.provider)?) {
-                continue;
-            }
-            let Some(price) = price_if_wanted(&gpu) else {
-                continue;
-            };
-            offers.push(Offer { gpu_id, price, gpu });
-            found += 1;
-            if found == limit {
-                return Ok(());
-            }
+            offset: 0,
+            exhausted: false,
+            buffer: VecDeque::new(),
         }
-        if exhausted {
-            return Ok(());
+    }
+
+    /// The next entry and its rank (smaller ranks first), fetching a page when needed.
+    fn next(&mut self, store: &Store) -> MarketResult<Option<(i128, String)>> {
+        if self.buffer.is_empty() && !self.exhausted {
+            let batch = store.zrange_by_score_page(
+                &self.key,
+                (&self.range.0, &self.range.1),
+                self.descending,
+                self.offset,
+                self.page,
+            )?;
+            self.exhausted = batch.len() < self.page;
+            self.offset += batch.len();
+            self.buffer.extend(batch);
         }
+        let Some((gpu_id, score)) = self.buffer.pop_front() else {
+            return Ok(None);
+        };
+        let rank = match self.ranking {
+            Ranking::OwnPrice { multiplier } => {
+                let base = Price::from_score(score).unwrap_or(Price::ZERO);
+                i128::from(demand::apply(base, multiplier).micros())
+            }
+            Ranking::TypePrice { shown } => i128::from(shown.micros()),
+            // Scores are finite and at most 10^12: micro-units of score fit easily.
+            Ranking::Score => -((score * 1e6).round() as i128),
+        };
+        Ok(Some((rank, gpu_id)))
     }
 }
 
-fn offers_of_type(
+/// What one type contributes: its multiplier and type price, for pricing loaded records.
+struct TypeContext {
+    multiplier: u32,
+    type_price: Option<TypePrice>,
+}
+
+fn sources_of_type(
     region: &Region,
     query: &Query,
     gpu_type: &str,
-    offers: &mut Vec<Offer>,
-) -> MarketResult<()> {
-    let multiplier = region.demand_multiplier(gpu_type)?;
-    let type_price: Option<TypePrice> = region.load_type_price(gpu_type)?;
-    let attributes_match = |gpu: &GpuRecord| {
-        query
-            .min_memory
-            .is_none_or(|m| gpu.memory_gb.unwrap_or(0) >= m)
-            && query.min_cores.is_none_or(|c| gpu.cores.unwrap_or(0) >= c)
-    };
-    let shown = |gpu: &GpuRecord| {
-        let (base, _) = effective_price(gpu, type_price.as_ref());
-        demand::apply(base, multiplier)
-    };
-    let wanted = |gpu: &GpuRecord| {
-        let price = shown(gpu);
-        (attributes_match(gpu) && price <= query.max_price).then_some(price)
-    };
+    context: &TypeContext,
+    sources: &mut Vec<Source>,
+) {
+    let page = query.limit.clamp(8, 1000);
     match query.sort {
         SortBy::Price => {
-            // Highest base price that can still show at most MAXPRICE (the exact check is
-            // `wanted`); the bound only keeps the walk short.
-            let max_base =
-                i128::from(query.max_price.micros()) * 100 / i128::from(multiplier.max(1)) + 1;
+            // Highest base price that can still show at most MAXPRICE; the exact check happens
+            // on the loaded record, the bound only keeps the walk short.
+            let max_base = i128::from(query.max_price.micros()) * 100
+                / i128::from(context.multiplier.max(1))
+                + 1;
             let max_base = Price::from_micros(i64::try_from(max_base).unwrap_or(i64::MAX));
             let bound = max_base.as_score().to_string();
-            let own = Walk {
-                key: region.keys.available_own(gpu_type),
-                range: ("0", &bound),
-                descending: false,
-            };
-            collect(region, own, query.limit, wanted, offers)?;
-            if let Some(tp) = type_price {
-                if demand::apply(tp.price, multiplier) <= query.max_price {
-                    let typed = Walk {
-                        key: region.keys.available_typed(gpu_type),
-                        range: ("0", "0"),
-                        descending: false,
-                    };
-                    collect(region, typed, query.limit, wanted, offers)?;
+            sources.push(Source::new(
+                region.keys.available_own(gpu_type),
+                ("0", &bound),
+                Ranking::OwnPrice {
+                    multiplier: context.multiplier,
+                },
+                page,
+            ));
+            if let Some(tp) = context.type_price {
+                let shown = demand::apply(tp.price, context.multiplier);
+                if shown <= query.max_price {
+                    sources.push(Source::new(
+                        region.keys.available_typed(gpu_type),
+                        ("0", "0"),
+                        Ranking::TypePrice { shown },
+                        page,
+                    ));
                 }
             }
         }
-        SortBy::Score => {
-            let by_score = Walk {
-                key: region.keys.available_by_score(gpu_type),
-                range: ("-inf", "+inf"),
-                descending: true,
-            };
-            collect(region, by_score, query.limit, wanted, offers)?;
+        SortBy::Score => sources.push(Source::new(
+            region.keys.available_by_score(gpu_type),
+            ("-inf", "+inf"),
+            Ranking::Score,
+            page,
+        )),
+    }
+}
+
+/// Merges every source in rank order and loads records only for the entries that come out on
+/// top, until `LIMIT` offers pass the filters: O(types x log n) to open the walk plus a record
+/// read per entry taken, instead of `LIMIT` record reads per type.
+fn merged_offers(
+    region: &Region,
+    query: &Query,
+    contexts: &HashMap<String, TypeContext>,
+    mut sources: Vec<Source>,
+) -> MarketResult<Vec<Offer>> {
+    let store = region.store;
+    let mut heap = BinaryHeap::new();
+    for (index, source) in sources.iter_mut().enumerate() {
+        if let Some((rank, gpu_id)) = source.next(store)? {
+            heap.push(Reverse((rank, gpu_id, index)));
         }
     }
-    Ok(())
+    let mut providers: HashMap<String, bool> = HashMap::new();
+    let mut offers = Vec::new();
+    while let Some(Reverse((_, gpu_id, index))) = heap.pop() {
+        if let Some(source) = sources.get_mut(index) {
+            if let Some((rank, next_id)) = source.next(store)? {
+                heap.push(Reverse((rank, next_id, index)));
+            }
+        }
+        // A record that expired a moment ago is skipped even before its entry is healed.
+        let Some(gpu) = region.load_gpu(&gpu_id).ok().flatten() else {
+            continue;
+        };
+        let online = match providers.get(&gpu.provider) {
+            Some(online) => *online,
+            None => {
+                let online = region.provider_status(&gpu.provider)? == ProviderStatus::Online;
+                providers.insert(gpu.provider.clone(), online);
+                online
+            }
+        };
+        if !online || gpu.status != GpuStatus::Available {
+            continue;
+        }
+        let attributes_match = query
+            .min_memory
+            .is_none_or(|m| gpu.memory_gb.unwrap_or(0) >= m)
+            && query.min_cores.is_none_or(|c| gpu.cores.unwrap_or(0) >= c);
+        let Some(context) = contexts.get(&gpu.gpu_type) else {
+            continue;
+        };
+        let (base, _) = effective_price(&gpu, context.type_price.as_ref());
+        let price = demand::apply(base, context.multiplier);
+        if !attributes_match || price > query.max_price {
+            continue;
+        }
+        offers.push(Offer { gpu_id, price, gpu });
+        if offers.len() == query.limit {
+            break;
+        }
+    }
+    Ok(offers)
 }
 
 pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
@@ -219,22 +284,17 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         Some(t) => vec![t.clone()],
         None => store.members("SMEMBERS", &region.keys.types())?,
     };
-    let mut offers = Vec::new();
+    let mut contexts = HashMap::new();
+    let mut sources = Vec::new();
     for gpu_type in &types {
-        offers_of_type(&region, &query, gpu_type, &mut offers)?;
+        let context = TypeContext {
+            multiplier: region.demand_multiplier(gpu_type)?,
+            type_price: region.load_type_price(gpu_type)?,
+        };
+        sources_of_type(&region, &query, gpu_type, &context, &mut sources);
+        contexts.insert(gpu_type.clone(), context);
     }
-    match query.sort {
-        SortBy::Price => {
-            offers.sort_by(|a, b| a.price.cmp(&b.price).then_with(|| a.gpu_id.cmp(&b.gpu_id)))
-        }
-        SortBy::Score => offers.sort_by(|a, b| {
-            b.performance()
-                .total_cmp(&a.performance())
-                .then_with(|| a.price.cmp(&b.price))
-                .then_with(|| a.gpu_id.cmp(&b.gpu_id))
-        }),
-    }
-    offers.truncate(query.limit);
+    let offers = merged_offers(&region, &query, &contexts, sources)?;
 
     let rows = offers
         .into_iter()
