@@ -116,7 +116,7 @@ impl<'s, 'c> Region<'s, 'c> {
 
     pub fn load_gpu(&self, gpu_id: &str) -> MarketResult<Option<GpuRecord>> {
         let key = self.keys.gpu(gpu_id);
-        let fields = self.store.hgetall(&key)?;
+        let fields = self.store.hash_fields(&key, &gpu::field::ALL)?;
         if fields.is_empty() {
             return Ok(None);
         }
@@ -132,7 +132,9 @@ impl<'s, 'c> Region<'s, 'c> {
 
     pub fn load_booking(&self, booking_id: &str) -> MarketResult<Option<Booking>> {
         let key = self.keys.booking(booking_id);
-        let fields = self.store.hgetall(&key)?;
+        let fields = self
+            .store
+            .hash_fields(&key, &crate::core::booking::field::ALL)?;
         if fields.is_empty() {
             return Ok(None);
         }

@@ -99,18 +99,39 @@ impl<'a> Store<'a> {
             .collect())
     }
 
-    pub fn hget(&self, key: &str, field: &str) -> MarketResult<Option<Vec<u8>>> {
-        let reply = self.read("HGET", &[key.as_bytes(), field.as_bytes()])?;
-        Ok(bytes(&reply))
+    /// Reads hash fields straight from the key (no command round trip): the hot read path of
+    /// every command. `None` for a missing field; an empty result for a missing key.
+    pub fn hmget(&self, key: &str, fields: &[&str]) -> MarketResult<Vec<Option<Vec<u8>>>> {
+        let name = self.ctx.create_string(key);
+        let opened = self.ctx.open_key(&name);
+        match opened.key_type() {
+            KeyType::Empty => return Ok(vec![None; fields.len()]),
+            KeyType::Hash => {}
+            _ => return Err(MarketError::WrongType(key.to_owned())),
+        }
+        fields
+            .iter()
+            .map(|field| {
+                opened
+                    .hash_get(field)
+                    .map(|value| value.map(|v| v.as_slice().to_vec()))
+                    .map_err(|_| MarketError::WrongType(key.to_owned()))
+            })
+            .collect()
     }
 
-    pub fn hmget(&self, key: &str, fields: &[&str]) -> MarketResult<Vec<Option<Vec<u8>>>> {
-        let mut args: Vec<&[u8]> = vec![key.as_bytes()];
-        args.extend(fields.iter().map(|f| f.as_bytes()));
-        match self.read("HMGET", &args)? {
-            RedisValue::Array(items) => Ok(items.iter().map(bytes).collect()),
-            _ => Ok(vec![None; fields.len()]),
-        }
+    pub fn hget(&self, key: &str, field: &str) -> MarketResult<Option<Vec<u8>>> {
+        Ok(self.hmget(key, &[field])?.pop().flatten())
+    }
+
+    /// The named fields that are present, as (field, value) pairs.
+    pub fn hash_fields(&self, key: &str, fields: &[&str]) -> MarketResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let values = self.hmget(key, fields)?;
+        Ok(fields
+            .iter()
+            .zip(values)
+            .filter_map(|(field, value)| Some((field.as_bytes().to_vec(), value?)))
+            .collect())
     }
 
     pub fn hlen(&self, key: &str) -> MarketResult<i64> {

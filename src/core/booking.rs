@@ -10,6 +10,9 @@ pub mod field {
     pub const DURATION_S: &str = "duration_s";
     pub const START_MS: &str = "start_ms";
     pub const END_MS: &str = "end_ms";
+
+    /// Every field, for reading a whole record.
+    pub const ALL: [&str; 6] = [GPU, USER, PRICE, DURATION_S, START_MS, END_MS];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

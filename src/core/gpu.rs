@@ -17,6 +17,12 @@ pub mod field {
     pub const BOOKING: &str = "booking";
     pub const VERSION: &str = "version";
     pub const UPDATED_MS: &str = "updated_ms";
+
+    /// Every field, for reading a whole record.
+    pub const ALL: [&str; 11] = [
+        PROVIDER, TYPE, PRICE, PRICE_SEQ, MEMORY_GB, CORES, SCORE, STATUS, BOOKING, VERSION,
+        UPDATED_MS,
+    ];
 }
 
 #[derive(Debug, Clone, PartialEq)]
