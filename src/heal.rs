@@ -16,9 +16,9 @@ use crate::keys::RegionKeys;
 use crate::market::{stat, GpuWrite, Region};
 use crate::store::Store;
 use redis_module::logging::RedisLogLevel;
-use redis_module::server_events::LoadingSubevent;
+use redis_module::server_events::{LoadingSubevent, ServerRole};
 use redis_module::{Context, ContextFlags, NotifyEvent};
-use redis_module_macros::loading_event_handler;
+use redis_module_macros::{loading_event_handler, role_changed_event_handler};
 use std::cell::RefCell;
 use std::time::Duration;
 
@@ -28,7 +28,8 @@ thread_local! {
     static TIMER_ARMED: RefCell<bool> = const { RefCell::new(false) };
 }
 
-/// Upper bound on queued keys; beyond it further expiries wait for `GPUCACHE.CHECK`-style repair.
+/// Upper bound on queued keys; beyond it further expiries are left to `GPUCACHE.REPAIR` (and
+/// logged), so a mass expiry cannot grow the queue without bound.
 const MAX_PENDING: usize = 1_000_000;
 
 /// Keyspace-event handler for `expired` and `evicted`.
@@ -46,6 +47,12 @@ pub fn on_key_gone(ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &
         let mut pending = pending.borrow_mut();
         if pending.len() < MAX_PENDING {
             pending.push(key.to_owned());
+        } else {
+            crate::log(
+                ctx,
+                RedisLogLevel::Warning,
+                &format!("gpucache: heal queue full, {key} left for GPUCACHE.REPAIR"),
+            );
         }
     });
     let must_arm = TIMER_ARMED.with(|armed| !armed.replace(true));
@@ -64,6 +71,16 @@ fn drain(ctx: &Context, _: ()) {
     for key in keys {
         heal_key(ctx, &key);
     }
+}
+
+/// Completes a pending repair inside a write command that is about to create `key` anew.
+///
+/// Redis deletes an expired key when a command reads it, and announces it, but the repair runs
+/// in a timer just after the command: a `REGISTER` of the same GPU id (or a `BOOK` reusing an
+/// ended booking id) would otherwise build on the old record's index entries and counters.
+/// Called once the command found the record gone; does nothing when no repair is pending.
+pub fn settle_vanished(ctx: &Context, key: &str) {
+    heal_key(ctx, key);
 }
 
 /// Repairs what one vanished record left behind. Returns whether anything was repaired.
@@ -106,6 +123,7 @@ pub struct Swept {
     pub gpus: i64,
     pub bookings: i64,
     pub type_prices: i64,
+    pub provider_members: i64,
 }
 
 /// Finds and repairs what records that vanished without an `expired`/`evicted` event left
@@ -129,6 +147,21 @@ pub fn sweep_region(ctx: &Context, region_name: &str) -> MarketResult<Swept> {
             swept.bookings += 1;
         }
     }
+    // Provider sets may keep a GPU that moved to another provider while its old record had
+    // vanished; drop members the registry does not give to that provider.
+    for provider in store.members("SMEMBERS", &keys.providers())? {
+        let members_key = keys.provider_gpus(&provider);
+        for gpu_id in store.members("SMEMBERS", &members_key)? {
+            let owner = store
+                .hget(&keys.gpu_registry(), &gpu_id)?
+                .and_then(|e| RegistryEntry::parse(&String::from_utf8_lossy(&e)))
+                .map(|e| e.provider);
+            if owner.as_deref() != Some(provider.as_str()) {
+                store.write("SREM", &[members_key.as_bytes(), gpu_id.as_bytes()]);
+                swept.provider_members += 1;
+            }
+        }
+    }
     for gpu_type in store.members("SMEMBERS", &keys.types())? {
         let key = keys.type_price(&gpu_type);
         let typed = store.integer("ZCARD", &[keys.available_typed(&gpu_type).as_bytes()])?;
@@ -149,18 +182,27 @@ fn after_loading(ctx: &Context, event: LoadingSubevent) {
     }
 }
 
+/// A replica promoted to primary takes over healing: sweep for repairs the old primary had
+/// queued but not yet run when it failed.
+#[role_changed_event_handler]
+fn after_promotion(ctx: &Context, role: ServerRole) {
+    if role == ServerRole::Primary {
+        ctx.create_timer(Duration::from_millis(1), sweep_all, ());
+    }
+}
+
 fn sweep_all(ctx: &Context, _: ()) {
     if ctx.get_flags().contains(ContextFlags::SLAVE) {
         return;
     }
     for region in crate::regions::known() {
         match sweep_region(ctx, &region) {
-            Ok(s) if s.gpus + s.bookings + s.type_prices > 0 => crate::log(
+            Ok(s) if s.gpus + s.bookings + s.type_prices + s.provider_members > 0 => crate::log(
                 ctx,
                 RedisLogLevel::Notice,
                 &format!(
-                    "gpucache: region {region}: repaired {} GPUs, {} bookings, {} type prices that vanished while down",
-                    s.gpus, s.bookings, s.type_prices
+                    "gpucache: region {region}: repaired {} GPUs, {} bookings, {} type prices, {} provider set members",
+                    s.gpus, s.bookings, s.type_prices, s.provider_members
                 ),
             ),
             Ok(_) => {}

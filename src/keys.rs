@@ -86,6 +86,11 @@ impl RegionKeys {
         self.key("index", "types")
     }
 
+    /// Set: providers that have (or had) GPUs or a status in this region.
+    pub fn providers(&self) -> String {
+        self.key("index", "providers")
+    }
+
     /// Hash: active booking id -> GPU id.
     pub fn booking_registry(&self) -> String {
         self.key("index", "bookings")

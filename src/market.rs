@@ -85,8 +85,10 @@ impl<'s, 'c> Region<'s, 'c> {
     pub fn type_counts(&self, gpu_type: &str) -> MarketResult<(i64, i64)> {
         let own = self.keys.available_own(gpu_type);
         let typed = self.keys.available_typed(gpu_type);
-        let listed = self.store.integer("ZCARD", &[own.as_bytes()])?
-            + self.store.integer("ZCARD", &[typed.as_bytes()])?;
+        let listed = self
+            .store
+            .integer("ZCARD", &[own.as_bytes()])?
+            .saturating_add(self.store.integer("ZCARD", &[typed.as_bytes()])?);
         let total = self
             .store
             .hget(&self.keys.stats(), &stat::type_total(gpu_type))?;
@@ -185,7 +187,9 @@ impl<'s, 'c> Region<'s, 'c> {
         let stats = self.keys.stats();
         let window = self.keys.window_24h();
         let events = self.keys.events();
+        let providers = self.keys.providers();
         let base = [
+            (providers.as_str(), KeyType::Set),
             (window.as_str(), KeyType::Hash),
             (registry.as_str(), KeyType::Hash),
             (types.as_str(), KeyType::Set),
@@ -224,24 +228,40 @@ impl<'s, 'c> Region<'s, 'c> {
 
     /// The next value of the region's sequence, which orders own prices against type prices.
     pub fn next_seq(&self) -> MarketResult<i64> {
-        let current = self.store.hget(&self.keys.stats(), stat::SEQ)?;
-        let next = parse_int(current.as_deref()).unwrap_or(0).saturating_add(1);
-        self.store
-            .hset(&self.keys.stats(), &[(stat::SEQ, next.to_string())]);
+        // Read before the command's first write: a hand-edited sequence is refused rather than
+        // restarted, which would let an old type price beat every later own price.
+        let key = self.keys.stats();
+        let current = match self.store.hget(&key, stat::SEQ)? {
+            None => 0,
+            Some(text) => parse_int(Some(&text)).ok_or(MarketError::Corrupt(key.clone()))?,
+        };
+        let next = current.saturating_add(1);
+        self.store.hset(&key, &[(stat::SEQ, next.to_string())]);
         Ok(next)
     }
 
+    /// Adds `delta` to a counter of the region's counters hash.
+    ///
+    /// Written as the computed value (`HSET`), not `HINCRBY`: a counter someone overwrote with
+    /// text, or one at the edge of `i64`, must not make a write fail halfway through a command.
+    /// Garbage counts as 0 and sums saturate; `GPUCACHE.CHECK` reports the difference.
     pub fn add_to_counter(&self, field: &str, delta: i64) {
-        if delta != 0 {
-            self.store.write(
-                "HINCRBY",
-                &[
-                    self.keys.stats().as_bytes(),
-                    field.as_bytes(),
-                    delta.to_string().as_bytes(),
-                ],
-            );
+        self.add_to_hash_counter(&self.keys.stats(), field, delta);
+    }
+
+    fn add_to_hash_counter(&self, key: &str, field: &str, delta: i64) {
+        if delta == 0 {
+            return;
         }
+        let current = self
+            .store
+            .hget(key, field)
+            .ok()
+            .flatten()
+            .and_then(|v| parse_int(Some(&v)))
+            .unwrap_or(0);
+        self.store
+            .hset(key, &[(field, current.saturating_add(delta).to_string())]);
     }
 
     /// Adds a new booking to the rolling 24-hour window and drops buckets that left it.
@@ -259,19 +279,8 @@ impl<'s, 'c> Region<'s, 'c> {
         } else {
             Vec::new()
         };
-        for (field, delta) in [
-            (window::count_field(bucket), 1),
-            (window::volume_field(bucket), cost_micros),
-        ] {
-            self.store.write(
-                "HINCRBY",
-                &[
-                    key.as_bytes(),
-                    field.as_bytes(),
-                    delta.to_string().as_bytes(),
-                ],
-            );
-        }
+        self.add_to_hash_counter(&key, &window::count_field(bucket), 1);
+        self.add_to_hash_counter(&key, &window::volume_field(bucket), cost_micros);
         if !stale.is_empty() {
             let mut args: Vec<&[u8]> = vec![key.as_bytes()];
             args.extend(stale.iter().map(|f| f.as_bytes()));
@@ -351,8 +360,8 @@ impl<'s, 'c> Region<'s, 'c> {
         Ok(())
     }
 
-    /// When a GPU record should expire: a jittered availability TTL, but never before the end of
-    /// the booking it holds (a booked GPU must not vanish under its booking).
+    /// When a GPU record should expire: a jittered availability TTL from now, or from the end of
+    /// the booking it holds if that is later (a booked GPU must not vanish under its booking).
     pub fn gpu_expire_at(&self, now_ms: i64, booking_end_ms: Option<i64>) -> i64 {
         let ttl = jittered_ttl_ms(
             config::get(&config::AVAILABILITY_TTL),
@@ -360,7 +369,9 @@ impl<'s, 'c> Region<'s, 'c> {
             fastrand::f64(),
         );
         let at = now_ms.saturating_add(ttl);
-        booking_end_ms.map_or(at, |end| at.max(end.saturating_add(1000)))
+        // A full TTL past the booking's end: the booking record expires (and releases the GPU,
+        // re-drawing its TTL) well before the GPU record could.
+        booking_end_ms.map_or(at, |end| at.max(end.saturating_add(ttl)))
     }
 
     pub fn pricing_expire_at(&self, now_ms: i64) -> i64 {
@@ -429,6 +440,10 @@ impl<'s, 'c> Region<'s, 'c> {
             self.add_to_counter(&stat::type_total(&new.gpu_type), 1);
         }
         if change.contains(GpuChange::PROVIDER) {
+            self.store.write(
+                "SADD",
+                &[self.keys.providers().as_bytes(), new.provider.as_bytes()],
+            );
             if let Some(old) = old {
                 self.store.write(
                     "SREM",
@@ -535,6 +550,7 @@ impl Region<'_, '_> {
         let internal = [
             self.keys.gpu_registry(),
             self.keys.types(),
+            self.keys.providers(),
             self.keys.booking_registry(),
             self.keys.window_24h(),
         ];

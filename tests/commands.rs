@@ -901,3 +901,94 @@ fn check_reports_what_a_hand_edit_broke() {
     );
     assert_eq!(text(&report["gpus_checked"]), "4");
 }
+
+#[test]
+fn overflowing_or_garbage_counters_cannot_break_a_command() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    run(
+        &mut con,
+        &[
+            "GPUCACHE.REGISTER",
+            "us",
+            "u1",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "T",
+            "PRICE",
+            "1",
+        ],
+    )
+    .unwrap();
+    let max = i64::MAX.to_string();
+    redis::cmd("HSET")
+        .arg("gpucache:{eu}:stats:market")
+        .arg("bookings:created")
+        .arg(&max)
+        .query::<()>(&mut con)
+        .unwrap();
+    redis::cmd("HSET")
+        .arg("gpucache:{us}:stats:market")
+        .arg("bookings:created")
+        .arg(5)
+        .query::<()>(&mut con)
+        .unwrap();
+    let all = fields(&mut con, &["GPUCACHE.STATS", "*"]);
+    assert_eq!(
+        all["bookings_created"], max,
+        "sums saturate instead of overflowing"
+    );
+
+    // A counter overwritten with text is rebuilt by the next change instead of failing it.
+    redis::cmd("HSET")
+        .arg("gpucache:{eu}:stats:market")
+        .arg("gpus:busy")
+        .arg("x")
+        .query::<()>(&mut con)
+        .unwrap();
+    run(&mut con, &["GPUCACHE.BOOK", "eu", "g2", "b1", "u", "60"]).unwrap();
+    let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
+    assert_eq!(
+        (
+            stats["gpus_busy"].as_str(),
+            stats["gpus_available"].as_str()
+        ),
+        ("1", "3")
+    );
+    assert_eq!(stats["bookings_created"], max, "saturated, not wrapped");
+    assert_consistent(&mut con, "eu");
+
+    // The price sequence orders own against type prices: garbage there is refused, not reset.
+    redis::cmd("HSET")
+        .arg("gpucache:{eu}:stats:market")
+        .arg("seq")
+        .arg("x")
+        .query::<()>(&mut con)
+        .unwrap();
+    let before = snapshot(&mut con);
+    let err = error(
+        &mut con,
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g9",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "T",
+            "PRICE",
+            "1",
+        ],
+    );
+    assert!(err.starts_with("CORRUPT"), "{err}");
+    assert!(error(&mut con, &["GPUCACHE.PRICE", "eu", "A100", "1"]).starts_with("CORRUPT"));
+    assert_same_state(
+        &snapshot(&mut con),
+        &before,
+        "refused on a corrupt sequence",
+    );
+    let pong: String = redis::cmd("PING").query(&mut con).unwrap();
+    assert_eq!(pong, "PONG");
+}

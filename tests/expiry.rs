@@ -216,3 +216,128 @@ fn a_booked_gpu_that_vanishes_takes_its_booking_along() {
     assert_eq!(stats["gpus_busy"], "0");
     assert_consistent(&mut con, "eu");
 }
+
+/// Lets wall-clock time pass without touching any key: with active expiry off, a key that
+/// expired meanwhile is deleted only by the next command that reads it, which is the point of
+/// these tests (a poll would read it first).
+fn let_time_pass(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+#[test]
+fn re_registering_a_gpu_whose_record_just_expired_starts_clean() {
+    let server = Server::start(
+        &["AVAILABILITY_TTL", "1", "JITTER", "0"],
+        &["--enable-debug-command", "yes"],
+    );
+    let mut con = server.connect();
+    redis::cmd("DEBUG")
+        .arg("SET-ACTIVE-EXPIRE")
+        .arg(0)
+        .query::<()>(&mut con)
+        .unwrap();
+    run(
+        &mut con,
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g1",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "2",
+        ],
+    )
+    .unwrap();
+    let_time_pass(1200);
+    let again = fields(
+        &mut con,
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g1",
+            "PROVIDER",
+            "p2",
+            "TYPE",
+            "H100",
+            "PRICE",
+            "3",
+        ],
+    );
+    assert_eq!(again["result"], "created");
+    assert_consistent(&mut con, "eu");
+    let p1: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("gpucache:{eu}:provider-gpus:p1")
+        .query(&mut con)
+        .unwrap();
+    assert!(p1.is_empty(), "{p1:?}");
+    let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
+    assert_eq!(
+        (
+            stats["gpus_total"].as_str(),
+            stats["gpus_available"].as_str()
+        ),
+        ("1", "1")
+    );
+    run(&mut con, &["GPUCACHE.PROVIDER", "eu", "p1", "offline"]).unwrap();
+    assert_eq!(
+        available_ids(&mut con, &["eu"]),
+        ["g1"],
+        "p1 going offline leaves p2's GPU alone"
+    );
+}
+
+#[test]
+fn an_ended_booking_id_can_be_reused_at_once() {
+    let server = Server::start(
+        &["AVAILABILITY_TTL", "60", "JITTER", "0"],
+        &["--enable-debug-command", "yes"],
+    );
+    let mut con = server.connect();
+    redis::cmd("DEBUG")
+        .arg("SET-ACTIVE-EXPIRE")
+        .arg(0)
+        .query::<()>(&mut con)
+        .unwrap();
+    seed(&mut con);
+    run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "1"]).unwrap();
+    let_time_pass(1200);
+    let reused = fields(&mut con, &["GPUCACHE.BOOK", "eu", "g2", "b1", "alice", "1"]);
+    assert_eq!(reused["result"], "created");
+    let g1 = fields(&mut con, &["GPUCACHE.GET", "eu", "g1"]);
+    assert_eq!(
+        (g1["status"].as_str(), g1["booking_id"].as_str()),
+        ("available", "(nil)")
+    );
+    assert_consistent(&mut con, "eu");
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.STATS", "eu"])["bookings_ended"],
+        "1"
+    );
+}
+
+#[test]
+fn a_booked_gpu_is_released_even_with_a_short_availability_ttl() {
+    let server = Server::start(&["AVAILABILITY_TTL", "1", "JITTER", "0"], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "2"]).unwrap();
+    let mut released = false;
+    eventually(
+        "booking end released the GPU (or it has expired since)",
+        Duration::from_secs(10),
+        || match run(&mut con, &["GPUCACHE.GET", "eu", "g1"]) {
+            Ok(reply) => {
+                released |= text(&as_map(&reply)["status"]) == "available";
+                released
+            }
+            Err(_) => true,
+        },
+    );
+    assert!(
+        released,
+        "the GPU must come back as available before its own record expires"
+    );
+}

@@ -54,6 +54,9 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         let version = region.load_gpu(&gpu_id)?.map_or(0, |g| g.version);
         return Ok(booking_reply(&booking_id, &existing, "existing", version));
     }
+    // An ended booking with this id may still await its repair (releasing its GPU): finish it
+    // first, so the id can be reused.
+    crate::heal::settle_vanished(store.ctx(), &booking_key);
     let old = region.require_gpu(&gpu_id)?;
     let provider_status = region.provider_status(&old.provider)?;
     check_bookable(&gpu_id, old.status, provider_status)?;

@@ -252,6 +252,22 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
             ));
         }
     }
+    // Providers known to the region, with or without GPUs now: a stale member of a provider
+    // whose GPUs all moved away is found too.
+    let known_providers: BTreeSet<String> = store
+        .members("SMEMBERS", &keys.providers())?
+        .into_iter()
+        .collect();
+    for provider in provider_members.keys() {
+        if !known_providers.contains(provider) {
+            findings.add(format!(
+                "provider {provider} is missing from the provider set"
+            ));
+        }
+    }
+    for provider in &known_providers {
+        provider_members.entry(provider.clone()).or_default();
+    }
     for (provider, members) in &provider_members {
         let stored: BTreeSet<String> = store
             .members("SMEMBERS", &keys.provider_gpus(provider))?

@@ -70,7 +70,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         )?;
         if typed > 0 {
             match levels.iter_mut().find(|(price, _)| *price == tp.price) {
-                Some(level) => level.1 += typed,
+                Some(level) => level.1 = level.1.saturating_add(typed),
                 None => levels.push((tp.price, typed)),
             }
         }

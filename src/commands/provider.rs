@@ -37,6 +37,9 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         let Some(gpu) = region.load_gpu(&gpu_id)? else {
             continue; // expired; the expiry handler removes it from the set
         };
+        if gpu.provider != provider_id {
+            continue; // a stale member (REPAIR removes it): the GPU belongs to another provider
+        }
         region.check_gpu_key_types(&gpu_id, &gpu.gpu_type, &provider_id)?;
         if !type_prices.contains_key(&gpu.gpu_type) {
             let price = region.load_type_price(&gpu.gpu_type)?;
@@ -53,6 +56,10 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
             (provider_field::VERSION, version.to_string()),
             (provider_field::UPDATED_MS, now.to_string()),
         ],
+    );
+    store.write(
+        "SADD",
+        &[region.keys.providers().as_bytes(), provider_id.as_bytes()],
     );
     let (mut listed, mut unlisted) = (0, 0);
     for (gpu_id, gpu) in &gpus {

@@ -83,8 +83,10 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
 
     let old = region.load_gpu(&req.gpu_id)?;
     region.check_gpu_key_types(&req.gpu_id, &req.gpu_type, &req.provider)?;
-    if let Some(old) = &old {
-        region.check_gpu_key_types(&req.gpu_id, &old.gpu_type, &old.provider)?;
+    match &old {
+        Some(old) => region.check_gpu_key_types(&req.gpu_id, &old.gpu_type, &old.provider)?,
+        // An earlier record of this id may have just expired, its repair still queued.
+        None => crate::heal::settle_vanished(store.ctx(), &region.keys.gpu(&req.gpu_id)),
     }
     let old_provider_status = match &old {
         Some(o) => region.provider_status(&o.provider)?,

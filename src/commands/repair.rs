@@ -17,5 +17,6 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         .int("gpus", swept.gpus)
         .int("bookings", swept.bookings)
         .int("type_prices", swept.type_prices)
+        .int("provider_members", swept.provider_members)
         .build())
 }

@@ -30,14 +30,14 @@ struct TypeFigures {
 
 impl TypeFigures {
     fn merge(&mut self, other: &TypeFigures) {
-        self.listed += other.listed;
-        self.total += other.total;
+        self.listed = self.listed.saturating_add(other.listed);
+        self.total = self.total.saturating_add(other.total);
         self.multiplier = None;
         self.min_price = match (self.min_price, other.min_price) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        self.shown_sum += other.shown_sum;
+        self.shown_sum = self.shown_sum.saturating_add(other.shown_sum);
         self.type_price = None;
     }
 
@@ -94,7 +94,7 @@ fn type_figures(region: &Region, gpu_type: &str) -> MarketResult<TypeFigures> {
     let base_sum = i128::from(own_sum)
         + i128::from(typed_price.map_or(0, Price::micros)) * i128::from(typed_count);
     Ok(TypeFigures {
-        listed: own_count + typed_count,
+        listed: own_count.saturating_add(typed_count),
         total: counter(region, &stat::type_total(gpu_type))?,
         multiplier: Some(multiplier),
         min_price: base_min.map(|p| demand::apply(p, multiplier)),
@@ -166,16 +166,25 @@ impl RegionFigures {
     }
 
     fn merge(&mut self, other: &RegionFigures) {
-        self.total += other.total;
+        self.total = self.total.saturating_add(other.total);
         for (status, count) in &other.by_status {
-            *self.by_status.entry(status).or_default() += count;
+            let entry = self.by_status.entry(status).or_default();
+            *entry = entry.saturating_add(*count);
         }
-        self.bookings_active += other.bookings_active;
-        self.bookings_created += other.bookings_created;
-        self.bookings_cancelled += other.bookings_cancelled;
-        self.bookings_ended += other.bookings_ended;
-        self.last_24h.bookings += other.last_24h.bookings;
-        self.last_24h.volume_micros += other.last_24h.volume_micros;
+        self.bookings_active = self.bookings_active.saturating_add(other.bookings_active);
+        self.bookings_created = self.bookings_created.saturating_add(other.bookings_created);
+        self.bookings_cancelled = self
+            .bookings_cancelled
+            .saturating_add(other.bookings_cancelled);
+        self.bookings_ended = self.bookings_ended.saturating_add(other.bookings_ended);
+        self.last_24h.bookings = self
+            .last_24h
+            .bookings
+            .saturating_add(other.last_24h.bookings);
+        self.last_24h.volume_micros = self
+            .last_24h
+            .volume_micros
+            .saturating_add(other.last_24h.volume_micros);
         for (gpu_type, figures) in &other.types {
             self.types
                 .entry(gpu_type.clone())
@@ -209,7 +218,12 @@ impl RegionFigures {
             types = types.value(gpu_type, figures.reply());
         }
         reply
-            .int("gpus_listed", self.types.values().map(|t| t.listed).sum())
+            .int(
+                "gpus_listed",
+                self.types
+                    .values()
+                    .fold(0i64, |sum, t| sum.saturating_add(t.listed)),
+            )
             .text("utilisation", format!("{utilisation:.4}"))
             .int("bookings_active", self.bookings_active)
             .int("bookings_created", self.bookings_created)
