@@ -14,7 +14,7 @@ use crate::core::price::Price;
 use crate::core::status::{GpuStatus, ProviderStatus};
 use crate::keys::RegionKeys;
 use crate::market::{stat, GpuWrite, Region};
-use crate::store::Store;
+use crate::store::{select_db, selected_db, Store};
 use redis_module::logging::RedisLogLevel;
 use redis_module::server_events::{LoadingSubevent, ServerRole};
 use redis_module::{Context, ContextFlags, NotifyEvent};
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 thread_local! {
     // Keyspace events and timers both run on Redis's main thread.
-    static PENDING: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    static PENDING: RefCell<Vec<(i32, String)>> = const { RefCell::new(Vec::new()) };
     static TIMER_ARMED: RefCell<bool> = const { RefCell::new(false) };
 }
 
@@ -46,7 +46,7 @@ pub fn on_key_gone(ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &
     PENDING.with(|pending| {
         let mut pending = pending.borrow_mut();
         if pending.len() < MAX_PENDING {
-            pending.push(key.to_owned());
+            pending.push((selected_db(ctx), key.to_owned()));
         } else {
             crate::log(
                 ctx,
@@ -68,9 +68,14 @@ fn drain(ctx: &Context, _: ()) {
     if flags.contains(ContextFlags::SLAVE) || flags.contains(ContextFlags::LOADING) {
         return;
     }
-    for key in keys {
-        heal_key(ctx, &key);
+    let original = selected_db(ctx);
+    for (db, key) in keys {
+        // The key expired in the db its event came from; heal there.
+        if select_db(ctx, db) {
+            heal_key(ctx, &key);
+        }
     }
+    select_db(ctx, original);
 }
 
 /// Completes a pending repair inside a write command that is about to create `key` anew.
@@ -80,7 +85,20 @@ fn drain(ctx: &Context, _: ()) {
 /// ended booking id) would otherwise build on the old record's index entries and counters.
 /// Called once the command found the record gone; does nothing when no repair is pending.
 pub fn settle_vanished(ctx: &Context, key: &str) {
-    heal_key(ctx, key);
+    let Some((region, entity, id)) = RegionKeys::parse(key) else {
+        return;
+    };
+    let keys = RegionKeys::new(region);
+    let registry = match entity {
+        "gpu" => keys.gpu_registry(),
+        "booking" => keys.booking_registry(),
+        _ => return,
+    };
+    // Cheap test first: a repair is pending only while the registry still lists the id.
+    let store = Store::new(ctx);
+    if let Ok(Some(_)) = store.hget(&registry, id) {
+        heal_key(ctx, key);
+    }
 }
 
 /// Repairs what one vanished record left behind. Returns whether anything was repaired.
@@ -195,7 +213,11 @@ fn sweep_all(ctx: &Context, _: ()) {
     if ctx.get_flags().contains(ContextFlags::SLAVE) {
         return;
     }
-    for region in crate::regions::known() {
+    let original = selected_db(ctx);
+    for (db, region) in crate::regions::known_everywhere() {
+        if !select_db(ctx, db) {
+            continue;
+        }
         match sweep_region(ctx, &region) {
             Ok(s) if s.gpus + s.bookings + s.type_prices + s.provider_members > 0 => crate::log(
                 ctx,
@@ -213,6 +235,7 @@ fn sweep_all(ctx: &Context, _: ()) {
             ),
         }
     }
+    select_db(ctx, original);
 }
 
 /// A GPU record expired: drop it from every index using the registry entry kept for it.

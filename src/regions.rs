@@ -7,17 +7,18 @@
 //! both know their regions after a restart.
 
 use crate::keys::RegionKeys;
+use crate::store::selected_db;
 use redis_module::{Context, NotifyEvent};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 
 thread_local! {
     // Keyspace events and commands both run on Redis's main thread.
-    static KNOWN: RefCell<BTreeSet<String>> = const { RefCell::new(BTreeSet::new()) };
+    static KNOWN: RefCell<BTreeSet<(i32, String)>> = const { RefCell::new(BTreeSet::new()) };
 }
 
 /// Keyspace-event handler for hash writes and keys loaded from RDB.
-pub fn on_counters_written(_ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &[u8]) {
+pub fn on_counters_written(ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &[u8]) {
     if !key.ends_with(b":stats:market") {
         return;
     }
@@ -25,14 +26,29 @@ pub fn on_counters_written(_ctx: &Context, _event_type: NotifyEvent, _event: &st
         return;
     };
     if let Some((region, "stats", "market")) = RegionKeys::parse(key) {
+        let entry = (selected_db(ctx), region.to_owned());
         KNOWN.with(|known| {
-            if !known.borrow().contains(region) {
-                known.borrow_mut().insert(region.to_owned());
+            if !known.borrow().contains(&entry) {
+                known.borrow_mut().insert(entry);
             }
         });
     }
 }
 
-pub fn known() -> Vec<String> {
+/// The regions held in the db `ctx` works in.
+pub fn known(ctx: &Context) -> Vec<String> {
+    let db = selected_db(ctx);
+    KNOWN.with(|known| {
+        known
+            .borrow()
+            .iter()
+            .filter(|(d, _)| *d == db)
+            .map(|(_, region)| region.clone())
+            .collect()
+    })
+}
+
+/// Every (db, region) this server holds.
+pub fn known_everywhere() -> Vec<(i32, String)> {
     KNOWN.with(|known| known.borrow().iter().cloned().collect())
 }

@@ -320,3 +320,24 @@ impl<'a> Store<'a> {
             .contains(redis_module::ContextFlags::SLAVE)
     }
 }
+
+/// The db a context works in (keyspace events arrive in the db of their key).
+pub fn selected_db(ctx: &Context) -> i32 {
+    // SAFETY: RedisModule_GetSelectedDb only reads the context's client, which is valid for the
+    // duration of this callback.
+    unsafe {
+        redis_module::raw::RedisModule_GetSelectedDb
+            .map(|f| f(ctx.get_raw()))
+            .unwrap_or(0)
+    }
+}
+
+pub fn select_db(ctx: &Context, db: i32) -> bool {
+    // SAFETY: RedisModule_SelectDb switches the context's client to another db; it returns an
+    // error for an invalid index, which leaves the client where it was.
+    unsafe {
+        redis_module::raw::RedisModule_SelectDb
+            .map(|f| f(ctx.get_raw(), db) == redis_module::raw::REDISMODULE_OK as i32)
+            .unwrap_or(false)
+    }
+}

@@ -341,3 +341,20 @@ fn a_booked_gpu_is_released_even_with_a_short_availability_ttl() {
         "the GPU must come back as available before its own record expires"
     );
 }
+
+#[test]
+fn healing_happens_in_the_db_the_record_expired_in() {
+    let server = Server::start(&["AVAILABILITY_TTL", "1", "JITTER", "0"], &[]);
+    let mut db1 = redis::Client::open(format!("redis://127.0.0.1:{}/1", server.port))
+        .and_then(|c| c.get_connection())
+        .unwrap();
+    seed(&mut db1);
+    eventually("db 1 healed", Duration::from_secs(10), || {
+        let n: i64 = redis::cmd("HLEN").arg("gpucache:{eu}:index:gpus").query(&mut db1).unwrap();
+        n == 0
+    });
+    assert_consistent(&mut db1, "eu");
+    let mut db0 = server.connect();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut db0).unwrap();
+    assert!(keys.is_empty(), "nothing was written to db 0: {keys:?}");
+}

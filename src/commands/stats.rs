@@ -250,7 +250,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         _ => {
             let mut sum = RegionFigures::default();
             let mut regions = 0;
-            for name in crate::regions::known() {
+            for name in crate::regions::known(store.ctx()) {
                 let region = Region::new(store, name);
                 if store.key_type(&region.keys.stats()) == redis_module::KeyType::Empty {
                     continue;
