@@ -319,6 +319,10 @@ fn heal_booking(region: &Region, booking_id: &str) -> MarketResult<bool> {
     }
 
     let now = store.now_ms();
+    let version = match release {
+        Some(_) => Some(region.next_seq()?),
+        None => None,
+    };
     store.write("HDEL", &[registry.as_bytes(), booking_id.as_bytes()]);
     store.mark_written(&region.keys.booking(booking_id));
     region.add_to_counter(stat::BOOKINGS_ENDED, 1);
@@ -330,7 +334,7 @@ fn heal_booking(region: &Region, booking_id: &str) -> MarketResult<bool> {
         let mut new = old.clone();
         new.status = GpuStatus::Available;
         new.booking = None;
-        new.version = new.version.saturating_add(1);
+        new.version = version.unwrap_or(new.version);
         new.updated_ms = now;
         region.store_gpu(GpuWrite {
             gpu_id: &gpu_id,

@@ -172,13 +172,6 @@ impl<'s, 'c> Region<'s, 'c> {
         }
     }
 
-    pub fn provider_version(&self, provider_id: &str) -> MarketResult<i64> {
-        let value = self
-            .store
-            .hget(&self.keys.provider(provider_id), provider_field::VERSION)?;
-        Ok(parse_int(value.as_deref()).unwrap_or(0))
-    }
-
     /// Fails before any write when a key this region writes holds a foreign type.
     pub fn check_key_types(&self, extra: &[(&str, KeyType)]) -> MarketResult<()> {
         let registry = self.keys.gpu_registry();

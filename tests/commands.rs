@@ -70,7 +70,7 @@ fn re_registering_updates_in_place_and_bumps_the_version() {
         ],
     );
     assert_eq!(updated["result"], "updated");
-    assert_eq!(updated["version"], "3");
+    assert_eq!(updated["version"], "6");
     let gpu = fields(&mut con, &["GPUCACHE.GET", "eu", "g1"]);
     assert_eq!(
         gpu["status"], "maintenance",
@@ -140,7 +140,7 @@ fn book_makes_the_gpu_busy_unlisted_and_records_the_booking() {
     assert_eq!(gpu["booking_user"], "alice");
     assert_eq!(gpu["booking_end_ms"], booking["end_ms"]);
     assert_eq!(gpu["listed"], "0");
-    assert_eq!(gpu["version"], "2");
+    assert_eq!(gpu["version"], "5");
     assert!(!available_ids(&mut con, &["eu"]).contains(&"g2".to_string()));
 
     let expiry: i64 = redis::cmd("PEXPIRETIME")
@@ -232,7 +232,7 @@ fn cancel_releases_the_gpu() {
     .unwrap();
     let cancelled = fields(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]);
     assert_eq!(cancelled["gpu_status"], "available");
-    assert_eq!(cancelled["gpu_version"], "3");
+    assert_eq!(cancelled["gpu_version"], "6");
     assert_eq!(available_ids(&mut con, &["eu", "LIMIT", "1"]), ["g2"]);
     let exists: i64 = redis::cmd("EXISTS")
         .arg("gpucache:{eu}:booking:b1")
@@ -278,11 +278,11 @@ fn status_follows_the_state_machine() {
     seed(&mut con);
     let changed = fields(&mut con, &["GPUCACHE.STATUS", "eu", "g2", "offline"]);
     assert_eq!(changed["result"], "changed");
-    assert_eq!(changed["version"], "2");
+    assert_eq!(changed["version"], "5");
     assert!(!available_ids(&mut con, &["eu"]).contains(&"g2".to_string()));
     let same = fields(&mut con, &["GPUCACHE.STATUS", "eu", "g2", "OFFLINE"]);
     assert_eq!(same["result"], "unchanged");
-    assert_eq!(same["version"], "2");
+    assert_eq!(same["version"], "5");
     run(&mut con, &["GPUCACHE.STATUS", "eu", "g2", "available"]).unwrap();
     assert_eq!(available_ids(&mut con, &["eu", "LIMIT", "1"]), ["g2"]);
 
@@ -311,7 +311,7 @@ fn a_type_price_applies_until_a_gpu_registers_its_own_price() {
     let mut con = server.connect();
     seed(&mut con);
     let priced = fields(&mut con, &["GPUCACHE.PRICE", "eu", "A100", "3.25"]);
-    assert_eq!(priced["version"], "1");
+    assert_eq!(priced["version"], "5");
     assert_eq!(priced["listed_gpus"], "3");
     for gpu in ["g1", "g2", "g3"] {
         let record = fields(&mut con, &["GPUCACHE.GET", "eu", gpu]);
@@ -379,7 +379,7 @@ fn provider_status_moves_all_its_gpus_at_once() {
     );
     let online = fields(&mut con, &["GPUCACHE.PROVIDER", "eu", "p1", "online"]);
     assert_eq!(online["gpus_listed"], "2");
-    assert_eq!(online["version"], "2");
+    assert_eq!(online["version"], "6");
     assert_eq!(available_ids(&mut con, &["eu"]), ["g2", "g3", "g1", "g4"]);
     assert_consistent(&mut con, "eu");
 }
@@ -683,8 +683,8 @@ fn a_foreign_value_in_a_gpucache_key_is_refused_without_writing() {
 
     // Extreme values written by hand do not overflow anything.
     redis::cmd("HSET")
-        .arg("gpucache:{eu}:gpu:g2")
-        .arg("version")
+        .arg("gpucache:{eu}:stats:market")
+        .arg("seq")
         .arg(i64::MAX)
         .query::<()>(&mut con)
         .unwrap();

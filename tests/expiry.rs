@@ -146,7 +146,7 @@ fn a_booking_that_ends_releases_its_gpu() {
     );
     let gpu = fields(&mut con, &["GPUCACHE.GET", "eu", "g1"]);
     assert_eq!(gpu["booking_id"], "(nil)");
-    assert_eq!(gpu["version"], "3");
+    assert_eq!(gpu["version"], "6");
     assert!(available_ids(&mut con, &["eu"]).contains(&"g1".to_string()));
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
     assert_eq!(stats["bookings_active"], "0");
@@ -267,6 +267,11 @@ fn re_registering_a_gpu_whose_record_just_expired_starts_clean() {
         ],
     );
     assert_eq!(again["result"], "created");
+    let first_version: i64 = 1;
+    assert!(
+        again["version"].parse::<i64>().unwrap() > first_version,
+        "versions keep growing across expiry, so consumers never mistake the new record for a late event"
+    );
     assert_consistent(&mut con, "eu");
     let p1: Vec<String> = redis::cmd("SMEMBERS")
         .arg("gpucache:{eu}:provider-gpus:p1")
@@ -350,7 +355,10 @@ fn healing_happens_in_the_db_the_record_expired_in() {
         .unwrap();
     seed(&mut db1);
     eventually("db 1 healed", Duration::from_secs(10), || {
-        let n: i64 = redis::cmd("HLEN").arg("gpucache:{eu}:index:gpus").query(&mut db1).unwrap();
+        let n: i64 = redis::cmd("HLEN")
+            .arg("gpucache:{eu}:index:gpus")
+            .query(&mut db1)
+            .unwrap();
         n == 0
     });
     assert_consistent(&mut db1, "eu");

@@ -212,10 +212,12 @@ impl Model {
                 ..
             } => {
                 self.seq += 1;
-                let (status, booking, version) = match self.gpus.get(&gpu) {
-                    Some(g) => (g.status, g.booking, g.version + 1),
-                    None => (AVAILABLE, None, 1),
+                let (status, booking) = match self.gpus.get(&gpu) {
+                    Some(g) => (g.status, g.booking),
+                    None => (AVAILABLE, None),
                 };
+                // Versions come from the region's sequence, shared with price ordering.
+                let version = self.seq;
                 self.gpus.insert(
                     gpu,
                     Gpu {
@@ -239,8 +241,9 @@ impl Model {
                     return Err("BADSTATE");
                 }
                 if status != g.status {
+                    self.seq += 1;
                     g.status = status;
-                    g.version += 1;
+                    g.version = self.seq;
                 }
                 Ok(Expected::Nothing)
             }
@@ -273,10 +276,11 @@ impl Model {
                     return Err("GPUUNAVAILABLE");
                 }
                 let price = self.shown_price(g);
+                self.seq += 1;
                 let g = self.gpus.get_mut(&gpu).ok_or("NOGPU")?;
                 g.status = BUSY;
                 g.booking = Some(booking);
-                g.version += 1;
+                g.version = self.seq;
                 self.bookings.insert(booking, Booking { gpu, user, hours });
                 Ok(Expected::BookedAt(price_text(price)))
             }
@@ -284,14 +288,16 @@ impl Model {
                 let b = self.bookings.remove(&booking).ok_or("NOBOOKING")?;
                 if let Some(g) = self.gpus.get_mut(&b.gpu) {
                     if g.booking == Some(booking) {
+                        self.seq += 1;
                         g.status = AVAILABLE;
                         g.booking = None;
-                        g.version += 1;
+                        g.version = self.seq;
                     }
                 }
                 Ok(Expected::Nothing)
             }
             Op::Provider { provider, status } => {
+                self.seq += 1;
                 self.provider_status.insert(provider, status);
                 Ok(Expected::Nothing)
             }

@@ -66,6 +66,7 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     let price = region.shown_price(&old)?.price;
 
     let now = store.now_ms();
+    let version = region.next_seq()?;
     let booking = Booking::new(&gpu_id, &user_id, price, duration_s, now);
     store.hset(&booking_key, &booking.to_fields());
     store.pexpire_at(&booking_key, booking.end_ms);
@@ -80,7 +81,7 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     let mut new = old.clone();
     new.status = GpuStatus::Busy;
     new.booking = Some(booking_id.clone());
-    new.version = new.version.saturating_add(1);
+    new.version = version;
     new.updated_ms = now;
     region.store_gpu(GpuWrite {
         gpu_id: &gpu_id,
@@ -135,6 +136,11 @@ pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     }
 
     let now = store.now_ms();
+    // The sequence is read (and refused if corrupt) before the first write.
+    let version = match released {
+        Some(_) => Some(region.next_seq()?),
+        None => None,
+    };
     store.write("DEL", &[booking_key.as_bytes()]);
     store.write(
         "HDEL",
@@ -155,7 +161,7 @@ pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         let mut new = old.clone();
         new.status = GpuStatus::Available;
         new.booking = None;
-        new.version = new.version.saturating_add(1);
+        new.version = version.unwrap_or(new.version);
         new.updated_ms = now;
         region.store_gpu(GpuWrite {
             gpu_id: &booking.gpu_id,

@@ -38,7 +38,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     }
     let now = store.now_ms();
     let seq = region.next_seq()?;
-    let version = old.map_or(1, |o| o.version.saturating_add(1));
+    let version = seq;
     store.hset(
         &price_key,
         &[

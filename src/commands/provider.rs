@@ -28,7 +28,6 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         (members_key.as_str(), KeyType::Set),
     ])?;
     let old_status = region.provider_status(&provider_id)?;
-    let version = region.provider_version(&provider_id)?.saturating_add(1);
 
     // Read every GPU and the prices of their types before the first write.
     let mut gpus: Vec<(String, GpuRecord)> = Vec::new();
@@ -49,6 +48,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     }
 
     let now = store.now_ms();
+    let version = region.next_seq()?;
     store.hset(
         &provider_key,
         &[

@@ -112,7 +112,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         score: req.score,
         status: old.as_ref().map_or(GpuStatus::Available, |o| o.status),
         booking: old.as_ref().and_then(|o| o.booking.clone()),
-        version: old.as_ref().map_or(1, |o| o.version.saturating_add(1)),
+        version: seq,
         updated_ms: now,
     };
     region.store_gpu(GpuWrite {

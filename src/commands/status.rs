@@ -29,9 +29,10 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     let type_price = region.load_type_price(&old.gpu_type)?;
 
     let now = store.now_ms();
+    let version = region.next_seq()?;
     let mut new = old.clone();
     new.status = target;
-    new.version = new.version.saturating_add(1);
+    new.version = version;
     new.updated_ms = now;
     region.store_gpu(GpuWrite {
         gpu_id: &gpu_id,
