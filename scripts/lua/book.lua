@@ -41,6 +41,7 @@ local function settle_ended_booking(k, region, booking_id, gpu_id)
   end
   local now = now_ms()
   local c = new_change(k, region)
+  local version = gpu and next_seq(c, k)
   wr(c, 'HDEL', k.bookings, booking_id)
   mark(c, k.booking(booking_id))
   counter(c, 'bookings:ended', 1)
@@ -52,7 +53,7 @@ local function settle_ended_booking(k, region, booking_id, gpu_id)
     local new = copy(gpu)
     new.status = 'available'
     new.booking = nil
-    new.version = gpu.version + 1
+    new.version = version
     new.updated_ms = now
     store_gpu(c, gpu_id, gpu, new, provider, tp, gpu_expire_at(now, nil))
     e.version = new.version
@@ -131,6 +132,7 @@ return run(function()
   }
   local c = new_change(k, region)
   touch_type(c, old.type, false, multiplier)
+  local version = next_seq(c, k)
   wr(c, 'HSET', booking_key, 'gpu', gpu_id, 'user', user_id, 'price', fmt_price(price),
     'duration_s', fmt_int(duration_s), 'start_ms', fmt_int(now), 'end_ms', fmt_int(booking.end_ms))
   wr(c, 'PEXPIREAT', booking_key, fmt_int(booking.end_ms))
@@ -138,7 +140,7 @@ return run(function()
   local new = copy(old)
   new.status = 'busy'
   new.booking = booking_id
-  new.version = old.version + 1
+  new.version = version
   new.updated_ms = now
   store_gpu(c, gpu_id, old, new, provider, tp, gpu_expire_at(now, booking.end_ms))
   counter(c, 'bookings:created', 1)

@@ -43,6 +43,7 @@ return run(function()
   end
 
   local now = now_ms()
+  local version = held and next_seq(c, k)
   wr(c, 'DEL', booking_key)
   wr(c, 'HDEL', k.bookings, booking_id)
   local e = new_event('booking_cancelled', region, now)
@@ -55,7 +56,7 @@ return run(function()
     local new = copy(gpu)
     new.status = 'available'
     new.booking = nil
-    new.version = gpu.version + 1
+    new.version = version
     new.updated_ms = now
     store_gpu(c, booking.gpu, gpu, new, provider, tp, gpu_expire_at(now, nil))
     e.gpu_type = new.type

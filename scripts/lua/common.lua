@@ -3,7 +3,7 @@
 -- These scripts exist for benchmarking (scripts/bench.sh, examples/loadgen.rs): they do the
 -- same reads and the same writes on the same keys as the module's commands (src/commands,
 -- src/market.rs), so "module vs Lua" compares two implementations of one marketplace. They
--- follow the module as of commit 328de1a; `loadgen verify` (run by scripts/bench.sh) checks
+-- follow the module (versions from the region sequence included); `loadgen verify` (run by scripts/bench.sh) checks
 -- that replies, errors, stream events, keys and TTLs still agree with the module under test.
 --
 -- A command script is not loadable on its own: it is loaded as its shebang line (`#!lua`, or
@@ -731,4 +731,20 @@ local function reply(...)
     end
   end
   return out
+end
+
+-- Region::next_seq: the region's sequence orders own against type prices and numbers every
+-- record version; a hand-edited sequence is refused rather than restarted.
+local function next_seq(c, k)
+  local seq_text = rd('HGET', k.stats, 'seq')
+  local seq = 1
+  if seq_text then
+    seq = parse_int(seq_text)
+    if not seq then
+      corrupt(k.stats)
+    end
+    seq = seq + 1
+  end
+  wr(c, 'HSET', k.stats, 'seq', fmt_int(seq))
+  return seq
 end

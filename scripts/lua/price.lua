@@ -29,18 +29,8 @@ return run(function()
     touch_type(c, gpu_type, true, multiplier_of(moved + already_typed, stat_int(k, 'type-total:' .. gpu_type)))
   end
   local now = now_ms()
-  -- Region::next_seq: a hand-edited sequence is refused rather than restarted.
-  local seq_text = rd('HGET', k.stats, 'seq')
-  local seq = 1
-  if seq_text then
-    seq = parse_int(seq_text)
-    if not seq then
-      corrupt(k.stats)
-    end
-    seq = seq + 1
-  end
-  wr(c, 'HSET', k.stats, 'seq', fmt_int(seq))
-  local version = old and old.version + 1 or 1
+  local seq = next_seq(c, k)
+  local version = seq
   wr(c, 'HSET', price_key, 'price', fmt_price(price), 'seq', fmt_int(seq),
     'version', fmt_int(version), 'updated_ms', fmt_int(now))
   wr(c, 'PEXPIREAT', price_key, fmt_int(pricing_expire_at(now)))

@@ -44,7 +44,7 @@ return run(function()
   local now = now_ms()
   local new = copy(old)
   new.status = target
-  new.version = old.version + 1
+  new.version = next_seq(c, k)
   new.updated_ms = now
   store_gpu(c, gpu_id, old, new, provider, tp, gpu_expire_at(now, nil))
 
