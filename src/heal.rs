@@ -9,11 +9,10 @@
 
 use crate::core::error::MarketResult;
 use crate::core::events::{notify, Event, EventKind};
-use crate::core::gpu::{GpuRecord, RegistryEntry};
+use crate::core::gpu::RegistryEntry;
 use crate::core::price::Price;
-use crate::core::status::{GpuStatus, ProviderStatus};
 use crate::keys::RegionKeys;
-use crate::market::{stat, GpuWrite, Region};
+use crate::market::{stat, Region};
 use crate::store::{select_db, selected_db, Store};
 use redis_module::logging::RedisLogLevel;
 use redis_module::server_events::{LoadingSubevent, ServerRole};
@@ -306,20 +305,10 @@ fn heal_booking(region: &Region, booking_id: &str) -> MarketResult<bool> {
         return Ok(false);
     };
     let gpu_id = String::from_utf8_lossy(&gpu_id).into_owned();
-    let gpu = region.load_gpu(&gpu_id)?;
-    let held: Option<&GpuRecord> = gpu
-        .as_ref()
-        .filter(|g| g.booking.as_deref() == Some(booking_id));
-    let mut release = None;
-    if let Some(old) = held {
-        region.check_gpu_key_types(&gpu_id, &old.gpu_type, &old.provider)?;
-        let provider_status: ProviderStatus = region.provider_status(&old.provider)?;
-        let type_price = region.load_type_price(&old.gpu_type)?;
-        release = Some((old, provider_status, type_price));
-    }
+    let held = region.held_gpu(&gpu_id, booking_id)?;
 
     let now = store.now_ms();
-    let version = match release {
+    let version = match held {
         Some(_) => Some(region.next_seq()?),
         None => None,
     };
@@ -330,23 +319,8 @@ fn heal_booking(region: &Region, booking_id: &str) -> MarketResult<bool> {
     event.reason = Some("ended");
     event.booking_id = Some(booking_id.to_owned());
     event.gpu_id = Some(gpu_id.clone());
-    if let Some((old, provider_status, type_price)) = release {
-        let mut new = old.clone();
-        new.status = GpuStatus::Available;
-        new.booking = None;
-        new.version = version.unwrap_or(new.version);
-        new.updated_ms = now;
-        region.store_gpu(GpuWrite {
-            gpu_id: &gpu_id,
-            old: Some(old),
-            new: &new,
-            old_provider_status: provider_status,
-            new_provider_status: provider_status,
-            type_price: type_price.as_ref(),
-            expire_at_ms: region.gpu_expire_at(now, None),
-        })?;
-        event.version = Some(new.version);
-        event.changed("status", old.status.as_str(), new.status.as_str());
+    if let (Some(held), Some(version)) = (&held, version) {
+        region.release(&gpu_id, held, version, now, &mut event)?;
     }
     region.publish(notify::CANCELLED, event)?;
     Ok(true)

@@ -510,6 +510,64 @@ impl<'s, 'c> Region<'s, 'c> {
     }
 }
 
+/// A GPU held by a booking that is about to end, read and checked before the first write.
+pub struct HeldGpu {
+    pub gpu: GpuRecord,
+    pub provider_status: ProviderStatus,
+    pub type_price: Option<TypePrice>,
+}
+
+impl Region<'_, '_> {
+    /// The GPU `booking_id` holds, if that booking is the one holding it (a GPU that moved on
+    /// to another booking, or vanished, is left alone).
+    pub fn held_gpu(&self, gpu_id: &str, booking_id: &str) -> MarketResult<Option<HeldGpu>> {
+        let Some(gpu) = self
+            .load_gpu(gpu_id)?
+            .filter(|g| g.booking.as_deref() == Some(booking_id))
+        else {
+            return Ok(None);
+        };
+        self.check_gpu_key_types(gpu_id, &gpu.gpu_type, &gpu.provider)?;
+        Ok(Some(HeldGpu {
+            provider_status: self.provider_status(&gpu.provider)?,
+            type_price: self.load_type_price(&gpu.gpu_type)?,
+            gpu,
+        }))
+    }
+
+    /// Frees a GPU from its ended or cancelled booking: available again (listed if its provider
+    /// is online) with a fresh TTL, and the change recorded on `event`.
+    pub fn release(
+        &self,
+        gpu_id: &str,
+        held: &HeldGpu,
+        version: i64,
+        now_ms: i64,
+        event: &mut Event,
+    ) -> MarketResult<GpuRecord> {
+        let mut new = held.gpu.clone();
+        new.status = GpuStatus::Available;
+        new.booking = None;
+        new.version = version;
+        new.updated_ms = now_ms;
+        self.store_gpu(GpuWrite {
+            gpu_id,
+            old: Some(&held.gpu),
+            new: &new,
+            old_provider_status: held.provider_status,
+            new_provider_status: held.provider_status,
+            type_price: held.type_price.as_ref(),
+            expire_at_ms: self.gpu_expire_at(now_ms, None),
+        })?;
+        event.gpu_type = Some(new.gpu_type.clone());
+        event.provider_id = Some(new.provider.clone());
+        event.version = Some(version);
+        event.changed("status", held.gpu.status.as_str(), new.status.as_str());
+        event.changed("listed", false, is_listed(new.status, held.provider_status));
+        Ok(new)
+    }
+}
+
 /// What a GPU costs now: its base price (own or type) times the type's demand multiplier.
 #[derive(Debug, Clone, Copy)]
 pub struct ShownPrice {

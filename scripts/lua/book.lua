@@ -56,8 +56,11 @@ local function settle_ended_booking(k, region, booking_id, gpu_id)
     new.version = version
     new.updated_ms = now
     store_gpu(c, gpu_id, gpu, new, provider, tp, gpu_expire_at(now, nil))
+    e.gpu_type = new.type
+    e.provider_id = new.provider
     e.version = new.version
     changed(e, 'status', gpu.status, new.status)
+    changed(e, 'listed', false, is_listed(new.status, provider))
   end
   publish(c, e)
 end

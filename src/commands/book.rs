@@ -122,22 +122,12 @@ pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         .load_booking(&booking_id)?
         .ok_or_else(|| MarketError::NoBooking(booking_id.clone()))?;
     region.check_key_types(&[])?;
-    let gpu = region.load_gpu(&booking.gpu_id)?;
     // The GPU is released only if this booking is the one holding it.
-    let held = gpu
-        .as_ref()
-        .filter(|g| g.booking.as_deref() == Some(booking_id.as_str()));
-    let mut released = None;
-    if let Some(old) = held {
-        region.check_gpu_key_types(&booking.gpu_id, &old.gpu_type, &old.provider)?;
-        let provider_status = region.provider_status(&old.provider)?;
-        let type_price = region.load_type_price(&old.gpu_type)?;
-        released = Some((old, provider_status, type_price));
-    }
+    let held = region.held_gpu(&booking.gpu_id, &booking_id)?;
 
     let now = store.now_ms();
     // The sequence is read (and refused if corrupt) before the first write.
-    let version = match released {
+    let version = match held {
         Some(_) => Some(region.next_seq()?),
         None => None,
     };
@@ -157,35 +147,14 @@ pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     let mut reply = Reply::new()
         .text("booking_id", booking_id.as_str())
         .text("gpu_id", booking.gpu_id.as_str());
-    if let Some((old, provider_status, type_price)) = released {
-        let mut new = old.clone();
-        new.status = GpuStatus::Available;
-        new.booking = None;
-        new.version = version.unwrap_or(new.version);
-        new.updated_ms = now;
-        region.store_gpu(GpuWrite {
-            gpu_id: &booking.gpu_id,
-            old: Some(old),
-            new: &new,
-            old_provider_status: provider_status,
-            new_provider_status: provider_status,
-            type_price: type_price.as_ref(),
-            expire_at_ms: region.gpu_expire_at(now, None),
-        })?;
-        event.gpu_type = Some(new.gpu_type.clone());
-        event.provider_id = Some(new.provider.clone());
-        event.version = Some(new.version);
-        event.changed("status", old.status.as_str(), new.status.as_str());
-        event.changed(
-            "listed",
-            false,
-            crate::core::status::is_listed(new.status, provider_status),
-        );
-        reply = reply
-            .text("gpu_status", new.status.as_str())
-            .int("gpu_version", new.version);
-    } else {
-        reply = reply.value("gpu_status", RedisValue::Null);
+    match (&held, version) {
+        (Some(held), Some(version)) => {
+            let new = region.release(&booking.gpu_id, held, version, now, &mut event)?;
+            reply = reply
+                .text("gpu_status", new.status.as_str())
+                .int("gpu_version", new.version);
+        }
+        _ => reply = reply.value("gpu_status", RedisValue::Null),
     }
     region.add_to_counter(stat::BOOKINGS_CANCELLED, 1);
     region.publish(notify::CANCELLED, event)?;
