@@ -313,12 +313,6 @@ impl<'a> Store<'a> {
             .ctx
             .notify_keyspace_event(NotifyEvent::MODULE, event, &name);
     }
-
-    pub fn is_replica(&self) -> bool {
-        self.ctx
-            .get_flags()
-            .contains(redis_module::ContextFlags::SLAVE)
-    }
 }
 
 /// The db a context works in (keyspace events arrive in the db of their key).
