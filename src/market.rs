@@ -98,22 +98,29 @@ impl<'s, 'c> Region<'s, 'c> {
     /// The demand multiplier (hundredths) a type's prices carry right now.
     pub fn demand_multiplier(&self, gpu_type: &str) -> MarketResult<u32> {
         let (listed, total) = self.type_counts(gpu_type)?;
-        Ok(config::DEMAND_TIERS.current().multiplier(listed, total))
+        Ok(demand_multiplier_of(listed, total))
     }
 
     /// Remembers a type's multiplier before this command first changes its counts or index, so
     /// `publish` can tell whether its effective prices moved. Called before each such write.
-    pub fn touch_type(&self, gpu_type: &str, book_changes: bool) -> MarketResult<()> {
-        if !self.demand_before.borrow().contains_key(gpu_type) {
-            let before = self.demand_multiplier(gpu_type)?;
-            self.demand_before
-                .borrow_mut()
-                .insert(gpu_type.to_owned(), before);
-        }
+    /// Returns that multiplier, which is also what the type's prices show until this command's
+    /// first change.
+    pub fn touch_type(&self, gpu_type: &str, book_changes: bool) -> MarketResult<u32> {
+        let remembered = self.demand_before.borrow().get(gpu_type).copied();
+        let before = match remembered {
+            Some(before) => before,
+            None => {
+                let before = self.demand_multiplier(gpu_type)?;
+                self.demand_before
+                    .borrow_mut()
+                    .insert(gpu_type.to_owned(), before);
+                before
+            }
+        };
         if book_changes {
             self.books_changed.borrow_mut().insert(gpu_type.to_owned());
         }
-        Ok(())
+        Ok(before)
     }
 
     pub fn load_gpu(&self, gpu_id: &str) -> MarketResult<Option<GpuRecord>> {
@@ -492,14 +499,8 @@ impl<'s, 'c> Region<'s, 'c> {
     /// The price a GPU shows now.
     pub fn shown_price(&self, gpu: &GpuRecord) -> MarketResult<ShownPrice> {
         let type_price = self.load_type_price(&gpu.gpu_type)?;
-        let (base, source) = gpu::effective_price(gpu, type_price.as_ref());
         let multiplier = self.demand_multiplier(&gpu.gpu_type)?;
-        Ok(ShownPrice {
-            price: demand::apply(base, multiplier),
-            base,
-            source,
-            multiplier,
-        })
+        Ok(ShownPrice::of(gpu, type_price.as_ref(), multiplier))
     }
 
     pub fn status_count(&self, status: GpuStatus) -> MarketResult<i64> {
@@ -576,6 +577,23 @@ pub struct ShownPrice {
     pub source: PriceSource,
     /// Hundredths: 150 is x1.5.
     pub multiplier: u32,
+}
+
+impl ShownPrice {
+    pub fn of(gpu: &GpuRecord, type_price: Option<&TypePrice>, multiplier: u32) -> ShownPrice {
+        let (base, source) = gpu::effective_price(gpu, type_price);
+        ShownPrice {
+            price: demand::apply(base, multiplier),
+            base,
+            source,
+            multiplier,
+        }
+    }
+}
+
+/// The demand multiplier (hundredths) for `listed` bookable GPUs of a type out of `total`.
+pub fn demand_multiplier_of(listed: i64, total: i64) -> u32 {
+    config::DEMAND_TIERS.current().multiplier(listed, total)
 }
 
 /// Everything `Region::store_gpu` needs to write one GPU change.

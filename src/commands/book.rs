@@ -7,7 +7,7 @@ use crate::core::error::{MarketError, MarketResult};
 use crate::core::events::{notify, Event, EventKind};
 use crate::core::input;
 use crate::core::status::{check_bookable, GpuStatus};
-use crate::market::{stat, GpuWrite, Region};
+use crate::market::{stat, GpuWrite, Region, ShownPrice};
 use crate::store::Store;
 use redis_module::{KeyType, RedisString, RedisValue};
 
@@ -62,8 +62,10 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     check_bookable(&gpu_id, old.status, provider_status)?;
     region.check_gpu_key_types(&gpu_id, &old.gpu_type, &old.provider)?;
     let type_price = region.load_type_price(&old.gpu_type)?;
-    // The booking is charged what the GPU shows at this moment, demand multiplier included.
-    let price = region.shown_price(&old)?.price;
+    // The booking is charged what the GPU shows at this moment, demand multiplier included
+    // (read once: the same figure tells `publish` whether the booking moved the multiplier).
+    let multiplier = region.touch_type(&old.gpu_type, false)?;
+    let price = ShownPrice::of(&old, type_price.as_ref(), multiplier).price;
 
     let now = store.now_ms();
     let version = region.next_seq()?;

@@ -16,7 +16,6 @@ pub mod status;
 
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::input;
-use crate::market::Region;
 use crate::store::Store;
 use redis_module::redisvalue::RedisValueKey;
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
@@ -132,8 +131,4 @@ impl Reply {
     pub fn build(self) -> RedisValue {
         RedisValue::OrderedMap(self.0)
     }
-}
-
-pub fn region_from<'s, 'c>(store: &'s Store<'c>, region: String) -> Region<'s, 'c> {
-    Region::new(store, region)
 }

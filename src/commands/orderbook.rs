@@ -10,7 +10,7 @@ use crate::core::demand::{self, format_hundredths};
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::input;
 use crate::core::price::Price;
-use crate::market::Region;
+use crate::market::{demand_multiplier_of, Region};
 use crate::store::Store;
 use redis_module::{RedisString, RedisValue};
 
@@ -61,7 +61,8 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         });
     }
 
-    let multiplier = region.demand_multiplier(&gpu_type)?;
+    let (listed, total) = region.type_counts(&gpu_type)?;
+    let multiplier = demand_multiplier_of(listed, total);
     let mut levels = own_levels(&region, &gpu_type, depth)?;
     if let Some(tp) = region.load_type_price(&gpu_type)? {
         let typed = store.integer(
@@ -77,7 +78,6 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     }
     levels.sort_by_key(|(price, _)| *price);
     levels.truncate(depth);
-    let (listed, total) = region.type_counts(&gpu_type)?;
     let asks = levels
         .into_iter()
         .map(|(base, count)| {
