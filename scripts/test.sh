@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo build --quiet
-cargo test --all-targets
+cargo test --workspace --all-targets
 scripts/smoke.sh

@@ -8,12 +8,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The module built by this `cargo test` run (`deps/` holds the freshest copy).
+/// The module built by this `cargo test` run (`deps/` holds the freshest copy). The harness is
+/// shared with the `edge/` workspace member, whose manifest sits one level down.
 pub fn module_path() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workspace = if manifest.join("edge").is_dir() {
+        manifest
+    } else {
+        manifest.parent().unwrap_or(manifest)
+    };
     let profile_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
+        .unwrap_or_else(|| workspace.join("target"))
         .join("debug");
     let candidates = [
         profile_dir.join("deps").join("libgpucache.so"),

@@ -1,0 +1,447 @@
+//! The in-process L1: a bounded moka cache of marketplace reads, validated against tag epochs
+//! and record versions on every hit and every fill.
+
+use crate::error::EdgeError;
+use crate::keyspace;
+use crate::query::Query;
+use crate::stats::{add, Counters, Stats};
+use crate::tags::{Epochs, Stamp, Tag};
+use moka::ops::compute::Op;
+use moka::policy::EvictionPolicy;
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where an invalidation came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A keyspace notification (the fast path).
+    Notification,
+    /// An entry of a region's event stream, read live or replayed after a reconnect.
+    Stream,
+    /// The region was dropped whole: events may have been lost.
+    RegionDrop,
+}
+
+/// Called for every key invalidated, with where it came from (metrics, the propagation
+/// benchmark). Runs on a listener thread: keep it short.
+pub type InvalidationHook = Arc<dyn Fn(&str, Source) + Send + Sync>;
+
+/// Eviction policies moka offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Eviction {
+    /// Admission by frequency (TinyLFU), eviction by recency: the best hit ratio on skewed
+    /// (popular-GPU) traffic.
+    #[default]
+    TinyLfu,
+    /// Plain least-recently-used: better when recent keys are the hot ones (scans, bursts).
+    Lru,
+}
+
+/// Size and lifetime limits of the L1.
+#[derive(Debug, Clone)]
+pub struct L1Config {
+    pub max_entries: u64,
+    /// Upper bound on an entry's life, whatever the events say (a safety net).
+    pub time_to_live: Duration,
+    /// Drop entries not read for this long (`None`: only `time_to_live`).
+    pub time_to_idle: Option<Duration>,
+    pub eviction: Eviction,
+    /// Serve cached entries while the invalidation link is down (they may be stale until it
+    /// is back). Off by default: reads then go to Redis.
+    pub serve_while_disconnected: bool,
+}
+
+impl Default for L1Config {
+    fn default() -> Self {
+        L1Config {
+            max_entries: 100_000,
+            time_to_live: Duration::from_secs(60),
+            time_to_idle: None,
+            eviction: Eviction::TinyLfu,
+            serve_while_disconnected: false,
+        }
+    }
+}
+
+enum Lookup {
+    Hit(Arc<Value>),
+    Absent,
+    Invalidated,
+}
+
+struct Entry {
+    value: Arc<Value>,
+    version: Option<i64>,
+    stamps: Vec<Stamp>,
+}
+
+/// What a load produced that must not be cached, or its failure; shared by single-flight
+/// waiters.
+enum LoadOutcome {
+    Uncached(Arc<Value>),
+    Failed(EdgeError),
+}
+
+pub struct L1 {
+    entries: moka::sync::Cache<Query, Arc<Entry>>,
+    /// Newest version seen per GPU key (from events and fills).
+    versions: moka::sync::Cache<String, i64>,
+    epochs: Epochs,
+    pub(crate) counters: Counters,
+    serve_while_disconnected: bool,
+    hook: Option<InvalidationHook>,
+}
+
+impl L1 {
+    pub fn new(config: &L1Config, hook: Option<InvalidationHook>) -> L1 {
+        let policy = match config.eviction {
+            Eviction::TinyLfu => EvictionPolicy::tiny_lfu(),
+            Eviction::Lru => EvictionPolicy::lru(),
+        };
+        let mut builder = moka::sync::Cache::builder()
+            .max_capacity(config.max_entries)
+            .time_to_live(config.time_to_live)
+            .eviction_policy(policy);
+        if let Some(idle) = config.time_to_idle {
+            builder = builder.time_to_idle(idle);
+        }
+        L1 {
+            entries: builder.build(),
+            versions: moka::sync::Cache::builder()
+                .max_capacity(config.max_entries.saturating_mul(4))
+                .build(),
+            epochs: Epochs::default(),
+            counters: Counters::default(),
+            serve_while_disconnected: config.serve_while_disconnected,
+            hook,
+        }
+    }
+
+    fn link_up(&self) -> bool {
+        self.counters.stream_up.load(Ordering::Acquire)
+    }
+
+    fn serving(&self) -> bool {
+        self.serve_while_disconnected || self.link_up()
+    }
+
+    fn valid(&self, entry: &Entry) -> bool {
+        self.epochs.all_unchanged(&entry.stamps)
+    }
+
+    /// The cached value, if it is still valid (counts a hit or a miss).
+    pub fn get(&self, query: &Query) -> Option<Arc<Value>> {
+        match self.lookup(query) {
+            Lookup::Hit(value) => Some(value),
+            Lookup::Absent | Lookup::Invalidated => None,
+        }
+    }
+
+    fn lookup(&self, query: &Query) -> Lookup {
+        let found = if self.serving() {
+            self.entries.get(query)
+        } else {
+            None
+        };
+        match found {
+            Some(entry) if self.valid(&entry) => {
+                add(&self.counters.hits, 1);
+                Lookup::Hit(entry.value.clone())
+            }
+            Some(_) => {
+                add(&self.counters.misses, 1);
+                Lookup::Invalidated
+            }
+            None => {
+                add(&self.counters.misses, 1);
+                Lookup::Absent
+            }
+        }
+    }
+
+    /// Removes the entry of `query` if it is (still) invalid: a concurrent reader may already
+    /// have replaced it with a fresh one, which must stay.
+    fn remove_if_invalid(&self, query: &Query) {
+        self.entries
+            .entry_by_ref(query)
+            .and_compute_with(|current| match current {
+                Some(entry) if !self.valid(entry.value()) => Op::Remove,
+                _ => Op::Nop,
+            });
+    }
+
+    /// The cached value or, on a miss, the loader's. Concurrent misses of one query share one
+    /// loader call (moka's single flight). The result is cached only if nothing invalidated
+    /// it while it loaded and it is not older than a version already seen.
+    pub fn get_or_load<F>(&self, query: &Query, loader: F) -> Result<Arc<Value>, EdgeError>
+    where
+        F: FnOnce(&Query) -> Result<Value, EdgeError>,
+    {
+        if !self.serving() {
+            add(&self.counters.misses, 1);
+            add(&self.counters.loads, 1);
+            return loader(query).map(Arc::new).inspect_err(|_| {
+                add(&self.counters.load_errors, 1);
+            });
+        }
+        match self.lookup(query) {
+            Lookup::Hit(value) => return Ok(value),
+            // try_get_with would return the invalidated entry as is.
+            Lookup::Invalidated => self.remove_if_invalid(query),
+            Lookup::Absent => {}
+        }
+        let outcome = self
+            .entries
+            .try_get_with(query.clone(), || self.load(query, loader));
+        match outcome {
+            Ok(entry) if self.valid(&entry) => Ok(entry.value.clone()),
+            // Invalidated between the fill and now: it was read before the change; this
+            // caller's read also began before it, so the value is still a correct answer,
+            // but the next read must load again.
+            Ok(entry) => {
+                self.remove_if_invalid(query);
+                Ok(entry.value.clone())
+            }
+            Err(shared) => match &*shared {
+                LoadOutcome::Uncached(value) => Ok(value.clone()),
+                LoadOutcome::Failed(e) => Err(e.clone()),
+            },
+        }
+    }
+
+    fn load<F>(&self, query: &Query, loader: F) -> Result<Arc<Entry>, LoadOutcome>
+    where
+        F: FnOnce(&Query) -> Result<Value, EdgeError>,
+    {
+        let cacheable = self.link_up();
+        let stamp_all = |tags: Vec<Tag>| -> Vec<Stamp> {
+            tags.into_iter().map(|t| self.epochs.stamp(t)).collect()
+        };
+        let mut stamps = stamp_all(query.tags_before_load());
+        let guards = stamp_all(query.load_guards());
+        add(&self.counters.loads, 1);
+        let value = loader(query).map_err(|e| {
+            add(&self.counters.load_errors, 1);
+            LoadOutcome::Failed(e)
+        })?;
+        let value = Arc::new(value);
+        let version = query.version_of(&value);
+        let too_old = match (version, query.versioned_key()) {
+            (Some(version), Some(key)) => !self.note_version(&key, version),
+            _ => false,
+        };
+        let overtaken = !self.epochs.all_unchanged(&stamps) || !self.epochs.all_unchanged(&guards);
+        if !cacheable || too_old || overtaken {
+            add(&self.counters.fills_refused, 1);
+            return Err(LoadOutcome::Uncached(value));
+        }
+        stamps.extend(stamp_all(query.tags_of_value(&value)));
+        Ok(Arc::new(Entry {
+            value,
+            version,
+            stamps,
+        }))
+    }
+
+    /// Records `version` for a GPU key; false when a newer one was already seen.
+    pub(crate) fn note_version(&self, key: &str, version: i64) -> bool {
+        let newest = self
+            .versions
+            .entry_by_ref(key)
+            .and_upsert_with(|old| old.map_or(version, |v| v.into_value().max(version)));
+        *newest.value() <= version
+    }
+
+    /// Drops what a change of `key` makes stale.
+    pub fn invalidate_key(&self, key: &str, source: Source) {
+        for tag in keyspace::tags_for_key(key) {
+            self.epochs.bump(tag);
+        }
+        if let Some(parts) = keyspace::parse_key(key) {
+            if parts.entity == "gpu" {
+                self.entries.invalidate(&Query::gpu(parts.region, parts.id));
+            }
+        }
+        if let Some(hook) = &self.hook {
+            hook(key, source);
+        }
+    }
+
+    /// Applies a stream event's GPU version, then invalidates its keys — except the GPU's own
+    /// key when the cached record is already at least that new (it was loaded after the
+    /// change, e.g. right after the notification dropped it).
+    pub(crate) fn apply_event(&self, gpu_key: Option<(&str, i64)>, keys: &[String]) {
+        if let Some((key, version)) = gpu_key {
+            self.note_version(key, version);
+        }
+        for key in keys {
+            if let Some((gpu_key, version)) = gpu_key {
+                if key == gpu_key && self.cached_version_at_least(key, version) {
+                    continue;
+                }
+            }
+            self.invalidate_key(key, Source::Stream);
+        }
+    }
+
+    fn cached_version_at_least(&self, gpu_key: &str, version: i64) -> bool {
+        let Some(parts) = keyspace::parse_key(gpu_key) else {
+            return false;
+        };
+        self.entries
+            .get(&Query::gpu(parts.region, parts.id))
+            .is_some_and(|e| self.valid(&e) && e.version.is_some_and(|v| v >= version))
+    }
+
+    /// Drops everything cached for `region`.
+    pub fn drop_region(&self, region: &str) {
+        self.epochs.bump(Tag::region(region));
+        add(&self.counters.region_drops, 1);
+        if let Some(hook) = &self.hook {
+            hook(&format!("gpucache:{{{region}}}:*"), Source::RegionDrop);
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot(self.entries.entry_count())
+    }
+
+    /// Marks the invalidation link up or down (the listener's job; tests and benchmarks of the
+    /// cache alone set it by hand).
+    pub fn set_link(&self, stream_up: bool) {
+        self.counters.stream_up.store(stream_up, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::atomic::AtomicUsize;
+
+    fn l1() -> L1 {
+        let l1 = L1::new(&L1Config::default(), None);
+        l1.set_link(true);
+        l1
+    }
+
+    fn gpu(version: i64) -> Value {
+        json!({"gpu_id": "g1", "type": "A100", "provider": "p1", "version": version})
+    }
+
+    #[test]
+    fn caches_and_invalidates_by_key() {
+        let l1 = l1();
+        let q = Query::gpu("eu", "g1");
+        let v = l1.get_or_load(&q, |_| Ok(gpu(1))).unwrap();
+        assert_eq!(v["version"], 1);
+        assert!(l1.get(&q).is_some());
+        l1.invalidate_key("gpucache:{eu}:gpu:g1", Source::Notification);
+        assert!(l1.get(&q).is_none());
+        let v = l1.get_or_load(&q, |_| Ok(gpu(2))).unwrap();
+        assert_eq!(v["version"], 2);
+    }
+
+    #[test]
+    fn a_type_price_change_drops_gpus_of_that_type_only() {
+        let l1 = l1();
+        let a100 = Query::gpu("eu", "g1");
+        let h100 = Query::gpu("eu", "g2");
+        l1.get_or_load(&a100, |_| Ok(gpu(1))).unwrap();
+        l1.get_or_load(&h100, |_| {
+            Ok(json!({"type": "H100", "provider": "p1", "version": 1}))
+        })
+        .unwrap();
+        l1.invalidate_key("gpucache:{eu}:price:A100", Source::Notification);
+        assert!(l1.get(&a100).is_none());
+        assert!(l1.get(&h100).is_some());
+        l1.invalidate_key("gpucache:{eu}:provider:p1", Source::Notification);
+        assert!(l1.get(&h100).is_none());
+    }
+
+    #[test]
+    fn market_changes_drop_searches_and_stats_not_records() {
+        let l1 = l1();
+        let search = Query::available("eu", &["LIMIT", "10"]);
+        let stats = Query::stats("eu");
+        let record = Query::gpu("eu", "g1");
+        l1.get_or_load(&search, |_| Ok(json!([]))).unwrap();
+        l1.get_or_load(&stats, |_| Ok(json!({}))).unwrap();
+        l1.get_or_load(&record, |_| Ok(gpu(1))).unwrap();
+        l1.invalidate_key("gpucache:{eu}:avail-own:A100", Source::Stream);
+        assert!(l1.get(&search).is_none());
+        assert!(l1.get(&stats).is_none());
+        assert!(l1.get(&record).is_some());
+        l1.drop_region("eu");
+        assert!(l1.get(&record).is_none());
+    }
+
+    #[test]
+    fn a_load_overtaken_by_an_invalidation_is_returned_but_not_cached() {
+        let l1 = l1();
+        let q = Query::gpu("eu", "g1");
+        let v = l1
+            .get_or_load(&q, |_| {
+                // The write lands while the (slow) read is in flight.
+                l1.invalidate_key("gpucache:{eu}:gpu:g1", Source::Notification);
+                Ok(gpu(1))
+            })
+            .unwrap();
+        assert_eq!(v["version"], 1);
+        assert!(l1.get(&q).is_none());
+        assert_eq!(l1.stats().fills_refused, 1);
+    }
+
+    #[test]
+    fn a_fill_older_than_a_seen_version_is_refused() {
+        let l1 = l1();
+        let q = Query::gpu("eu", "g1");
+        l1.apply_event(Some(("gpucache:{eu}:gpu:g1", 5)), &[]);
+        l1.get_or_load(&q, |_| Ok(gpu(4))).unwrap();
+        assert!(l1.get(&q).is_none(), "version 4 < 5 must not be cached");
+        l1.get_or_load(&q, |_| Ok(gpu(5))).unwrap();
+        assert!(l1.get(&q).is_some());
+        // A replayed event for a version the cache already holds keeps the entry.
+        l1.apply_event(
+            Some(("gpucache:{eu}:gpu:g1", 5)),
+            &["gpucache:{eu}:gpu:g1".to_string()],
+        );
+        assert!(l1.get(&q).is_some());
+        l1.apply_event(
+            Some(("gpucache:{eu}:gpu:g1", 6)),
+            &["gpucache:{eu}:gpu:g1".to_string()],
+        );
+        assert!(l1.get(&q).is_none());
+    }
+
+    #[test]
+    fn nothing_is_cached_or_served_while_the_link_is_down() {
+        let l1 = l1();
+        let q = Query::stats("eu");
+        l1.get_or_load(&q, |_| Ok(json!({"n": 1}))).unwrap();
+        l1.set_link(false);
+        assert!(l1.get(&q).is_none());
+        let calls = AtomicUsize::new(0);
+        let load = |_: &Query| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(json!({"n": 2}))
+        };
+        assert_eq!(l1.get_or_load(&q, load).unwrap()["n"], 2);
+        assert_eq!(l1.get_or_load(&q, load).unwrap()["n"], 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn load_errors_are_returned_and_not_cached() {
+        let l1 = l1();
+        let q = Query::gpu("eu", "nope");
+        let err = l1
+            .get_or_load(&q, |_| Err(EdgeError::Server("NOGPU no such GPU".into())))
+            .unwrap_err();
+        assert_eq!(err, EdgeError::Server("NOGPU no such GPU".into()));
+        assert!(l1.get(&q).is_none());
+        assert_eq!(l1.stats().load_errors, 1);
+    }
+}

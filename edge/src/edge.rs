@@ -1,0 +1,168 @@
+//! `Edge`: the L1 plus its invalidation links and a default loader, ready for an app server.
+
+use crate::cache::{InvalidationHook, L1Config, L1};
+use crate::error::EdgeError;
+use crate::listener::{self, LinkConfig};
+use crate::query::Query;
+use crate::reply;
+use crate::stats::Stats;
+use serde_json::Value;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Everything an edge node configures.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// `redis://[user:password@]host:port[/db]` of the primary that runs gpucache.
+    pub url: String,
+    /// Regions this node caches: their notifications and event streams are followed.
+    pub regions: Vec<String>,
+    pub l1: L1Config,
+    pub link: LinkConfig,
+    /// Connections of the default loader's pool.
+    pub loader_connections: u32,
+}
+
+impl EdgeConfig {
+    pub fn new(url: &str, regions: &[&str]) -> EdgeConfig {
+        EdgeConfig {
+            url: url.to_string(),
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            l1: L1Config::default(),
+            link: LinkConfig::default(),
+            loader_connections: 8,
+        }
+    }
+}
+
+/// A running edge cache. Dropping it stops its threads.
+pub struct Edge {
+    l1: Arc<L1>,
+    pool: r2d2::Pool<redis::Client>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Edge {
+    /// Starts the links in the background and returns at once; until the stream link is up,
+    /// reads go to Redis and nothing is cached (`wait_connected` waits for it).
+    pub fn start(config: EdgeConfig) -> Result<Edge, EdgeError> {
+        Edge::start_with_hook(config, None)
+    }
+
+    /// As `start`, calling `hook` for every invalidated key.
+    pub fn start_with_hook(
+        config: EdgeConfig,
+        hook: Option<InvalidationHook>,
+    ) -> Result<Edge, EdgeError> {
+        let info: redis::ConnectionInfo = config
+            .url
+            .as_str()
+            .parse()
+            .map_err(|e: redis::RedisError| EdgeError::Connection(e.to_string()))?;
+        let db = info.redis.db;
+        let mut resp2 = info.clone();
+        resp2.redis.protocol = redis::ProtocolVersion::RESP2;
+        let mut resp3 = info;
+        resp3.redis.protocol = redis::ProtocolVersion::RESP3;
+        let link_client = redis::Client::open(resp2)?;
+        let pool = r2d2::Pool::builder()
+            .max_size(config.loader_connections.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(Duration::from_secs(2))
+            .build_unchecked(redis::Client::open(resp3)?);
+
+        let l1 = Arc::new(L1::new(&config.l1, hook));
+        let stop = Arc::new(AtomicBool::new(false));
+        let notifications = {
+            let (client, regions, l1, link, stop) = (
+                link_client.clone(),
+                config.regions.clone(),
+                l1.clone(),
+                config.link.clone(),
+                stop.clone(),
+            );
+            std::thread::Builder::new()
+                .name("gpucache-edge-notify".into())
+                .spawn(move || listener::run_notifications(client, db, regions, l1, link, stop))
+                .map_err(|e| EdgeError::Connection(e.to_string()))?
+        };
+        let stream = {
+            let (regions, l1, link, stop) = (
+                config.regions.clone(),
+                l1.clone(),
+                config.link.clone(),
+                stop.clone(),
+            );
+            std::thread::Builder::new()
+                .name("gpucache-edge-stream".into())
+                .spawn(move || listener::run_stream(link_client, regions, l1, link, stop))
+                .map_err(|e| EdgeError::Connection(e.to_string()))?
+        };
+        Ok(Edge {
+            l1,
+            pool,
+            stop,
+            threads: vec![notifications, stream],
+        })
+    }
+
+    /// Waits until both links are up; false on timeout.
+    pub fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stats().connection == "connected" {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// The read through the L1, loaded with its `GPUCACHE.*` command on a miss.
+    pub fn get(&self, query: &Query) -> Result<Arc<Value>, EdgeError> {
+        self.l1.get_or_load(query, |q| self.load(q))
+    }
+
+    /// The read through the L1, loaded by `loader` on a miss (single flight).
+    pub fn get_or_load<F>(&self, query: &Query, loader: F) -> Result<Arc<Value>, EdgeError>
+    where
+        F: FnOnce(&Query) -> Result<Value, EdgeError>,
+    {
+        self.l1.get_or_load(query, loader)
+    }
+
+    /// The default loader: the query's `GPUCACHE.*` command on a pooled RESP3 connection.
+    pub fn load(&self, query: &Query) -> Result<Value, EdgeError> {
+        let mut con = self
+            .pool
+            .get()
+            .map_err(|e| EdgeError::Connection(e.to_string()))?;
+        let reply: redis::Value = query.command().query(&mut *con)?;
+        Ok(reply::to_json(reply))
+    }
+
+    /// The cached value only (no load).
+    pub fn cached(&self, query: &Query) -> Option<Arc<Value>> {
+        self.l1.get(query)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.l1.stats()
+    }
+
+    pub fn l1(&self) -> &L1 {
+        &self.l1
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}

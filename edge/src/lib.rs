@@ -1,0 +1,30 @@
+//! gpucache-edge: the in-process L1 cache an edge node keeps in front of gpucache, kept
+//! coherent by the module's keyspace notifications and event stream.
+//!
+//! ```no_run
+//! use gpucache_edge::{Edge, EdgeConfig, Query};
+//! let edge = Edge::start(EdgeConfig::new("redis://127.0.0.1:6379", &["eu-west"])).unwrap();
+//! let gpu = edge.get(&Query::gpu("eu-west", "a100-1")).unwrap();
+//! println!("{} at {}", gpu["status"], gpu["price"]);
+//! ```
+//!
+//! - [`cache`]: the L1 (moka) with epoch- and version-guarded fills.
+//! - [`listener`]: the notification and stream links, reconnect and replay.
+//! - [`keyspace`]: which cached reads a changed key affects.
+
+pub mod cache;
+pub mod edge;
+pub mod error;
+pub mod keyspace;
+pub mod listener;
+pub mod query;
+pub mod reply;
+pub mod stats;
+pub mod tags;
+
+pub use cache::{Eviction, InvalidationHook, L1Config, Source, L1};
+pub use edge::{Edge, EdgeConfig};
+pub use error::EdgeError;
+pub use listener::LinkConfig;
+pub use query::Query;
+pub use stats::Stats;

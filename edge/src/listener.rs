@@ -1,0 +1,481 @@
+//! The two background links that keep the L1 coherent.
+//!
+//! - **Notifications** (fast path): `PSUBSCRIBE __keyspace@<db>__:gpucache:{R}:*`; each message
+//!   names a changed key, which is invalidated at once.
+//! - **Event stream** (the ordered, replayable record): `XREAD BLOCK` on each region's
+//!   `gpucache:{R}:events` from the last applied id. It carries record versions, closes every
+//!   gap a lost notification would leave, and after a reconnect replays what was missed — or,
+//!   if the stream was trimmed past the last applied id, drops the region. The L1 serves
+//!   entries only while this link is up.
+//!
+//! Both reconnect with jittered exponential backoff on their own threads; readers never wait
+//! for them.
+
+use crate::cache::{Source, L1};
+use crate::keyspace;
+use crate::stats::add;
+use redis::{Connection, RedisResult, Value};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Reconnect and polling settings.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How long one `XREAD BLOCK` (and one notification read) waits before checking for
+    /// shutdown and trimmed streams.
+    pub poll: Duration,
+    /// Entries read per `XREAD`/`XRANGE` call.
+    pub batch: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            poll: Duration::from_millis(250),
+            batch: 1000,
+        }
+    }
+}
+
+/// Exponential backoff with full jitter; reset after a successful connect.
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(config: &LinkConfig) -> Backoff {
+        Backoff {
+            next: config.backoff_min,
+            min: config.backoff_min,
+            max: config.backoff_max,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// Sleeps (in slices, so shutdown stays prompt); false if asked to stop.
+    fn wait(&mut self, stop: &AtomicBool) -> bool {
+        let millis = u64::try_from(self.next.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let deadline = Instant::now() + Duration::from_millis(fastrand::u64(millis / 2..=millis));
+        self.next = (self.next * 2).min(self.max);
+        while Instant::now() < deadline {
+            if stop.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        !stop.load(Ordering::Acquire)
+    }
+}
+
+/// The notification link: runs until `stop`.
+pub(crate) fn run_notifications(
+    client: redis::Client,
+    db: i64,
+    regions: Vec<String>,
+    l1: Arc<L1>,
+    config: LinkConfig,
+    stop: Arc<AtomicBool>,
+) {
+    let mut backoff = Backoff::new(&config);
+    while !stop.load(Ordering::Acquire) {
+        if let Ok(mut con) = client.get_connection() {
+            let result = listen(&mut con, db, &regions, &l1, &config, &stop, &mut backoff);
+            l1.counters.notifications_up.store(false, Ordering::Release);
+            if result.is_ok() {
+                return; // stopped
+            }
+        }
+        add(&l1.counters.reconnects, 1);
+        if !backoff.wait(&stop) {
+            return;
+        }
+    }
+}
+
+fn listen(
+    con: &mut Connection,
+    db: i64,
+    regions: &[String],
+    l1: &L1,
+    config: &LinkConfig,
+    stop: &AtomicBool,
+    backoff: &mut Backoff,
+) -> RedisResult<()> {
+    name_connection(con, "gpucache-edge-notify")?;
+    let mut pubsub = con.as_pubsub();
+    pubsub.set_read_timeout(Some(config.poll))?;
+    for region in regions {
+        pubsub.psubscribe(keyspace::notification_pattern(db, region))?;
+    }
+    l1.counters.notifications_up.store(true, Ordering::Release);
+    backoff.reset();
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match pubsub.get_message() {
+            Ok(message) => {
+                add(&l1.counters.notifications, 1);
+                if let Some(key) = keyspace::key_of_channel(message.get_channel_name()) {
+                    l1.invalidate_key(key, Source::Notification);
+                }
+            }
+            Err(e) if e.is_timeout() => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Names the link in `CLIENT LIST`, so operators (and tests) can tell edge links apart.
+fn name_connection(con: &mut Connection, name: &str) -> RedisResult<()> {
+    redis::cmd("CLIENT").arg("SETNAME").arg(name).query(con)
+}
+
+/// A stream entry id (`<ms>-<seq>`), ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct EntryId(u64, u64);
+
+impl EntryId {
+    pub fn parse(text: &str) -> Option<EntryId> {
+        let (ms, seq) = text.split_once('-')?;
+        Some(EntryId(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// The part of an event's JSON payload the L1 needs (README "Event stream").
+#[derive(Debug, Deserialize)]
+pub struct EventPayload {
+    #[serde(default)]
+    pub ts_ms: Option<i64>,
+    #[serde(default)]
+    pub gpu_id: Option<String>,
+    #[serde(default)]
+    pub version: Option<i64>,
+    pub keys: Vec<String>,
+}
+
+/// One stream entry as `XRANGE`/`XREAD` return it: id and fields.
+type StreamEntry = (String, HashMap<String, Value>);
+
+struct Cursor {
+    region: String,
+    stream: String,
+    /// Last applied entry; `None` until the first connect.
+    last: Option<EntryId>,
+}
+
+/// What `XINFO STREAM` says about trimming.
+struct StreamInfo {
+    length: u64,
+    last_generated: EntryId,
+    /// The oldest entry still in the stream.
+    first: EntryId,
+    /// Highest id removed by `XDEL` (Redis 7.0 does not count trimming here).
+    max_deleted: EntryId,
+}
+
+impl StreamInfo {
+    /// Whether entries after `last` may be gone. Trimming removes from the head, so when the
+    /// oldest remaining entry is newer than `last`, entries between them may have existed:
+    /// counted as lost (a reader that is merely near the head drops its region needlessly,
+    /// never keeps a stale entry).
+    fn lost_after(&self, last: EntryId) -> bool {
+        let trimmed_past = if self.length == 0 {
+            self.last_generated > last
+        } else {
+            self.first > last
+        };
+        trimmed_past || self.max_deleted > last || self.last_generated < last
+    }
+}
+
+/// The stream link: runs until `stop`.
+pub(crate) fn run_stream(
+    client: redis::Client,
+    regions: Vec<String>,
+    l1: Arc<L1>,
+    config: LinkConfig,
+    stop: Arc<AtomicBool>,
+) {
+    let mut cursors: Vec<Cursor> = regions
+        .iter()
+        .map(|region| Cursor {
+            region: region.clone(),
+            stream: keyspace::events_key(region),
+            last: None,
+        })
+        .collect();
+    let mut backoff = Backoff::new(&config);
+    while !stop.load(Ordering::Acquire) {
+        if let Ok(mut con) = client.get_connection() {
+            let result = follow(&mut con, &mut cursors, &l1, &config, &stop, &mut backoff);
+            l1.set_link(false);
+            if result.is_ok() {
+                return; // stopped
+            }
+        }
+        add(&l1.counters.reconnects, 1);
+        if !backoff.wait(&stop) {
+            return;
+        }
+    }
+}
+
+fn follow(
+    con: &mut Connection,
+    cursors: &mut [Cursor],
+    l1: &L1,
+    config: &LinkConfig,
+    stop: &AtomicBool,
+    backoff: &mut Backoff,
+) -> RedisResult<()> {
+    name_connection(con, "gpucache-edge-stream")?;
+    // The socket timeout must outlast the server-side block.
+    con.set_read_timeout(Some(config.poll * 4 + Duration::from_secs(1)))?;
+    for cursor in cursors.iter_mut() {
+        catch_up(con, cursor, l1, config)?;
+    }
+    l1.set_link(true);
+    backoff.reset();
+    let mut last_trim_check = Instant::now();
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let applied = read_new(con, cursors, l1, config)?;
+        // A reader that fell further behind than the stream's MAXLEN would not notice the
+        // entries it never saw: compare with the trim point now and then.
+        if applied == 0 || last_trim_check.elapsed() > Duration::from_secs(1) {
+            for cursor in cursors.iter_mut() {
+                check_trimmed(con, cursor, l1)?;
+            }
+            last_trim_check = Instant::now();
+        }
+    }
+}
+
+/// After a (re)connect: replay what this cursor missed, or drop the region when that cannot
+/// be known.
+fn catch_up(
+    con: &mut Connection,
+    cursor: &mut Cursor,
+    l1: &L1,
+    config: &LinkConfig,
+) -> RedisResult<()> {
+    let info = stream_info(con, &cursor.stream)?;
+    let Some(last) = cursor.last else {
+        // First connect: nothing is cached yet, start from the stream's end.
+        cursor.last = Some(info.map_or(EntryId::default(), |i| i.last_generated));
+        return Ok(());
+    };
+    if check_trimmed(con, cursor, l1)? {
+        return Ok(());
+    }
+    let mut from = last;
+    loop {
+        let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+            .arg(&cursor.stream)
+            .arg(format!("({from}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(config.batch)
+            .query(con)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for (id, fields) in entries {
+            apply(l1, cursor, &id, &fields);
+            add(&l1.counters.events_replayed, 1);
+        }
+        from = cursor.last.unwrap_or(from);
+    }
+}
+
+/// Drops the cursor's region when entries it has not applied are gone (trimmed, or the stream
+/// was deleted or restarted); true if it did.
+fn check_trimmed(con: &mut Connection, cursor: &mut Cursor, l1: &L1) -> RedisResult<bool> {
+    let Some(last) = cursor.last else {
+        return Ok(false);
+    };
+    let info = stream_info(con, &cursor.stream)?;
+    let lost = match &info {
+        None => last > EntryId::default(),
+        Some(info) => info.lost_after(last),
+    };
+    if lost {
+        l1.drop_region(&cursor.region);
+        cursor.last = Some(info.map_or(EntryId::default(), |i| i.last_generated));
+    }
+    Ok(lost)
+}
+
+fn stream_info(con: &mut Connection, stream: &str) -> RedisResult<Option<StreamInfo>> {
+    let reply: Value = match redis::cmd("XINFO").arg("STREAM").arg(stream).query(con) {
+        Ok(reply) => reply,
+        Err(e) if e.kind() == redis::ErrorKind::ResponseError => return Ok(None), // no such key
+        Err(e) => return Err(e),
+    };
+    let fields: HashMap<String, Value> = redis::from_redis_value(&reply)?;
+    let id = |name: &str| -> EntryId {
+        fields
+            .get(name)
+            .and_then(|v| redis::from_redis_value::<String>(v).ok())
+            .and_then(|s| EntryId::parse(&s))
+            .unwrap_or_default()
+    };
+    let first = match fields.get("first-entry") {
+        Some(Value::Array(entry)) => entry
+            .first()
+            .and_then(|v| redis::from_redis_value::<String>(v).ok())
+            .and_then(|s| EntryId::parse(&s))
+            .unwrap_or_default(),
+        _ => EntryId::default(),
+    };
+    Ok(Some(StreamInfo {
+        length: fields
+            .get("length")
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .unwrap_or(0),
+        last_generated: id("last-generated-id"),
+        first,
+        max_deleted: id("max-deleted-entry-id"),
+    }))
+}
+
+/// One `XREAD BLOCK` over every region; returns the number of entries applied.
+fn read_new(
+    con: &mut Connection,
+    cursors: &mut [Cursor],
+    l1: &L1,
+    config: &LinkConfig,
+) -> RedisResult<usize> {
+    let mut cmd = redis::cmd("XREAD");
+    cmd.arg("COUNT")
+        .arg(config.batch)
+        .arg("BLOCK")
+        .arg(u64::try_from(config.poll.as_millis()).unwrap_or(1000))
+        .arg("STREAMS");
+    for cursor in cursors.iter() {
+        cmd.arg(&cursor.stream);
+    }
+    for cursor in cursors.iter() {
+        cmd.arg(cursor.last.unwrap_or_default().to_string());
+    }
+    let reply: Option<Vec<(String, Vec<StreamEntry>)>> = cmd.query(con)?;
+    let mut applied = 0;
+    for (stream, entries) in reply.unwrap_or_default() {
+        let Some(cursor) = cursors.iter_mut().find(|c| c.stream == stream) else {
+            continue;
+        };
+        for (id, fields) in entries {
+            apply(l1, cursor, &id, &fields);
+            applied += 1;
+        }
+    }
+    Ok(applied)
+}
+
+fn apply(l1: &L1, cursor: &mut Cursor, id: &str, fields: &HashMap<String, Value>) {
+    add(&l1.counters.stream_events, 1);
+    let payload = fields
+        .get("payload")
+        .and_then(|v| redis::from_redis_value::<String>(v).ok())
+        .and_then(|json| serde_json::from_str::<EventPayload>(&json).ok());
+    match payload {
+        Some(event) => {
+            let gpu_key = event
+                .gpu_id
+                .as_deref()
+                .map(|gpu_id| keyspace::gpu_key(&cursor.region, gpu_id));
+            let versioned = gpu_key.as_deref().zip(event.version);
+            l1.apply_event(versioned, &event.keys);
+            if let Some(ts) = event.ts_ms {
+                l1.counters.newest_event_ms.fetch_max(ts, Ordering::Relaxed);
+            }
+        }
+        // An entry this version cannot read may have changed anything in the region.
+        None => l1.drop_region(&cursor.region),
+    }
+    if let Some(id) = EntryId::parse(id) {
+        cursor.last = Some(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_order_numerically() {
+        let a = EntryId::parse("1700000000000-9").unwrap();
+        let b = EntryId::parse("1700000000000-10").unwrap();
+        let c = EntryId::parse("1700000000001-0").unwrap();
+        assert!(a < b && b < c);
+        assert_eq!(b.to_string(), "1700000000000-10");
+        assert_eq!(EntryId::parse("nope"), None);
+        assert_eq!(EntryId::parse("1-x"), None);
+    }
+
+    #[test]
+    fn a_gap_is_assumed_when_the_oldest_entry_is_newer_than_the_last_applied() {
+        let id = |ms| EntryId(ms, 0);
+        let info = StreamInfo {
+            length: 10,
+            last_generated: id(100),
+            first: id(50),
+            max_deleted: EntryId::default(),
+        };
+        assert!(!info.lost_after(id(60)), "still holds everything after 60");
+        assert!(!info.lost_after(id(100)), "up to date");
+        assert!(info.lost_after(id(40)), "41..49 may have been trimmed");
+        assert!(
+            info.lost_after(id(200)),
+            "the stream restarted below what was applied"
+        );
+        let deleted = StreamInfo {
+            max_deleted: id(70),
+            ..info
+        };
+        assert!(deleted.lost_after(id(60)), "an XDEL after 60");
+        let empty = StreamInfo {
+            length: 0,
+            first: EntryId::default(),
+            ..info
+        };
+        assert!(empty.lost_after(id(60)) && !empty.lost_after(id(100)));
+    }
+
+    #[test]
+    fn event_payloads_parse_the_fields_the_l1_uses() {
+        let event: EventPayload = serde_json::from_str(
+            r#"{"type":"booking_created","region":"eu","ts_ms":5,"gpu_id":"g1","version":3,
+                "keys":["gpucache:{eu}:gpu:g1"],"new":{"status":"busy"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (event.gpu_id.as_deref(), event.version),
+            (Some("g1"), Some(3))
+        );
+        assert_eq!(event.keys, vec!["gpucache:{eu}:gpu:g1"]);
+    }
+}

@@ -1,0 +1,98 @@
+//! Health and statistics counters, shared by readers and the listener threads.
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub loads: AtomicU64,
+    pub load_errors: AtomicU64,
+    pub fills_refused: AtomicU64,
+    pub notifications: AtomicU64,
+    pub stream_events: AtomicU64,
+    pub events_replayed: AtomicU64,
+    pub region_drops: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub newest_event_ms: AtomicI64,
+    pub notifications_up: AtomicBool,
+    pub stream_up: AtomicBool,
+}
+
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A snapshot of the L1's health (`Edge::stats`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub hits: u64,
+    pub misses: u64,
+    /// hits / (hits + misses); 0 before the first read.
+    pub hit_ratio: f64,
+    /// Loader calls (a single-flight load serves all its waiters with one call).
+    pub loads: u64,
+    pub load_errors: u64,
+    /// Loaded values not cached because an invalidation or a newer version arrived while
+    /// they were loading (they were still returned to the caller).
+    pub fills_refused: u64,
+    /// Keyspace notifications received.
+    pub notifications: u64,
+    /// Event-stream entries applied (live and replayed).
+    pub stream_events: u64,
+    /// Of those, entries read back after a (re)connect.
+    pub events_replayed: u64,
+    /// Times a region's whole L1 was dropped because events may have been lost.
+    pub region_drops: u64,
+    pub reconnects: u64,
+    /// Now minus the timestamp of the newest applied event (ms); `None` before the first.
+    pub lag_ms: Option<i64>,
+    /// `connected` when both the notification and the stream connection are up,
+    /// `degraded` when only the stream is (invalidations still arrive, a little later),
+    /// `disconnected` otherwise (the L1 is bypassed).
+    pub connection: &'static str,
+    pub entries: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self, entries: u64) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (hits, misses) = (get(&self.hits), get(&self.misses));
+        let newest = self.newest_event_ms.load(Ordering::Relaxed);
+        let stream_up = self.stream_up.load(Ordering::Acquire);
+        let notifications_up = self.notifications_up.load(Ordering::Acquire);
+        Stats {
+            hits,
+            misses,
+            hit_ratio: if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
+            loads: get(&self.loads),
+            load_errors: get(&self.load_errors),
+            fills_refused: get(&self.fills_refused),
+            notifications: get(&self.notifications),
+            stream_events: get(&self.stream_events),
+            events_replayed: get(&self.events_replayed),
+            region_drops: get(&self.region_drops),
+            reconnects: get(&self.reconnects),
+            lag_ms: (newest > 0).then(|| now_ms().saturating_sub(newest)),
+            connection: match (stream_up, notifications_up) {
+                (true, true) => "connected",
+                (true, false) => "degraded",
+                _ => "disconnected",
+            },
+            entries,
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Invalidation tags and their epochs.
+//!
+//! Every L1 entry depends on a few tags (its GPU, the GPU's type price and provider, the
+//! region's market figures, the whole region). An invalidation bumps the epoch of each tag it
+//! names; an entry remembers the epochs it was loaded under and is served only while they are
+//! unchanged. This makes dropping "every search result of a region" O(1), and closes the
+//! fill/invalidate race: a load that began before an invalidation carries the old epoch, so its
+//! result is never served even if it lands in the cache after the invalidation.
+//!
+//! Epochs live in a fixed array of counters indexed by the tag's hash: memory stays bounded
+//! however many keys are seen, and two tags sharing a slot only cost an extra miss.
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A tag, reduced to a stable 64-bit hash of its kind and names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tag(u64);
+
+impl Tag {
+    fn of(kind: u8, region: &str, id: &str) -> Tag {
+        // DefaultHasher::new() uses fixed keys: the same tag hashes alike in every thread.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        kind.hash(&mut hasher);
+        region.hash(&mut hasher);
+        id.hash(&mut hasher);
+        Tag(hasher.finish())
+    }
+
+    /// Everything cached for a region (the fallback when events may have been lost).
+    pub fn region(region: &str) -> Tag {
+        Tag::of(0, region, "")
+    }
+    /// One GPU record.
+    pub fn gpu(region: &str, gpu_id: &str) -> Tag {
+        Tag::of(1, region, gpu_id)
+    }
+    /// A type's price and demand multiplier: the shown price of every GPU of the type.
+    pub fn type_price(region: &str, gpu_type: &str) -> Tag {
+        Tag::of(2, region, gpu_type)
+    }
+    /// A provider's status, shown in each of its GPU records.
+    pub fn provider(region: &str, provider_id: &str) -> Tag {
+        Tag::of(3, region, provider_id)
+    }
+    /// Any type price or provider of the region: guards a GPU load whose type and provider are
+    /// known only once it has finished.
+    pub fn gpu_inputs(region: &str) -> Tag {
+        Tag::of(4, region, "")
+    }
+    /// Availability indexes and counters: search results and statistics.
+    pub fn market(region: &str) -> Tag {
+        Tag::of(5, region, "")
+    }
+    /// One type's ask ladder.
+    pub fn order_book(region: &str, gpu_type: &str) -> Tag {
+        Tag::of(6, region, gpu_type)
+    }
+}
+
+/// The epoch of one tag as an entry recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    slot: usize,
+    epoch: u64,
+}
+
+/// Striped epoch counters.
+pub struct Epochs {
+    slots: Box<[AtomicU64]>,
+}
+
+const SLOTS: usize = 1 << 16;
+
+impl Default for Epochs {
+    fn default() -> Self {
+        Epochs {
+            slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Epochs {
+    fn slot(tag: Tag) -> usize {
+        // SLOTS is a power of two; the low bits of a SipHash are uniform.
+        (tag.0 as usize) & (SLOTS - 1)
+    }
+
+    /// The current epoch of `tag`, to be checked later with [`Epochs::unchanged`].
+    pub fn stamp(&self, tag: Tag) -> Stamp {
+        let slot = Epochs::slot(tag);
+        Stamp {
+            slot,
+            epoch: self.slots[slot].load(Ordering::Acquire),
+        }
+    }
+
+    /// Invalidates everything stamped with `tag` so far.
+    pub fn bump(&self, tag: Tag) {
+        self.slots[Epochs::slot(tag)].fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn unchanged(&self, stamp: &Stamp) -> bool {
+        self.slots[stamp.slot].load(Ordering::Acquire) == stamp.epoch
+    }
+
+    pub fn all_unchanged(&self, stamps: &[Stamp]) -> bool {
+        stamps.iter().all(|s| self.unchanged(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bump_invalidates_earlier_stamps_only() {
+        let epochs = Epochs::default();
+        let before = epochs.stamp(Tag::gpu("eu", "g1"));
+        let other = epochs.stamp(Tag::gpu("eu", "g2"));
+        epochs.bump(Tag::gpu("eu", "g1"));
+        assert!(!epochs.unchanged(&before));
+        assert!(epochs.unchanged(&other), "g2 shares no slot with g1 here");
+        let after = epochs.stamp(Tag::gpu("eu", "g1"));
+        assert!(epochs.unchanged(&after));
+        assert!(!epochs.all_unchanged(&[after, before]));
+    }
+
+    #[test]
+    fn tags_differ_by_kind_region_and_id() {
+        assert_ne!(Tag::gpu("eu", "x"), Tag::type_price("eu", "x"));
+        assert_ne!(Tag::gpu("eu", "x"), Tag::gpu("us", "x"));
+        assert_eq!(Tag::market("eu"), Tag::market("eu"));
+    }
+}

@@ -1,0 +1,416 @@
+//! Edge L1s against a real redis-server with gpucache: writes on one connection must stop
+//! every L1 from serving the old value, across disconnects, trimming and racing loads.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use common::{eventually, run, Server};
+use gpucache_edge::{Edge, EdgeConfig, EdgeError, LinkConfig, Query};
+use redis::Connection;
+use serde_json::Value;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Barrier};
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(5);
+
+fn server() -> Server {
+    Server::start(&[], &["--notify-keyspace-events", "Kd"])
+}
+
+fn edge(server: &Server, link: LinkConfig) -> Edge {
+    let mut config = EdgeConfig::new(&server.url(), &["eu"]);
+    config.link = link;
+    let edge = Edge::start(config).expect("edge starts");
+    assert!(edge.wait_connected(DEADLINE), "edge links come up");
+    edge
+}
+
+fn register(con: &mut Connection, gpu: &str, gpu_type: &str, price: &str) {
+    run(
+        con,
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            gpu,
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            gpu_type,
+            "PRICE",
+            price,
+        ],
+    )
+    .expect("register");
+}
+
+/// True once `edge` no longer serves `query` from L1 as `old` (it is gone, or was reloaded
+/// with something else).
+fn stops_serving(edge: &Edge, query: &Query, old: &Value) -> bool {
+    cached(edge, query).is_none_or(|v| v != *old)
+}
+
+/// A read's answer without `ttl_ms`, the one field that changes by itself (a cached record's
+/// `ttl_ms` is as of its load).
+fn comparable(mut value: Value) -> Value {
+    if let Some(record) = value.as_object_mut() {
+        record.remove("ttl_ms");
+    }
+    value
+}
+
+fn loaded(edge: &Edge, query: &Query) -> Value {
+    comparable((*edge.get(query).expect("load")).clone())
+}
+
+fn cached(edge: &Edge, query: &Query) -> Option<Value> {
+    edge.cached(query).map(|v| comparable((*v).clone()))
+}
+
+fn in_redis(con: &mut Connection, query: &Query) -> Value {
+    comparable(gpucache_edge::reply::to_json(
+        query.command().query(con).unwrap(),
+    ))
+}
+
+#[test]
+fn every_write_stops_both_l1s_serving_the_old_value() {
+    let server = server();
+    let mut writer = server.connect();
+    for i in 0..4 {
+        register(
+            &mut writer,
+            &format!("g{i}"),
+            "A100",
+            &format!("{}.5", i + 1),
+        );
+    }
+    register(&mut writer, "h1", "H100", "4");
+    let edges = [
+        edge(&server, LinkConfig::default()),
+        edge(&server, LinkConfig::default()),
+    ];
+    let queries = [
+        Query::gpu("eu", "g0"),
+        Query::gpu("eu", "g1"),
+        Query::gpu("eu", "h1"),
+        Query::available("eu", &["LIMIT", "10"]),
+        Query::order_book("eu", "A100", 10),
+        Query::stats("eu"),
+    ];
+    let writes: &[&[&str]] = &[
+        &["GPUCACHE.STATUS", "eu", "g0", "offline"],
+        &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "3600"],
+        &["GPUCACHE.PRICE", "eu", "A100", "9.75"],
+        &["GPUCACHE.CANCEL", "eu", "b1"],
+        &["GPUCACHE.PROVIDER", "eu", "p1", "maintenance"],
+        &["GPUCACHE.PROVIDER", "eu", "p1", "online"],
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g0",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "1",
+        ],
+        &["GPUCACHE.INVALIDATE", "eu", "gpu:h1"],
+    ];
+    for write in writes {
+        // Both L1s hold every query, as Redis has it now.
+        let before: Vec<Vec<Value>> = edges
+            .iter()
+            .map(|e| queries.iter().map(|q| loaded(e, q)).collect())
+            .collect();
+        for (e, values) in edges.iter().zip(&before) {
+            for (q, v) in queries.iter().zip(values) {
+                assert_eq!(
+                    cached(e, q).as_ref(),
+                    Some(v),
+                    "{q:?} cached before {write:?}"
+                );
+            }
+        }
+        run(&mut writer, write).expect("write");
+        // Each query whose answer changed must stop being served by both L1s.
+        let mut fresh = server.connect_resp3();
+        for q in &queries {
+            let now = in_redis(&mut fresh, q);
+            for (e, values) in edges.iter().zip(&before) {
+                let old = &values[queries.iter().position(|x| x == q).unwrap()];
+                if *old != now {
+                    eventually(
+                        &format!("{q:?} invalidated after {write:?}"),
+                        DEADLINE,
+                        || stops_serving(e, q, old),
+                    );
+                }
+            }
+        }
+        for e in &edges {
+            for q in &queries {
+                let now = in_redis(&mut fresh, q);
+                assert_eq!(loaded(e, q), now, "{q:?} reloads fresh after {write:?}");
+            }
+        }
+    }
+    // INVALIDATE changed nothing but must still drop h1 everywhere.
+    for e in &edges {
+        assert!(e.stats().notifications > 0 && e.stats().stream_events > 0);
+    }
+}
+
+#[test]
+fn manual_invalidation_drops_an_unchanged_entry() {
+    let server = server();
+    let mut writer = server.connect();
+    register(&mut writer, "g1", "A100", "2");
+    let edge = edge(&server, LinkConfig::default());
+    let q = Query::gpu("eu", "g1");
+    loaded(&edge, &q);
+    assert!(edge.cached(&q).is_some());
+    run(&mut writer, &["GPUCACHE.INVALIDATE", "eu", "gpu:g1"]).unwrap();
+    eventually("INVALIDATE drops g1", DEADLINE, || {
+        edge.cached(&q).is_none()
+    });
+}
+
+fn client_ids(con: &mut Connection, name: &str) -> Vec<String> {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(con).unwrap();
+    list.lines()
+        .filter(|l| l.contains(&format!(" name={name} ")))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_string)
+        .collect()
+}
+
+fn kill_links(con: &mut Connection) {
+    for name in ["gpucache-edge-notify", "gpucache-edge-stream"] {
+        let ids = client_ids(con, name);
+        assert!(!ids.is_empty(), "{name} connected");
+        for id in ids {
+            let _: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(&id)
+                .query(con)
+                .unwrap();
+        }
+    }
+}
+
+/// Links that stay down long enough for the test to write while they are.
+fn slow_reconnect() -> LinkConfig {
+    LinkConfig {
+        backoff_min: Duration::from_millis(800),
+        backoff_max: Duration::from_millis(800),
+        ..LinkConfig::default()
+    }
+}
+
+#[test]
+fn after_a_killed_connection_changed_entries_are_gone_and_unchanged_ones_kept() {
+    let server = server();
+    let mut writer = server.connect();
+    for i in 0..20 {
+        register(&mut writer, &format!("g{i}"), "A100", "2");
+    }
+    let edge = edge(&server, slow_reconnect());
+    let queries: Vec<Query> = (0..20)
+        .map(|i| Query::gpu("eu", &format!("g{i}")))
+        .collect();
+    let old: Vec<Value> = queries.iter().map(|q| loaded(&edge, q)).collect();
+
+    kill_links(&mut writer);
+    eventually("edge notices the disconnect", DEADLINE, || {
+        edge.stats().connection == "disconnected"
+    });
+    // While it cannot hear invalidations the L1 serves nothing: reads go to Redis.
+    assert!(edge.cached(&queries[0]).is_none());
+    for i in 0..10 {
+        run(
+            &mut writer,
+            &["GPUCACHE.STATUS", "eu", &format!("g{i}"), "offline"],
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        loaded(&edge, &queries[0])["status"],
+        "offline",
+        "a read during the outage goes to Redis"
+    );
+    assert!(edge.wait_connected(DEADLINE), "edge reconnects");
+
+    for (i, q) in queries.iter().enumerate() {
+        if i < 10 {
+            assert!(
+                stops_serving(&edge, q, &old[i]),
+                "g{i} changed while disconnected"
+            );
+            assert_eq!(loaded(&edge, q)["status"], "offline");
+        } else {
+            assert_eq!(
+                cached(&edge, q).as_ref(),
+                Some(&old[i]),
+                "g{i} unchanged and kept"
+            );
+        }
+    }
+    let stats = edge.stats();
+    assert!(
+        stats.events_replayed >= 10,
+        "replayed the missed events: {stats:?}"
+    );
+    assert_eq!(stats.region_drops, 0, "{stats:?}");
+    assert!(stats.reconnects >= 2, "{stats:?}");
+}
+
+#[test]
+fn a_stream_trimmed_past_the_last_applied_event_drops_the_region() {
+    let server = Server::start(
+        &["STREAM_MAXLEN", "10"],
+        &["--notify-keyspace-events", "Kd"],
+    );
+    let mut writer = server.connect();
+    for i in 0..5 {
+        register(&mut writer, &format!("g{i}"), "A100", "2");
+    }
+    let edge = edge(&server, slow_reconnect());
+    let queries: Vec<Query> = (0..5).map(|i| Query::gpu("eu", &format!("g{i}"))).collect();
+    for q in &queries {
+        loaded(&edge, q);
+    }
+    kill_links(&mut writer);
+    eventually("edge notices the disconnect", DEADLINE, || {
+        edge.stats().connection == "disconnected"
+    });
+    // Far more events than MAXLEN ~ 10 keeps, none touching g1..g4.
+    run(
+        &mut writer,
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "x",
+            "PROVIDER",
+            "p9",
+            "TYPE",
+            "T4",
+            "PRICE",
+            "1",
+        ],
+    )
+    .unwrap();
+    for i in 0..150 {
+        let status = if i % 2 == 0 { "offline" } else { "available" };
+        run(&mut writer, &["GPUCACHE.STATUS", "eu", "x", status]).unwrap();
+    }
+    assert!(edge.wait_connected(DEADLINE));
+    for q in &queries {
+        assert!(edge.cached(q).is_none(), "{q:?} dropped with its region");
+    }
+    assert_eq!(edge.stats().region_drops, 1);
+    assert_eq!(loaded(&edge, &queries[1])["gpu_id"], "g1");
+    assert!(
+        edge.cached(&queries[1]).is_some(),
+        "the region caches again"
+    );
+}
+
+fn calls_of(con: &mut Connection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(con).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_hundred_concurrent_misses_make_one_load() {
+    let server = server();
+    let mut writer = server.connect();
+    register(&mut writer, "g1", "A100", "2");
+    let edge = Arc::new(edge(&server, LinkConfig::default()));
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut writer)
+        .unwrap();
+    let loads = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(Barrier::new(100));
+    let readers: Vec<_> = (0..100)
+        .map(|_| {
+            let (edge, loads, start) = (edge.clone(), loads.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                edge.get_or_load(&Query::gpu("eu", "g1"), |q| {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    // A slow backend keeps the other 99 misses waiting on this load.
+                    std::thread::sleep(Duration::from_millis(200));
+                    edge.load(q)
+                })
+                .map(|v| v["gpu_id"].clone())
+            })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), Ok(Value::from("g1")));
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    assert_eq!(calls_of(&mut writer, "gpucache.get"), 1);
+    assert_eq!(edge.stats().loads, 1);
+}
+
+#[test]
+fn a_load_that_started_before_a_write_never_puts_the_old_value_back() {
+    let server = server();
+    let mut writer = server.connect();
+    register(&mut writer, "g1", "A100", "2");
+    let edge = Arc::new(edge(&server, LinkConfig::default()));
+    let q = Query::gpu("eu", "g1");
+
+    // The loader reads, then stalls until the write has been applied to the L1.
+    let (read_done, wait_read) = mpsc::channel();
+    let (go_on, wait_go) = mpsc::channel::<()>();
+    let reader = {
+        let (edge, q) = (edge.clone(), q.clone());
+        std::thread::spawn(move || {
+            edge.get_or_load(&q, |q| {
+                let old = edge.load(q);
+                read_done.send(()).unwrap();
+                wait_go.recv().unwrap();
+                old
+            })
+        })
+    };
+    wait_read.recv().unwrap();
+    let seen_before = edge.stats().stream_events;
+    run(&mut writer, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
+    eventually("the write's event reaches the L1", DEADLINE, || {
+        edge.stats().stream_events > seen_before
+    });
+    go_on.send(()).unwrap();
+    let returned = reader.join().unwrap().unwrap();
+    assert_eq!(
+        returned["status"], "available",
+        "the slow read saw the old record"
+    );
+    assert!(
+        edge.cached(&q).is_none(),
+        "the old record must not be cached"
+    );
+    assert_eq!(edge.stats().fills_refused, 1);
+    assert_eq!(loaded(&edge, &q)["status"], "offline");
+    assert!(edge.cached(&q).is_some());
+}
+
+#[test]
+fn load_errors_reach_the_caller() {
+    let server = server();
+    let edge = edge(&server, LinkConfig::default());
+    match edge.get(&Query::gpu("eu", "missing")) {
+        Err(EdgeError::Server(message)) => assert!(message.starts_with("NOGPU"), "{message}"),
+        other => panic!("expected NOGPU, got {other:?}"),
+    }
+}
