@@ -82,8 +82,15 @@ pub fn gpu_key(region: &str, gpu_id: &str) -> String {
     format!("gpucache:{{{region}}}:gpu:{gpu_id}")
 }
 
-/// The keyspace-notification pattern that covers every key of `region` in database `db`.
-pub fn notification_pattern(db: i64, region: &str) -> String {
+/// The keyspace-notification pattern of every gpucache key in database `db`. One pattern for
+/// all regions: an ACL channel rule (`&__keyspace@0__:gpucache:*`) admits a `PSUBSCRIBE` only
+/// of that exact pattern, so per-region patterns would need a rule each.
+pub fn notification_pattern(db: i64) -> String {
+    format!("__keyspace@{db}__:gpucache:*")
+}
+
+/// The keyspace-notification pattern of one region's keys (for tools run without ACLs).
+pub fn region_notification_pattern(db: i64, region: &str) -> String {
     format!("__keyspace@{db}__:gpucache:{{{region}}}:*")
 }
 
@@ -150,8 +157,9 @@ mod tests {
             Some("gpucache:{eu}:gpu:g1")
         );
         assert_eq!(key_of_channel("__keyevent@0__:hset"), None);
+        assert_eq!(notification_pattern(3), "__keyspace@3__:gpucache:*");
         assert_eq!(
-            notification_pattern(3, "eu"),
+            region_notification_pattern(3, "eu"),
             "__keyspace@3__:gpucache:{eu}:*"
         );
     }

@@ -1,7 +1,7 @@
 //! The two background links that keep the L1 coherent.
 //!
-//! - **Notifications** (fast path): `PSUBSCRIBE __keyspace@<db>__:gpucache:{R}:*`; each message
-//!   names a changed key, which is invalidated at once.
+//! - **Notifications** (fast path): `PSUBSCRIBE __keyspace@<db>__:gpucache:*`; each message
+//!   names a changed key, which is invalidated at once if its region is followed.
 //! - **Event stream** (the ordered, replayable record): `XREAD BLOCK` on each region's
 //!   `gpucache:{R}:events` from the last applied id. It carries record versions, closes every
 //!   gap a lost notification would leave, and after a reconnect replays what was missed — or,
@@ -118,9 +118,7 @@ fn listen(
     name_connection(con, "gpucache-edge-notify")?;
     let mut pubsub = con.as_pubsub();
     pubsub.set_read_timeout(Some(config.poll))?;
-    for region in regions {
-        pubsub.psubscribe(keyspace::notification_pattern(db, region))?;
-    }
+    pubsub.psubscribe(keyspace::notification_pattern(db))?;
     l1.counters.notifications_up.store(true, Ordering::Release);
     backoff.reset();
     loop {
@@ -130,7 +128,11 @@ fn listen(
         match pubsub.get_message() {
             Ok(message) => {
                 add(&l1.counters.notifications, 1);
-                if let Some(key) = keyspace::key_of_channel(message.get_channel_name()) {
+                let key = keyspace::key_of_channel(message.get_channel_name());
+                let followed = key
+                    .and_then(keyspace::parse_key)
+                    .is_some_and(|k| regions.iter().any(|r| r == k.region));
+                if let (Some(key), true) = (key, followed) {
                     l1.invalidate_key(key, Source::Notification);
                 }
             }

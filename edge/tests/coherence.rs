@@ -414,3 +414,23 @@ fn load_errors_reach_the_caller() {
         other => panic!("expected NOGPU, got {other:?}"),
     }
 }
+
+#[test]
+fn the_example_configs_read_only_edge_user_runs_an_edge() {
+    let server = Server::start_with_config(include_str!("../../redis.conf.example"), &[]);
+    let mut writer = server.connect();
+    register(&mut writer, "g1", "A100", "2");
+    let url = format!("redis://edge:CHANGE-ME-edge@127.0.0.1:{}/", server.port);
+    let edge = Edge::start(EdgeConfig::new(&url, &["eu"])).expect("edge starts");
+    assert!(
+        edge.wait_connected(DEADLINE),
+        "links come up under the edge user's ACL"
+    );
+    let q = Query::gpu("eu", "g1");
+    assert_eq!(loaded(&edge, &q)["status"], "available");
+    run(&mut writer, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
+    eventually("the edge user's L1 hears the write", DEADLINE, || {
+        edge.cached(&q).is_none()
+    });
+    assert_eq!(loaded(&edge, &q)["status"], "offline");
+}

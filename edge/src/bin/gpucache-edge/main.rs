@@ -1,0 +1,135 @@
+//! `gpucache-edge`: watch a region's invalidations, or measure how fast they reach an L1.
+//!
+//! ```text
+//! gpucache-edge watch --region eu-west                 # notifications and stream events, live
+//! gpucache-edge bench --url redis://127.0.0.1:6379/   # propagation latency and L1 hit speed
+//! ```
+
+use clap::{Parser, Subcommand};
+use gpucache_edge::keyspace;
+use redis::{Connection, Value};
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "gpucache-edge", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a region's keyspace notifications and event-stream entries as they arrive.
+    Watch {
+        #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+        url: String,
+        /// Region to watch (repeatable).
+        #[arg(long, required = true)]
+        region: Vec<String>,
+    },
+    /// Measure invalidation propagation (writer → another process's L1) against the floor of a
+    /// plain HSET → raw keyspace notification, and the L1's hit latency. Needs a server with
+    /// gpucache loaded; writes into its own region (default `edge-bench`).
+    Bench(bench::BenchArgs),
+    /// The other process of `bench` (an L1 that reports each invalidation); not for direct use.
+    #[command(hide = true)]
+    Follow(bench::FollowArgs),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Watch { url, region } => watch(&url, &region),
+        Command::Bench(args) => bench::run(&args),
+        Command::Follow(args) => bench::follow(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpucache-edge: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type AnyResult = Result<(), Box<dyn std::error::Error>>;
+
+fn connect(url: &str) -> Result<(Connection, i64), Box<dyn std::error::Error>> {
+    let client = redis::Client::open(url)?;
+    let db = client.get_connection_info().redis.db;
+    Ok((client.get_connection()?, db))
+}
+
+fn watch(url: &str, regions: &[String]) -> AnyResult {
+    let (mut subscriber, db) = connect(url)?;
+    let (mut reader, _) = connect(url)?;
+    let mut ids: Vec<String> = vec!["$".to_string(); regions.len()];
+    let streams: Vec<String> = regions.iter().map(|r| keyspace::events_key(r)).collect();
+    let stream_thread = std::thread::spawn(move || -> Result<(), redis::RedisError> {
+        loop {
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("BLOCK")
+                .arg(0)
+                .arg("STREAMS")
+                .arg(&streams)
+                .arg(&ids);
+            type Entries = Vec<(String, HashMap<String, Value>)>;
+            let reply: Option<Vec<(String, Entries)>> = cmd.query(&mut reader)?;
+            let mut out = std::io::stdout().lock();
+            for (stream, entries) in reply.unwrap_or_default() {
+                let Some(slot) = streams.iter().position(|s| *s == stream) else {
+                    continue;
+                };
+                for (id, fields) in entries {
+                    let payload = fields
+                        .get("payload")
+                        .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                        .unwrap_or_default();
+                    let _ = writeln!(out, "event  {stream} {id} {payload}");
+                    ids[slot] = id;
+                }
+            }
+            let _ = out.flush();
+        }
+    });
+    let mut pubsub = subscriber.as_pubsub();
+    for region in regions {
+        pubsub.psubscribe(keyspace::region_notification_pattern(db, region))?;
+    }
+    eprintln!(
+        "watching {} (needs notify-keyspace-events with K and d, e.g. Kd)",
+        regions.join(", ")
+    );
+    loop {
+        if stream_thread.is_finished() {
+            return match stream_thread.join() {
+                Ok(Err(e)) => Err(e.into()),
+                _ => Ok(()),
+            };
+        }
+        let message = pubsub.get_message()?;
+        let key = keyspace::key_of_channel(message.get_channel_name()).unwrap_or_default();
+        let event: String = message.get_payload().unwrap_or_default();
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "notify {key} {event}")?;
+        out.flush()?;
+    }
+}
+
+/// Reads `key \t nanos \t source` lines (the follower's report).
+fn read_report(input: impl BufRead) -> Vec<(String, i128, String)> {
+    input
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|line| {
+            let mut parts = line.split('\t');
+            let key = parts.next()?.to_string();
+            let nanos = parts.next()?.parse().ok()?;
+            let source = parts.next().unwrap_or("").to_string();
+            Some((key, nanos, source))
+        })
+        .collect()
+}
