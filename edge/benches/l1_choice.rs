@@ -5,7 +5,8 @@
 //!
 //! Traces (keys are `Query::gpu` values, as in the L1): `zipf` — 100,000 GPUs, a few popular
 //! (Zipf s = 0.9), the usual browse pattern; `shifting` — a hot set of 5,000 GPUs that moves
-//! every 200,000 reads (a new region or type in demand). Cache capacity: 10,000 entries.
+//! every 200,000 reads (a new region or type in demand). Cache capacity: 10,000 entries. The
+//! last row is this crate's L1 (moka TinyLFU plus its epoch checks and counters).
 
 use gpucache_edge::Query;
 use std::sync::Arc;
@@ -47,6 +48,22 @@ impl Candidate for Quick {
     }
 }
 
+/// The L1 itself: moka TinyLFU plus epoch validation and statistics on every read.
+struct EdgeL1(gpucache_edge::L1);
+impl Candidate for EdgeL1 {
+    fn name(&self) -> &'static str {
+        "gpucache-edge L1"
+    }
+    fn get(&self, key: &Query) -> Option<u64> {
+        self.0.get(key).and_then(|v| v.as_u64())
+    }
+    fn insert(&self, key: Query, value: u64) {
+        let _ = self
+            .0
+            .get_or_load(&key, |_| Ok(serde_json::Value::from(value)));
+    }
+}
+
 fn candidates() -> Vec<Box<dyn Candidate>> {
     let moka = |policy, name| -> Box<dyn Candidate> {
         Box::new(Moka(
@@ -61,6 +78,15 @@ fn candidates() -> Vec<Box<dyn Candidate>> {
         moka(moka::policy::EvictionPolicy::tiny_lfu(), "moka TinyLFU"),
         moka(moka::policy::EvictionPolicy::lru(), "moka LRU"),
         Box::new(Quick(quick_cache::sync::Cache::new(CAPACITY))),
+        {
+            let config = gpucache_edge::L1Config {
+                max_entries: CAPACITY as u64,
+                ..Default::default()
+            };
+            let l1 = gpucache_edge::L1::new(&config, None);
+            l1.set_link(true);
+            Box::new(EdgeL1(l1))
+        },
     ]
 }
 

@@ -147,15 +147,15 @@ impl L1 {
         };
         match found {
             Some(entry) if self.valid(&entry) => {
-                add(&self.counters.hits, 1);
+                self.counters.hits.incr();
                 Lookup::Hit(entry.value.clone())
             }
             Some(_) => {
-                add(&self.counters.misses, 1);
+                self.counters.misses.incr();
                 Lookup::Invalidated
             }
             None => {
-                add(&self.counters.misses, 1);
+                self.counters.misses.incr();
                 Lookup::Absent
             }
         }
@@ -180,7 +180,7 @@ impl L1 {
         F: FnOnce(&Query) -> Result<Value, EdgeError>,
     {
         if !self.serving() {
-            add(&self.counters.misses, 1);
+            self.counters.misses.incr();
             add(&self.counters.loads, 1);
             return loader(query).map(Arc::new).inspect_err(|_| {
                 add(&self.counters.load_errors, 1);
@@ -256,6 +256,7 @@ impl L1 {
 
     /// Drops what a change of `key` makes stale.
     pub fn invalidate_key(&self, key: &str, source: Source) {
+        add(&self.counters.invalidations, 1);
         for tag in keyspace::tags_for_key(key) {
             self.epochs.bump(tag);
         }

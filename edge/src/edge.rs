@@ -40,6 +40,7 @@ impl EdgeConfig {
 /// A running edge cache. Dropping it stops its threads.
 pub struct Edge {
     l1: Arc<L1>,
+    regions: Vec<String>,
     pool: r2d2::Pool<redis::Client>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -103,6 +104,7 @@ impl Edge {
         };
         Ok(Edge {
             l1,
+            regions: config.regions,
             pool,
             stop,
             threads: vec![notifications, stream],
@@ -123,15 +125,20 @@ impl Edge {
 
     /// The read through the L1, loaded with its `GPUCACHE.*` command on a miss.
     pub fn get(&self, query: &Query) -> Result<Arc<Value>, EdgeError> {
-        self.l1.get_or_load(query, |q| self.load(q))
+        self.get_or_load(query, |q| self.load(q))
     }
 
-    /// The read through the L1, loaded by `loader` on a miss (single flight).
+    /// The read through the L1, loaded by `loader` on a miss (single flight). A region this
+    /// edge does not follow is never cached: nothing would invalidate it.
     pub fn get_or_load<F>(&self, query: &Query, loader: F) -> Result<Arc<Value>, EdgeError>
     where
         F: FnOnce(&Query) -> Result<Value, EdgeError>,
     {
-        self.l1.get_or_load(query, loader)
+        if self.regions.iter().any(|r| r == query.region()) {
+            self.l1.get_or_load(query, loader)
+        } else {
+            loader(query).map(Arc::new)
+        }
     }
 
     /// The default loader: the query's `GPUCACHE.*` command on a pooled RESP3 connection.

@@ -257,6 +257,7 @@ fn follow(
     for cursor in cursors.iter_mut() {
         catch_up(con, cursor, l1, config)?;
     }
+    publish_positions(cursors, l1);
     l1.set_link(true);
     backoff.reset();
     let mut last_trim_check = Instant::now();
@@ -265,6 +266,9 @@ fn follow(
             return Ok(());
         }
         let applied = read_new(con, cursors, l1, config)?;
+        if applied > 0 {
+            publish_positions(cursors, l1);
+        }
         // A reader that fell further behind than the stream's MAXLEN would not notice the
         // entries it never saw: compare with the trim point now and then.
         if applied == 0 || last_trim_check.elapsed() > Duration::from_secs(1) {
@@ -272,6 +276,17 @@ fn follow(
                 check_trimmed(con, cursor, l1)?;
             }
             last_trim_check = Instant::now();
+        }
+    }
+}
+
+/// Shows each region's last applied id in `Stats::last_event_ids`.
+fn publish_positions(cursors: &[Cursor], l1: &L1) {
+    if let Ok(mut ids) = l1.counters.last_event_ids.lock() {
+        for cursor in cursors {
+            if let Some(last) = cursor.last {
+                ids.insert(cursor.region.clone(), last.to_string());
+            }
         }
     }
 }

@@ -1,13 +1,15 @@
 //! Health and statistics counters, shared by readers and the listener threads.
 
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Default)]
 pub(crate) struct Counters {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
+    pub hits: Striped,
+    pub misses: Striped,
     pub loads: AtomicU64,
     pub load_errors: AtomicU64,
     pub fills_refused: AtomicU64,
@@ -15,10 +17,44 @@ pub(crate) struct Counters {
     pub stream_events: AtomicU64,
     pub events_replayed: AtomicU64,
     pub region_drops: AtomicU64,
+    pub invalidations: AtomicU64,
     pub reconnects: AtomicU64,
     pub newest_event_ms: AtomicI64,
     pub notifications_up: AtomicBool,
     pub stream_up: AtomicBool,
+    /// Last applied stream entry id per followed region.
+    pub last_event_ids: Mutex<BTreeMap<String, String>>,
+}
+
+/// A counter bumped on every read: one cache line per stripe, so reader threads do not contend
+/// on a shared line.
+#[derive(Default)]
+pub(crate) struct Striped([Padded; STRIPES]);
+
+#[derive(Default)]
+#[repr(align(64))]
+struct Padded(AtomicU64);
+
+const STRIPES: usize = 16;
+
+thread_local! {
+    static STRIPE: usize = {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        (NEXT.fetch_add(1, Ordering::Relaxed) as usize) % STRIPES
+    };
+}
+
+impl Striped {
+    pub fn incr(&self) {
+        let stripe = STRIPE.with(|s| *s);
+        if let Some(slot) = self.0.get(stripe) {
+            slot.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn sum(&self) -> u64 {
+        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -53,6 +89,8 @@ pub struct Stats {
     pub events_replayed: u64,
     /// Times a region's whole L1 was dropped because events may have been lost.
     pub region_drops: u64,
+    /// Keys invalidated (from notifications and stream entries; one entry names several).
+    pub invalidations: u64,
     pub reconnects: u64,
     /// Now minus the timestamp of the newest applied event (ms); `None` before the first.
     pub lag_ms: Option<i64>,
@@ -61,12 +99,14 @@ pub struct Stats {
     /// `disconnected` otherwise (the L1 is bypassed).
     pub connection: &'static str,
     pub entries: u64,
+    /// Last applied event-stream id per region (where a replay resumes).
+    pub last_event_ids: BTreeMap<String, String>,
 }
 
 impl Counters {
     pub fn snapshot(&self, entries: u64) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let (hits, misses) = (get(&self.hits), get(&self.misses));
+        let (hits, misses) = (self.hits.sum(), self.misses.sum());
         let newest = self.newest_event_ms.load(Ordering::Relaxed);
         let stream_up = self.stream_up.load(Ordering::Acquire);
         let notifications_up = self.notifications_up.load(Ordering::Acquire);
@@ -85,6 +125,7 @@ impl Counters {
             stream_events: get(&self.stream_events),
             events_replayed: get(&self.events_replayed),
             region_drops: get(&self.region_drops),
+            invalidations: get(&self.invalidations),
             reconnects: get(&self.reconnects),
             lag_ms: (newest > 0).then(|| now_ms().saturating_sub(newest)),
             connection: match (stream_up, notifications_up) {
@@ -93,6 +134,11 @@ impl Counters {
                 _ => "disconnected",
             },
             entries,
+            last_event_ids: self
+                .last_event_ids
+                .lock()
+                .map(|ids| ids.clone())
+                .unwrap_or_default(),
         }
     }
 }

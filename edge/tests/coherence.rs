@@ -434,3 +434,30 @@ fn the_example_configs_read_only_edge_user_runs_an_edge() {
     });
     assert_eq!(loaded(&edge, &q)["status"], "offline");
 }
+
+#[test]
+fn reads_of_a_region_the_edge_does_not_follow_are_never_cached() {
+    let server = server();
+    let mut writer = server.connect();
+    run(
+        &mut writer,
+        &[
+            "GPUCACHE.REGISTER",
+            "us",
+            "g1",
+            "PROVIDER",
+            "p",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "1",
+        ],
+    )
+    .unwrap();
+    let edge = edge(&server, LinkConfig::default());
+    let q = Query::gpu("us", "g1");
+    assert_eq!(loaded(&edge, &q)["gpu_id"], "g1");
+    assert!(edge.cached(&q).is_none(), "no link follows region us");
+    let stats = edge.stats();
+    assert_eq!(stats.last_event_ids.keys().collect::<Vec<_>>(), ["eu"]);
+}
