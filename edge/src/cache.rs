@@ -75,7 +75,27 @@ struct Entry {
     value: Arc<Value>,
     version: Option<i64>,
     stamps: Vec<Stamp>,
+    /// The record's own remaining TTL in Redis when loaded: the L1 copy must not outlive it.
+    expires_in: Option<Duration>,
 }
+
+/// Per-entry expiry: a GPU record leaves the L1 when it would expire in Redis (the module's
+/// healing event may come a little later, when Redis actually deletes the key).
+struct RecordLifetime;
+
+impl moka::Expiry<Query, Arc<Entry>> for RecordLifetime {
+    fn expire_after_create(
+        &self,
+        _query: &Query,
+        entry: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        entry.expires_in
+    }
+}
+
+/// moka panics on lifetimes above 1,000 years; nobody needs more than this.
+const LONGEST_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What a load produced that must not be cached, or its failure; shared by single-flight
 /// waiters.
@@ -102,10 +122,11 @@ impl L1 {
         };
         let mut builder = moka::sync::Cache::builder()
             .max_capacity(config.max_entries)
-            .time_to_live(config.time_to_live)
+            .time_to_live(config.time_to_live.min(LONGEST_LIFETIME))
+            .expire_after(RecordLifetime)
             .eviction_policy(policy);
         if let Some(idle) = config.time_to_idle {
-            builder = builder.time_to_idle(idle);
+            builder = builder.time_to_idle(idle.min(LONGEST_LIFETIME));
         }
         L1 {
             entries: builder.build(),
@@ -239,6 +260,9 @@ impl L1 {
         }
         stamps.extend(stamp_all(query.tags_of_value(&value)));
         Ok(Arc::new(Entry {
+            expires_in: query
+                .remaining_ttl(&value)
+                .map(|ttl| ttl.min(LONGEST_LIFETIME)),
             value,
             version,
             stamps,
@@ -432,6 +456,26 @@ mod tests {
         assert_eq!(l1.get_or_load(&q, load).unwrap()["n"], 2);
         assert_eq!(l1.get_or_load(&q, load).unwrap()["n"], 2);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_record_leaves_the_l1_when_it_would_expire_in_redis() {
+        let l1 = l1();
+        let short = Query::gpu("eu", "g1");
+        let long = Query::gpu("eu", "g2");
+        l1.get_or_load(&short, |_| Ok(json!({"version": 1, "ttl_ms": 30})))
+            .unwrap();
+        l1.get_or_load(&long, |_| Ok(json!({"version": 1, "ttl_ms": 600_000})))
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while l1.get(&short).is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "g1 outlived its ttl_ms"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(l1.get(&long).is_some());
     }
 
     #[test]

@@ -141,6 +141,19 @@ impl Query {
         }
     }
 
+    /// How long a loaded GPU record still lives in Redis (`ttl_ms` of `GPUCACHE.GET`; -1 or
+    /// absent: no TTL).
+    pub(crate) fn remaining_ttl(&self, value: &Value) -> Option<std::time::Duration> {
+        match self {
+            Query::Gpu { .. } => value
+                .get("ttl_ms")
+                .and_then(Value::as_i64)
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(std::time::Duration::from_millis),
+            _ => None,
+        }
+    }
+
     /// The Redis key whose version guards this entry's fills.
     pub(crate) fn versioned_key(&self) -> Option<String> {
         match self {
