@@ -75,6 +75,9 @@ struct Entry {
     value: Arc<Value>,
     version: Option<i64>,
     stamps: Vec<Stamp>,
+    /// The epochs its load began from (dependencies and guards), to tell which concurrent
+    /// callers may share it.
+    started: Vec<Stamp>,
     /// The record's own remaining TTL in Redis when loaded: the L1 copy must not outlive it.
     expires_in: Option<Duration>,
 }
@@ -100,14 +103,19 @@ const LONGEST_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// What a load produced that must not be cached, or its failure; shared by single-flight
 /// waiters.
 enum LoadOutcome {
-    Uncached(Arc<Value>),
+    /// Not cached; `started` are the epochs the load began from.
+    Uncached {
+        value: Arc<Value>,
+        started: Vec<Stamp>,
+    },
     Failed(EdgeError),
 }
 
 pub struct L1 {
     entries: moka::sync::Cache<Query, Arc<Entry>>,
-    /// Newest version seen per GPU key (from events and fills).
-    versions: moka::sync::Cache<String, i64>,
+    /// Newest version seen per GPU key (from events and fills), with the region's epoch when
+    /// it was seen.
+    versions: moka::sync::Cache<String, (Stamp, i64)>,
     epochs: Epochs,
     pub(crate) counters: Counters,
     serve_while_disconnected: bool,
@@ -130,8 +138,10 @@ impl L1 {
         }
         L1 {
             entries: builder.build(),
+            // LRU: every version recorded is admitted (TinyLFU may turn new keys away).
             versions: moka::sync::Cache::builder()
                 .max_capacity(config.max_entries.saturating_mul(4))
+                .eviction_policy(EvictionPolicy::lru())
                 .build(),
             epochs: Epochs::default(),
             counters: Counters::default(),
@@ -202,63 +212,107 @@ impl L1 {
     {
         if !self.serving() {
             self.counters.misses.incr();
-            add(&self.counters.loads, 1);
-            return loader(query).map(Arc::new).inspect_err(|_| {
-                add(&self.counters.load_errors, 1);
-            });
+            return self.load_uncached(query, loader);
         }
+        // Taken before the lookup: a shared load is good for this caller only if nothing was
+        // invalidated between that load's start and this call's.
+        let mine = self.start_stamps(query);
         match self.lookup(query) {
             Lookup::Hit(value) => return Ok(value),
             // try_get_with would return the invalidated entry as is.
             Lookup::Invalidated => self.remove_if_invalid(query),
             Lookup::Absent => {}
         }
+        let mut loader = Some(loader);
         let outcome = self
             .entries
-            .try_get_with(query.clone(), || self.load(query, loader));
-        match outcome {
-            Ok(entry) if self.valid(&entry) => Ok(entry.value.clone()),
-            // Invalidated between the fill and now: it was read before the change; this
-            // caller's read also began before it, so the value is still a correct answer,
-            // but the next read must load again.
+            .try_get_with(query.clone(), || match loader.take() {
+                Some(load) => self.load(query, &mine, load),
+                None => Err(LoadOutcome::Failed(EdgeError::Reply(
+                    "loader reused".into(),
+                ))),
+            });
+        let (value, started) = match &outcome {
+            Ok(entry) if self.valid(entry) => return Ok(entry.value.clone()),
             Ok(entry) => {
                 self.remove_if_invalid(query);
-                Ok(entry.value.clone())
+                (&entry.value, &entry.started)
             }
-            Err(shared) => match &*shared {
-                LoadOutcome::Uncached(value) => Ok(value.clone()),
-                LoadOutcome::Failed(e) => Err(e.clone()),
+            Err(shared) => match &**shared {
+                LoadOutcome::Uncached { value, started } => (value, started),
+                LoadOutcome::Failed(e) => return Err(e.clone()),
             },
+        };
+        if *started == mine {
+            // Read after this call began, or before it with nothing invalidated in between.
+            return Ok(value.clone());
+        }
+        // Another caller's load began before an invalidation this call must see.
+        match loader.take() {
+            Some(load) => self.load_uncached(query, load),
+            None => Ok(value.clone()),
         }
     }
 
-    fn load<F>(&self, query: &Query, loader: F) -> Result<Arc<Entry>, LoadOutcome>
+    fn load_uncached<F>(&self, query: &Query, loader: F) -> Result<Arc<Value>, EdgeError>
+    where
+        F: FnOnce(&Query) -> Result<Value, EdgeError>,
+    {
+        add(&self.counters.loads, 1);
+        loader(query).map(Arc::new).inspect_err(|_| {
+            add(&self.counters.load_errors, 1);
+        })
+    }
+
+    /// The epochs a load of `query` starts from: the tags it depends on, then its guards.
+    fn start_stamps(&self, query: &Query) -> Vec<Stamp> {
+        query
+            .tags_before_load()
+            .into_iter()
+            .chain(query.load_guards())
+            .map(|t| self.epochs.stamp(t))
+            .collect()
+    }
+
+    fn load<F>(
+        &self,
+        query: &Query,
+        started: &[Stamp],
+        loader: F,
+    ) -> Result<Arc<Entry>, LoadOutcome>
     where
         F: FnOnce(&Query) -> Result<Value, EdgeError>,
     {
         let cacheable = self.link_up();
-        let stamp_all = |tags: Vec<Tag>| -> Vec<Stamp> {
-            tags.into_iter().map(|t| self.epochs.stamp(t)).collect()
-        };
-        let mut stamps = stamp_all(query.tags_before_load());
-        let guards = stamp_all(query.load_guards());
         add(&self.counters.loads, 1);
         let value = loader(query).map_err(|e| {
             add(&self.counters.load_errors, 1);
             LoadOutcome::Failed(e)
         })?;
         let value = Arc::new(value);
+        // The tags the value names are stamped before the check below: a change to them
+        // after this point leaves the entry invalid; one before it is caught by the guards.
+        let named: Vec<Stamp> = query
+            .tags_of_value(&value)
+            .into_iter()
+            .map(|t| self.epochs.stamp(t))
+            .collect();
         let version = query.version_of(&value);
         let too_old = match (version, query.versioned_key()) {
             (Some(version), Some(key)) => !self.note_version(&key, version),
             _ => false,
         };
-        let overtaken = !self.epochs.all_unchanged(&stamps) || !self.epochs.all_unchanged(&guards);
+        let overtaken = !self.epochs.all_unchanged(started);
         if !cacheable || too_old || overtaken {
             add(&self.counters.fills_refused, 1);
-            return Err(LoadOutcome::Uncached(value));
+            return Err(LoadOutcome::Uncached {
+                value,
+                started: started.to_vec(),
+            });
         }
-        stamps.extend(stamp_all(query.tags_of_value(&value)));
+        let guards = query.load_guards().len();
+        let depends = started.len().saturating_sub(guards);
+        let stamps = started.iter().take(depends).copied().chain(named).collect();
         Ok(Arc::new(Entry {
             expires_in: query
                 .remaining_ttl(&value)
@@ -266,16 +320,25 @@ impl L1 {
             value,
             version,
             stamps,
+            started: started.to_vec(),
         }))
     }
 
-    /// Records `version` for a GPU key; false when a newer one was already seen.
+    /// Records `version` for a GPU key; false when a newer one was already seen. Versions
+    /// seen before the region was last dropped do not count: a server that lost writes
+    /// reissues them.
     pub(crate) fn note_version(&self, key: &str, version: i64) -> bool {
-        let newest = self
-            .versions
-            .entry_by_ref(key)
-            .and_upsert_with(|old| old.map_or(version, |v| v.into_value().max(version)));
-        *newest.value() <= version
+        let Some(parts) = keyspace::parse_key(key) else {
+            return true;
+        };
+        let generation = self.epochs.stamp(Tag::region(parts.region));
+        let newest = self.versions.entry_by_ref(key).and_upsert_with(|old| {
+            match old.map(|e| e.into_value()) {
+                Some((seen_in, seen)) if seen_in == generation => (generation, seen.max(version)),
+                _ => (generation, version),
+            }
+        });
+        newest.value().1 <= version
     }
 
     /// Drops what a change of `key` makes stale.
@@ -286,12 +349,11 @@ impl L1 {
         }
         if let Some(parts) = keyspace::parse_key(key) {
             if parts.entity == "gpu" {
-                self.entries.invalidate(&Query::gpu(parts.region, parts.id));
+                // Frees the memory now; a copy loaded after the bump stays.
+                self.remove_if_invalid(&Query::gpu(parts.region, parts.id));
             }
         }
-        if let Some(hook) = &self.hook {
-            hook(key, source);
-        }
+        self.call_hook(key, source);
     }
 
     /// Applies a stream event's GPU version, then invalidates its keys — except the GPU's own
@@ -324,8 +386,14 @@ impl L1 {
     pub fn drop_region(&self, region: &str) {
         self.epochs.bump(Tag::region(region));
         add(&self.counters.region_drops, 1);
+        self.call_hook(&format!("gpucache:{{{region}}}:*"), Source::RegionDrop);
+    }
+
+    /// A panicking hook must not take the listener down with it (its link would stay marked
+    /// up with nobody applying events).
+    fn call_hook(&self, key: &str, source: Source) {
         if let Some(hook) = &self.hook {
-            hook(&format!("gpucache:{{{region}}}:*"), Source::RegionDrop);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(key, source)));
         }
     }
 

@@ -75,43 +75,47 @@ impl Edge {
             .connection_timeout(Duration::from_secs(2))
             .build_unchecked(redis::Client::open(resp3)?);
 
+        let link = config.link.sanitized();
         let l1 = Arc::new(L1::new(&config.l1, hook));
+        l1.counters
+            .notifications_off
+            .store(!link.notifications, Ordering::Release);
         let stop = Arc::new(AtomicBool::new(false));
-        let notifications = {
+        let mut threads = Vec::with_capacity(2);
+        if link.notifications {
             let (client, regions, l1, link, stop) = (
                 link_client.clone(),
                 config.regions.clone(),
                 l1.clone(),
-                config.link.clone(),
+                link.clone(),
                 stop.clone(),
             );
-            std::thread::Builder::new()
-                .name("gpucache-edge-notify".into())
-                .spawn(move || listener::run_notifications(client, db, regions, l1, link, stop))
-                .map_err(|e| EdgeError::Connection(e.to_string()))?
-        };
-        let stream = {
-            let (regions, l1, link, stop) = (
-                config.regions.clone(),
-                l1.clone(),
-                config.link.clone(),
-                stop.clone(),
+            threads.push(
+                std::thread::Builder::new()
+                    .name("gpucache-edge-notify".into())
+                    .spawn(move || listener::run_notifications(client, db, regions, l1, link, stop))
+                    .map_err(|e| EdgeError::Connection(e.to_string()))?,
             );
-            std::thread::Builder::new()
-                .name("gpucache-edge-stream".into())
-                .spawn(move || listener::run_stream(link_client, regions, l1, link, stop))
-                .map_err(|e| EdgeError::Connection(e.to_string()))?
-        };
+        }
+        {
+            let (regions, l1, stop) = (config.regions.clone(), l1.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("gpucache-edge-stream".into())
+                    .spawn(move || listener::run_stream(link_client, regions, l1, link, stop))
+                    .map_err(|e| EdgeError::Connection(e.to_string()))?,
+            );
+        }
         Ok(Edge {
             l1,
             regions: config.regions,
             pool,
             stop,
-            threads: vec![notifications, stream],
+            threads,
         })
     }
 
-    /// Waits until both links are up; false on timeout.
+    /// Waits until every enabled link is up; false on timeout.
     pub fn wait_connected(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {

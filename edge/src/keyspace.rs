@@ -42,7 +42,7 @@ const ID_ENTITIES: &[&str] = &[
 ];
 
 /// The tags a change of `key` invalidates. Keys of the scheme that no L1 entry depends on
-/// (bookings, registries, the event stream) invalidate nothing; a key of the scheme this
+/// (registries, the event stream) invalidate nothing; a key of the scheme this
 /// version does not know drops the whole region, so a newer module can never leave a stale
 /// entry behind.
 pub fn tags_for_key(key: &str) -> Vec<Tag> {
@@ -66,8 +66,9 @@ pub fn tags_for_key(key: &str) -> Vec<Tag> {
         }
         "orderbook" => vec![Tag::order_book(region, parts.id)],
         "stats:market" | "stats:24h" => vec![Tag::market(region)],
-        "booking" | "provider-gpus" | "events" | "index:gpus" | "index:types"
-        | "index:providers" | "index:bookings" => Vec::new(),
+        "booking" => vec![Tag::booking(region, parts.id), Tag::gpu_inputs(region)],
+        "provider-gpus" | "events" | "index:gpus" | "index:types" | "index:providers"
+        | "index:bookings" => Vec::new(),
         _ => vec![Tag::region(region)],
     }
 }
@@ -141,7 +142,11 @@ mod tests {
             tags_for_key("gpucache:{eu}:stats:24h"),
             vec![Tag::market("eu")]
         );
-        assert!(tags_for_key("gpucache:{eu}:booking:b1").is_empty());
+        assert_eq!(
+            tags_for_key("gpucache:{eu}:booking:b1"),
+            vec![Tag::booking("eu", "b1"), Tag::gpu_inputs("eu")]
+        );
+        assert!(tags_for_key("gpucache:{eu}:index:bookings").is_empty());
         assert!(tags_for_key("gpucache:{eu}:events").is_empty());
         assert!(tags_for_key("unrelated").is_empty());
         assert_eq!(

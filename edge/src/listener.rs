@@ -31,6 +31,27 @@ pub struct LinkConfig {
     pub poll: Duration,
     /// Entries read per `XREAD`/`XRANGE` call.
     pub batch: usize,
+    /// Follow keyspace notifications (the fast path). Off: invalidations come from the event
+    /// stream alone (for servers without `notify-keyspace-events`), a little later.
+    pub notifications: bool,
+}
+
+impl LinkConfig {
+    /// The settings with out-of-range values brought into range (a zero poll would block
+    /// forever, a huge one overflow the clock).
+    pub(crate) fn sanitized(&self) -> LinkConfig {
+        let clamp = |d: Duration, lo: u64, hi: u64| {
+            d.clamp(Duration::from_millis(lo), Duration::from_millis(hi))
+        };
+        let backoff_min = clamp(self.backoff_min, 1, 60_000);
+        LinkConfig {
+            backoff_min,
+            backoff_max: clamp(self.backoff_max, 1, 300_000).max(backoff_min),
+            poll: clamp(self.poll, 10, 60_000),
+            batch: self.batch.clamp(1, 100_000),
+            notifications: self.notifications,
+        }
+    }
 }
 
 impl Default for LinkConfig {
@@ -40,6 +61,7 @@ impl Default for LinkConfig {
             backoff_max: Duration::from_secs(2),
             poll: Duration::from_millis(250),
             batch: 1000,
+            notifications: true,
         }
     }
 }
@@ -70,7 +92,7 @@ impl Backoff {
             .unwrap_or(u64::MAX)
             .max(1);
         let deadline = Instant::now() + Duration::from_millis(fastrand::u64(millis / 2..=millis));
-        self.next = (self.next * 2).min(self.max);
+        self.next = self.next.saturating_mul(2).min(self.max);
         while Instant::now() < deadline {
             if stop.load(Ordering::Acquire) {
                 return false;
@@ -78,6 +100,16 @@ impl Backoff {
             std::thread::sleep(Duration::from_millis(10));
         }
         !stop.load(Ordering::Acquire)
+    }
+}
+
+/// Runs one connection's session; a panic in it (a bug, or a caller's hook) ends the session
+/// like a connection error, so the link is marked down and reconnects instead of dying marked
+/// up.
+fn guarded(session: impl FnOnce() -> RedisResult<()>) -> Result<(), ()> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(session)) {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
     }
 }
 
@@ -93,7 +125,8 @@ pub(crate) fn run_notifications(
     let mut backoff = Backoff::new(&config);
     while !stop.load(Ordering::Acquire) {
         if let Ok(mut con) = client.get_connection() {
-            let result = listen(&mut con, db, &regions, &l1, &config, &stop, &mut backoff);
+            let result =
+                guarded(|| listen(&mut con, db, &regions, &l1, &config, &stop, &mut backoff));
             l1.counters.notifications_up.store(false, Ordering::Release);
             if result.is_ok() {
                 return; // stopped
@@ -230,7 +263,8 @@ pub(crate) fn run_stream(
     let mut backoff = Backoff::new(&config);
     while !stop.load(Ordering::Acquire) {
         if let Ok(mut con) = client.get_connection() {
-            let result = follow(&mut con, &mut cursors, &l1, &config, &stop, &mut backoff);
+            let result =
+                guarded(|| follow(&mut con, &mut cursors, &l1, &config, &stop, &mut backoff));
             l1.set_link(false);
             if result.is_ok() {
                 return; // stopped
@@ -265,17 +299,22 @@ fn follow(
         if stop.load(Ordering::Acquire) {
             return Ok(());
         }
+        let before: Vec<Option<EntryId>> = cursors.iter().map(|c| c.last).collect();
         let applied = read_new(con, cursors, l1, config)?;
-        if applied > 0 {
-            publish_positions(cursors, l1);
-        }
-        // A reader that fell further behind than the stream's MAXLEN would not notice the
-        // entries it never saw: compare with the trim point now and then.
-        if applied == 0 || last_trim_check.elapsed() > Duration::from_secs(1) {
-            for cursor in cursors.iter_mut() {
-                check_trimmed(con, cursor, l1)?;
+        // XREAD skips entries trimmed before it read them: after each batch, compare where
+        // the cursor was with the stream's oldest entry (which only grows). Idle cursors are
+        // checked now and then, for a stream deleted or recreated under them.
+        let idle_check = last_trim_check.elapsed() > Duration::from_secs(1);
+        for (cursor, before) in cursors.iter_mut().zip(before) {
+            if cursor.last != before || idle_check {
+                check_lost(con, cursor, before, l1)?;
             }
+        }
+        if idle_check {
             last_trim_check = Instant::now();
+        }
+        if applied > 0 || idle_check {
+            publish_positions(cursors, l1);
         }
     }
 }
@@ -299,14 +338,27 @@ fn catch_up(
     l1: &L1,
     config: &LinkConfig,
 ) -> RedisResult<()> {
-    let info = stream_info(con, &cursor.stream)?;
     let Some(last) = cursor.last else {
         // First connect: nothing is cached yet, start from the stream's end.
+        let info = stream_info(con, &cursor.stream)?;
         cursor.last = Some(info.map_or(EntryId::default(), |i| i.last_generated));
         return Ok(());
     };
-    if check_trimmed(con, cursor, l1)? {
-        return Ok(());
+    // The last applied entry must still be there: if it is not, the stream was trimmed past
+    // it, or the server restarted or failed over without it — writes after it are lost to
+    // this cursor and possibly reissued with the same versions.
+    if last > EntryId::default() {
+        let at_last: Vec<StreamEntry> = redis::cmd("XRANGE")
+            .arg(&cursor.stream)
+            .arg(last.to_string())
+            .arg(last.to_string())
+            .query(con)?;
+        if at_last.is_empty() {
+            let info = stream_info(con, &cursor.stream)?;
+            l1.drop_region(&cursor.region);
+            cursor.last = Some(info.map_or(EntryId::default(), |i| i.last_generated));
+            return Ok(());
+        }
     }
     let mut from = last;
     loop {
@@ -318,7 +370,7 @@ fn catch_up(
             .arg(config.batch)
             .query(con)?;
         if entries.is_empty() {
-            return Ok(());
+            break;
         }
         for (id, fields) in entries {
             apply(l1, cursor, &id, &fields);
@@ -326,18 +378,27 @@ fn catch_up(
         }
         from = cursor.last.unwrap_or(from);
     }
+    // Trimming may have raced the replay.
+    check_lost(con, cursor, Some(last), l1)?;
+    Ok(())
 }
 
-/// Drops the cursor's region when entries it has not applied are gone (trimmed, or the stream
-/// was deleted or restarted); true if it did.
-fn check_trimmed(con: &mut Connection, cursor: &mut Cursor, l1: &L1) -> RedisResult<bool> {
-    let Some(last) = cursor.last else {
+/// Drops the cursor's region when entries after `since` (where it stood before its last
+/// read) may be gone: trimmed, deleted, or the stream restarted. True if it did.
+fn check_lost(
+    con: &mut Connection,
+    cursor: &mut Cursor,
+    since: Option<EntryId>,
+    l1: &L1,
+) -> RedisResult<bool> {
+    let Some(since) = since else {
         return Ok(false);
     };
     let info = stream_info(con, &cursor.stream)?;
+    let newest = cursor.last.unwrap_or(since).max(since);
     let lost = match &info {
-        None => last > EntryId::default(),
-        Some(info) => info.lost_after(last),
+        None => newest > EntryId::default(),
+        Some(info) => info.lost_after(since) || info.last_generated < newest,
     };
     if lost {
         l1.drop_region(&cursor.region);
@@ -349,7 +410,7 @@ fn check_trimmed(con: &mut Connection, cursor: &mut Cursor, l1: &L1) -> RedisRes
 fn stream_info(con: &mut Connection, stream: &str) -> RedisResult<Option<StreamInfo>> {
     let reply: Value = match redis::cmd("XINFO").arg("STREAM").arg(stream).query(con) {
         Ok(reply) => reply,
-        Err(e) if e.kind() == redis::ErrorKind::ResponseError => return Ok(None), // no such key
+        Err(e) if e.to_string().contains("no such key") => return Ok(None),
         Err(e) => return Err(e),
     };
     let fields: HashMap<String, Value> = redis::from_redis_value(&reply)?;

@@ -101,16 +101,20 @@ impl Query {
             Query::Available { .. } | Query::Stats { .. } => {
                 vec![Tag::region(region), Tag::market(region)]
             }
-            Query::OrderBook { gpu_type, .. } => {
-                vec![Tag::region(region), Tag::order_book(region, gpu_type)]
-            }
+            // The ladder's `gpus_total` moves with the type's total, which only the counters
+            // hash (market) records when an unlisted GPU is registered.
+            Query::OrderBook { gpu_type, .. } => vec![
+                Tag::region(region),
+                Tag::market(region),
+                Tag::order_book(region, gpu_type),
+            ],
         }
     }
 
     /// Tags that only guard the load: a change while it runs makes its result uncacheable, but
-    /// the entry does not depend on them once filled. A GPU's type and provider are known only
-    /// from the loaded record, so the load is guarded by any type-price or provider change in
-    /// the region.
+    /// the entry does not depend on them once filled. A GPU's type, provider and booking are
+    /// known only from the loaded record, so the load is guarded by any type-price, provider
+    /// or booking change in the region.
     pub(crate) fn load_guards(&self) -> Vec<Tag> {
         match self {
             Query::Gpu { region, .. } => vec![Tag::gpu_inputs(region)],
@@ -118,7 +122,7 @@ impl Query {
         }
     }
 
-    /// Tags the loaded value names (a GPU's type and provider).
+    /// Tags the loaded value names (a GPU's type, provider and booking).
     pub(crate) fn tags_of_value(&self, value: &Value) -> Vec<Tag> {
         let Query::Gpu { region, .. } = self else {
             return Vec::new();
@@ -129,6 +133,9 @@ impl Query {
         }
         if let Some(provider) = value.get("provider").and_then(Value::as_str) {
             tags.push(Tag::provider(region, provider));
+        }
+        if let Some(booking) = value.get("booking_id").and_then(Value::as_str) {
+            tags.push(Tag::booking(region, booking));
         }
         tags
     }

@@ -21,6 +21,8 @@ pub(crate) struct Counters {
     pub reconnects: AtomicU64,
     pub newest_event_ms: AtomicI64,
     pub notifications_up: AtomicBool,
+    /// Notifications are not followed (`LinkConfig::notifications` off).
+    pub notifications_off: AtomicBool,
     pub stream_up: AtomicBool,
     /// Last applied stream entry id per followed region.
     pub last_event_ids: Mutex<BTreeMap<String, String>>,
@@ -94,7 +96,7 @@ pub struct Stats {
     pub reconnects: u64,
     /// Now minus the timestamp of the newest applied event (ms); `None` before the first.
     pub lag_ms: Option<i64>,
-    /// `connected` when both the notification and the stream connection are up,
+    /// `connected` when every enabled link is up (notifications and stream),
     /// `degraded` when only the stream is (invalidations still arrive, a little later),
     /// `disconnected` otherwise (the L1 is bypassed).
     pub connection: &'static str,
@@ -109,7 +111,8 @@ impl Counters {
         let (hits, misses) = (self.hits.sum(), self.misses.sum());
         let newest = self.newest_event_ms.load(Ordering::Relaxed);
         let stream_up = self.stream_up.load(Ordering::Acquire);
-        let notifications_up = self.notifications_up.load(Ordering::Acquire);
+        let notifications_up = self.notifications_up.load(Ordering::Acquire)
+            || self.notifications_off.load(Ordering::Acquire);
         Stats {
             hits,
             misses,

@@ -56,6 +56,10 @@ impl Tag {
     pub fn order_book(region: &str, gpu_type: &str) -> Tag {
         Tag::of(6, region, gpu_type)
     }
+    /// A booking, shown in the record of the GPU it holds.
+    pub fn booking(region: &str, booking_id: &str) -> Tag {
+        Tag::of(7, region, booking_id)
+    }
 }
 
 /// The epoch of one tag as an entry recorded it.

@@ -67,6 +67,19 @@ fn cached(edge: &Edge, query: &Query) -> Option<Value> {
     edge.cached(query).map(|v| comparable((*v).clone()))
 }
 
+/// Loads every query until all of them stay cached; their values.
+fn settled(edge: &Edge, queries: &[Query]) -> Vec<Value> {
+    let mut values = Vec::new();
+    eventually("every query stays cached", DEADLINE, || {
+        values = queries.iter().map(|q| loaded(edge, q)).collect();
+        queries
+            .iter()
+            .zip(&values)
+            .all(|(q, v)| cached(edge, q).as_ref() == Some(v))
+    });
+    values
+}
+
 fn in_redis(con: &mut Connection, query: &Query) -> Value {
     comparable(gpucache_edge::reply::to_json(
         query.command().query(con).unwrap(),
@@ -86,9 +99,12 @@ fn every_write_stops_both_l1s_serving_the_old_value() {
         );
     }
     register(&mut writer, "h1", "H100", "4");
+    // Two ordinary L1s, and one that follows the event stream alone (so the stream path —
+    // versions, the skip of records already as new — is checked without notifications).
     let edges = [
         edge(&server, LinkConfig::default()),
         edge(&server, LinkConfig::default()),
+        edge(&server, stream_only()),
     ];
     let queries = [
         Query::gpu("eu", "g0"),
@@ -119,21 +135,18 @@ fn every_write_stops_both_l1s_serving_the_old_value() {
         &["GPUCACHE.INVALIDATE", "eu", "gpu:h1"],
     ];
     for write in writes {
-        // Both L1s hold every query, as Redis has it now.
-        let before: Vec<Vec<Value>> = edges
-            .iter()
-            .map(|e| queries.iter().map(|q| loaded(e, q)).collect())
-            .collect();
-        for (e, values) in edges.iter().zip(&before) {
-            for (q, v) in queries.iter().zip(values) {
-                assert_eq!(
-                    cached(e, q).as_ref(),
-                    Some(v),
-                    "{q:?} cached before {write:?}"
-                );
+        // Every L1 holds every query, as Redis has it now (the previous write's last events
+        // may still drop a copy loaded in between: poll until all stay).
+        let before: Vec<Vec<Value>> = edges.iter().map(|e| settled(e, &queries)).collect();
+        run(&mut writer, write).expect("write");
+        if write[0] == "GPUCACHE.INVALIDATE" {
+            // Nothing changed in Redis, but every copy of h1 must go.
+            for e in &edges {
+                eventually("INVALIDATE gpu:h1 drops h1", DEADLINE, || {
+                    e.cached(&queries[2]).is_none()
+                });
             }
         }
-        run(&mut writer, write).expect("write");
         // Each query whose answer changed must stop being served by both L1s.
         let mut fresh = server.connect_resp3();
         for q in &queries {
@@ -156,10 +169,10 @@ fn every_write_stops_both_l1s_serving_the_old_value() {
             }
         }
     }
-    // INVALIDATE changed nothing but must still drop h1 everywhere.
-    for e in &edges {
+    for e in &edges[..2] {
         assert!(e.stats().notifications > 0 && e.stats().stream_events > 0);
     }
+    assert_eq!(edges[2].stats().notifications, 0);
 }
 
 #[test]
@@ -198,6 +211,13 @@ fn kill_links(con: &mut Connection) {
                 .query(con)
                 .unwrap();
         }
+    }
+}
+
+fn stream_only() -> LinkConfig {
+    LinkConfig {
+        notifications: false,
+        ..LinkConfig::default()
     }
 }
 
@@ -401,8 +421,7 @@ fn a_load_that_started_before_a_write_never_puts_the_old_value_back() {
         "the old record must not be cached"
     );
     assert_eq!(edge.stats().fills_refused, 1);
-    assert_eq!(loaded(&edge, &q)["status"], "offline");
-    assert!(edge.cached(&q).is_some());
+    assert_eq!(settled(&edge, &[q])[0]["status"], "offline");
 }
 
 #[test]
@@ -460,4 +479,154 @@ fn reads_of_a_region_the_edge_does_not_follow_are_never_cached() {
     assert!(edge.cached(&q).is_none(), "no link follows region us");
     let stats = edge.stats();
     assert_eq!(stats.last_event_ids.keys().collect::<Vec<_>>(), ["eu"]);
+}
+
+#[test]
+fn a_reader_arriving_after_a_write_never_gets_a_value_loaded_before_it() {
+    let server = server();
+    let mut writer = server.connect();
+    register(&mut writer, "g1", "A100", "2");
+    let edge = Arc::new(edge(&server, LinkConfig::default()));
+    let q = Query::gpu("eu", "g1");
+    let (read_done, wait_read) = mpsc::channel();
+    let (go_on, wait_go) = mpsc::channel::<()>();
+    let slow = {
+        let (edge, q) = (edge.clone(), q.clone());
+        std::thread::spawn(move || {
+            edge.get_or_load(&q, |q| {
+                let old = edge.load(q);
+                read_done.send(()).unwrap();
+                wait_go.recv().unwrap();
+                old
+            })
+        })
+    };
+    wait_read.recv().unwrap();
+    let seen = edge.stats().invalidations;
+    run(&mut writer, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
+    eventually("the write reaches the L1", DEADLINE, || {
+        edge.stats().invalidations > seen
+    });
+    // This read begins after the write: it may wait for the slow load in flight, but must not
+    // be handed its (older) result.
+    let late = {
+        let (edge, q) = (edge.clone(), q.clone());
+        std::thread::spawn(move || edge.get(&q).map(|v| v["status"].clone()))
+    };
+    eventually(
+        "the late reader waits on the load in flight",
+        DEADLINE,
+        || edge.stats().misses >= 2,
+    );
+    go_on.send(()).unwrap();
+    assert_eq!(slow.join().unwrap().unwrap()["status"], "available");
+    assert_eq!(late.join().unwrap(), Ok(Value::from("offline")));
+}
+
+#[test]
+fn a_stream_trimmed_under_a_live_but_slow_reader_drops_the_region() {
+    let server = Server::start(
+        &["STREAM_MAXLEN", "10"],
+        &["--notify-keyspace-events", "Kd"],
+    );
+    let mut writer = server.connect();
+    register(&mut writer, "g0", "A100", "2");
+    register(&mut writer, "x", "T4", "1");
+    // The hook stalls the stream thread on its next invalidation while `stall` is set: a
+    // consumer that falls behind.
+    let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stalled, wait_stalled) = mpsc::channel::<()>();
+    let (release, wait_release) = mpsc::channel::<()>();
+    let wait_release = std::sync::Mutex::new(wait_release);
+    let stalled = std::sync::Mutex::new(stalled);
+    let hook: gpucache_edge::InvalidationHook = {
+        let stall = stall.clone();
+        Arc::new(move |_key: &str, source: gpucache_edge::Source| {
+            if source == gpucache_edge::Source::Stream && stall.swap(false, Ordering::SeqCst) {
+                let _ = stalled.lock().unwrap().send(());
+                let _ = wait_release.lock().unwrap().recv();
+            }
+        })
+    };
+    let mut config = EdgeConfig::new(&server.url(), &["eu"]);
+    config.link = stream_only();
+    let edge = Edge::start_with_hook(config, Some(hook)).unwrap();
+    assert!(edge.wait_connected(DEADLINE));
+    let g0 = Query::gpu("eu", "g0");
+    let old = loaded(&edge, &g0);
+    assert_eq!(old["status"], "available");
+
+    stall.store(true, Ordering::SeqCst);
+    run(&mut writer, &["GPUCACHE.STATUS", "eu", "x", "offline"]).unwrap();
+    wait_stalled.recv_timeout(DEADLINE).unwrap();
+    // While the reader is stuck, g0 changes and the stream is trimmed far past that change.
+    run(&mut writer, &["GPUCACHE.STATUS", "eu", "g0", "offline"]).unwrap();
+    for i in 0..300 {
+        let status = if i % 2 == 0 { "available" } else { "offline" };
+        run(&mut writer, &["GPUCACHE.STATUS", "eu", "x", status]).unwrap();
+    }
+    release.send(()).unwrap();
+    eventually("the trimmed change is not served", DEADLINE, || {
+        stops_serving(&edge, &g0, &old)
+    });
+    assert!(edge.stats().region_drops >= 1, "{:?}", edge.stats());
+    assert_eq!(loaded(&edge, &g0)["status"], "offline");
+}
+
+#[test]
+fn a_restart_that_lost_writes_drops_the_region() {
+    let server = server();
+    let port = server.port;
+    let mut writer = server.connect();
+    register(&mut writer, "g0", "A100", "2");
+    register(&mut writer, "g1", "A100", "2");
+    let edge = edge(&server, LinkConfig::default());
+    let _: () = redis::cmd("SAVE").query(&mut writer).unwrap();
+    for gpu in ["g0", "g1"] {
+        run(&mut writer, &["GPUCACHE.STATUS", "eu", gpu, "offline"]).unwrap();
+    }
+    let (g0, g1) = (Query::gpu("eu", "g0"), Query::gpu("eu", "g1"));
+    // (Each write's events may still drop a copy loaded in between: poll until both stay.)
+    eventually("the L1 holds both writes", DEADLINE, || {
+        let offline = [&g0, &g1]
+            .iter()
+            .all(|q| loaded(&edge, q)["status"] == "offline");
+        offline && edge.cached(&g0).is_some() && edge.cached(&g1).is_some()
+    });
+
+    // The server dies without persisting those writes and comes back from the snapshot; a new
+    // write reuses the lost one's sequence numbers (and so its version).
+    let dir = server.stop();
+    let server = Server::start_in(dir, port, &[], &["--notify-keyspace-events", "Kd"]);
+    let mut writer = server.connect();
+    run(&mut writer, &["GPUCACHE.STATUS", "eu", "g1", "maintenance"]).unwrap();
+    assert!(
+        edge.wait_connected(DEADLINE),
+        "edge reconnects to the restarted server"
+    );
+    eventually("the lost history is dropped", DEADLINE, || {
+        edge.stats().region_drops >= 1
+    });
+    assert_eq!(loaded(&edge, &g0)["status"], "available");
+    assert_eq!(loaded(&edge, &g1)["status"], "maintenance");
+}
+
+#[test]
+fn a_panicking_hook_does_not_stop_invalidation() {
+    let server = server();
+    let mut writer = server.connect();
+    register(&mut writer, "g1", "A100", "2");
+    let hook: gpucache_edge::InvalidationHook = Arc::new(|_: &str, _| panic!("hook bug"));
+    let edge = Edge::start_with_hook(EdgeConfig::new(&server.url(), &["eu"]), Some(hook)).unwrap();
+    assert!(edge.wait_connected(DEADLINE));
+    let q = Query::gpu("eu", "g1");
+    for status in ["offline", "available", "maintenance"] {
+        loaded(&edge, &q);
+        run(&mut writer, &["GPUCACHE.STATUS", "eu", "g1", status]).unwrap();
+        eventually("invalidated despite the hook", DEADLINE, || {
+            edge.cached(&q).is_none()
+        });
+        assert_eq!(loaded(&edge, &q)["status"], status);
+    }
+    assert_eq!(edge.stats().connection, "connected");
 }
