@@ -195,6 +195,10 @@ impl L1 {
     /// Removes the entry of `query` if it is (still) invalid: a concurrent reader may already
     /// have replaced it with a fresh one, which must stay.
     fn remove_if_invalid(&self, query: &Query) {
+        // The common case (nothing cached, or a fresh copy) without moka's per-key lock.
+        if self.entries.get(query).is_none_or(|e| self.valid(&e)) {
+            return;
+        }
         self.entries
             .entry_by_ref(query)
             .and_compute_with(|current| match current {
