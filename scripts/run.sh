@@ -16,7 +16,7 @@ if [ "${1:-}" = "stop" ]; then
 fi
 
 scripts/deps.sh
-cargo build --release --quiet
+cargo build --release --quiet --workspace   # the module and the gpucache-edge CLI
 mkdir -p "$RUN_DIR"
 # A demo starts from an empty marketplace: drop what an earlier run persisted.
 rm -rf "$RUN_DIR/appendonlydir" "$RUN_DIR/dump.rdb"
@@ -45,5 +45,6 @@ cat <<MSG
 gpucache is running on 127.0.0.1:$PORT (log: $RUN_DIR/redis-$PORT.log).
   redis-cli -p $PORT GPUCACHE.AVAILABLE eu-west LIMIT 5
   redis-cli -p $PORT PSUBSCRIBE '__keyspace@0__:gpucache:*'     # watch invalidations
+  target/release/gpucache-edge watch --url redis://127.0.0.1:$PORT/ --region eu-west   # notifications + stream events
   scripts/run.sh stop
 MSG
