@@ -23,6 +23,9 @@ pub struct EdgeConfig {
     pub link: LinkConfig,
     /// Connections of the default loader's pool.
     pub loader_connections: u32,
+    /// How long a default load may wait for a connection and for its reply before failing
+    /// with `EdgeError::Connection` (a reader never hangs on a dead or stuck server).
+    pub loader_timeout: Duration,
 }
 
 impl EdgeConfig {
@@ -33,7 +36,41 @@ impl EdgeConfig {
             l1: L1Config::default(),
             link: LinkConfig::default(),
             loader_connections: 8,
+            loader_timeout: Duration::from_millis(500),
         }
+    }
+}
+
+/// The default loader's connections: RESP3, with read and write timeouts, and discarded after
+/// any failure — a reply that timed out may still arrive, and must not be read as the answer
+/// to the next query on that connection.
+struct LoaderConnections {
+    client: redis::Client,
+    timeout: Duration,
+}
+
+struct LoaderConnection {
+    con: redis::Connection,
+    failed: bool,
+}
+
+impl r2d2::ManageConnection for LoaderConnections {
+    type Connection = LoaderConnection;
+    type Error = redis::RedisError;
+
+    fn connect(&self) -> Result<LoaderConnection, redis::RedisError> {
+        let con = self.client.get_connection_with_timeout(self.timeout)?;
+        con.set_read_timeout(Some(self.timeout))?;
+        con.set_write_timeout(Some(self.timeout))?;
+        Ok(LoaderConnection { con, failed: false })
+    }
+
+    fn is_valid(&self, conn: &mut LoaderConnection) -> Result<(), redis::RedisError> {
+        redis::cmd("PING").query(&mut conn.con)
+    }
+
+    fn has_broken(&self, conn: &mut LoaderConnection) -> bool {
+        conn.failed || !redis::ConnectionLike::is_open(&conn.con)
     }
 }
 
@@ -41,7 +78,7 @@ impl EdgeConfig {
 pub struct Edge {
     l1: Arc<L1>,
     regions: Vec<String>,
-    pool: r2d2::Pool<redis::Client>,
+    pool: r2d2::Pool<LoaderConnections>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -69,11 +106,18 @@ impl Edge {
         let mut resp3 = info;
         resp3.redis.protocol = redis::ProtocolVersion::RESP3;
         let link_client = redis::Client::open(resp2)?;
+        let timeout = config
+            .loader_timeout
+            .clamp(Duration::from_millis(1), Duration::from_secs(3600));
         let pool = r2d2::Pool::builder()
             .max_size(config.loader_connections.max(1))
             .min_idle(Some(0))
-            .connection_timeout(Duration::from_secs(2))
-            .build_unchecked(redis::Client::open(resp3)?);
+            .connection_timeout(timeout)
+            .test_on_check_out(false)
+            .build_unchecked(LoaderConnections {
+                client: redis::Client::open(resp3)?,
+                timeout,
+            });
 
         let link = config.link.sanitized();
         let l1 = Arc::new(L1::new(&config.l1, hook));
@@ -147,12 +191,30 @@ impl Edge {
 
     /// The default loader: the query's `GPUCACHE.*` command on a pooled RESP3 connection.
     pub fn load(&self, query: &Query) -> Result<Value, EdgeError> {
-        let mut con = self
-            .pool
-            .get()
-            .map_err(|e| EdgeError::Connection(e.to_string()))?;
-        let reply: redis::Value = query.command().query(&mut *con)?;
-        Ok(reply::to_json(reply))
+        // A pooled connection the server closed (restart, failover, idle timeout) fails at
+        // once: one retry on a fresh connection. A timeout is not retried.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut con = self
+                .pool
+                .get()
+                .map_err(|e| EdgeError::Connection(e.to_string()))?;
+            let reply = query.command().query::<redis::Value>(&mut con.con);
+            match reply {
+                Ok(reply) => return Ok(reply::to_json(reply)),
+                // A server error (NOGPU, ...) leaves the connection in step; nothing else may.
+                Err(e) if e.kind() == redis::ErrorKind::ResponseError || e.code().is_some() => {
+                    return Err(e.into())
+                }
+                Err(e) => {
+                    con.failed = true;
+                    if attempts > 1 || e.is_timeout() || !e.is_connection_dropped() {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
     }
 
     /// The cached value only (no load).

@@ -630,3 +630,33 @@ fn a_panicking_hook_does_not_stop_invalidation() {
     }
     assert_eq!(edge.stats().connection, "connected");
 }
+
+#[test]
+fn a_load_that_times_out_fails_and_its_late_reply_is_never_read_as_another_answer() {
+    let server = server();
+    let mut writer = server.connect();
+    register(&mut writer, "g1", "A100", "2");
+    let mut config = EdgeConfig::new(&server.url(), &["eu"]);
+    config.loader_connections = 1; // every load reuses the one connection
+    config.loader_timeout = Duration::from_millis(300);
+    let edge = Edge::start(config).unwrap();
+    assert!(edge.wait_connected(DEADLINE));
+    assert_eq!(edge.load(&Query::stats("eu")).unwrap()["gpus_total"], 1);
+
+    // A stuck server: the read times out and the caller gets an error, not a hang.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1000)
+        .arg("ALL")
+        .query(&mut writer)
+        .unwrap();
+    match edge.load(&Query::gpu("eu", "g1")) {
+        Err(EdgeError::Connection(_)) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // Once the server answers again (a new client's PING waits out the pause), GET's late
+    // reply must not be taken for STATS.
+    let _: String = redis::cmd("PING").query(&mut server.connect()).unwrap();
+    assert_eq!(edge.load(&Query::stats("eu")).unwrap()["gpus_total"], 1);
+    assert_eq!(edge.load(&Query::gpu("eu", "g1")).unwrap()["gpu_id"], "g1");
+}
