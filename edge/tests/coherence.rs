@@ -382,6 +382,46 @@ fn a_hundred_concurrent_misses_make_one_load() {
     assert_eq!(edge.stats().loads, 1);
 }
 
+/// A load through the L1 whose loader reads Redis, then stalls until `finish`: a slow backend
+/// racing a write.
+struct SlowLoad {
+    go_on: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<Result<Arc<Value>, EdgeError>>,
+}
+
+impl SlowLoad {
+    /// Returns once the loader has read.
+    fn start(edge: &Arc<Edge>, q: &Query) -> SlowLoad {
+        let (read_done, wait_read) = mpsc::channel();
+        let (go_on, wait_go) = mpsc::channel::<()>();
+        let (edge, q) = (edge.clone(), q.clone());
+        let thread = std::thread::spawn(move || {
+            edge.get_or_load(&q, |q| {
+                let old = edge.load(q);
+                read_done.send(()).unwrap();
+                wait_go.recv().unwrap();
+                old
+            })
+        });
+        wait_read.recv().unwrap();
+        SlowLoad { go_on, thread }
+    }
+
+    fn finish(self) -> Result<Arc<Value>, EdgeError> {
+        self.go_on.send(()).unwrap();
+        self.thread.join().unwrap()
+    }
+}
+
+/// Runs a write and waits until its stream event has been applied to the L1.
+fn write_and_wait_applied(edge: &Edge, writer: &mut Connection, write: &[&str]) {
+    let seen = edge.stats().stream_events;
+    run(writer, write).unwrap();
+    eventually("the write's event reaches the L1", DEADLINE, || {
+        edge.stats().stream_events > seen
+    });
+}
+
 #[test]
 fn a_load_that_started_before_a_write_never_puts_the_old_value_back() {
     let server = server();
@@ -391,27 +431,13 @@ fn a_load_that_started_before_a_write_never_puts_the_old_value_back() {
     let q = Query::gpu("eu", "g1");
 
     // The loader reads, then stalls until the write has been applied to the L1.
-    let (read_done, wait_read) = mpsc::channel();
-    let (go_on, wait_go) = mpsc::channel::<()>();
-    let reader = {
-        let (edge, q) = (edge.clone(), q.clone());
-        std::thread::spawn(move || {
-            edge.get_or_load(&q, |q| {
-                let old = edge.load(q);
-                read_done.send(()).unwrap();
-                wait_go.recv().unwrap();
-                old
-            })
-        })
-    };
-    wait_read.recv().unwrap();
-    let seen_before = edge.stats().stream_events;
-    run(&mut writer, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
-    eventually("the write's event reaches the L1", DEADLINE, || {
-        edge.stats().stream_events > seen_before
-    });
-    go_on.send(()).unwrap();
-    let returned = reader.join().unwrap().unwrap();
+    let reader = SlowLoad::start(&edge, &q);
+    write_and_wait_applied(
+        &edge,
+        &mut writer,
+        &["GPUCACHE.STATUS", "eu", "g1", "offline"],
+    );
+    let returned = reader.finish().unwrap();
     assert_eq!(
         returned["status"], "available",
         "the slow read saw the old record"
@@ -488,25 +514,12 @@ fn a_reader_arriving_after_a_write_never_gets_a_value_loaded_before_it() {
     register(&mut writer, "g1", "A100", "2");
     let edge = Arc::new(edge(&server, LinkConfig::default()));
     let q = Query::gpu("eu", "g1");
-    let (read_done, wait_read) = mpsc::channel();
-    let (go_on, wait_go) = mpsc::channel::<()>();
-    let slow = {
-        let (edge, q) = (edge.clone(), q.clone());
-        std::thread::spawn(move || {
-            edge.get_or_load(&q, |q| {
-                let old = edge.load(q);
-                read_done.send(()).unwrap();
-                wait_go.recv().unwrap();
-                old
-            })
-        })
-    };
-    wait_read.recv().unwrap();
-    let seen = edge.stats().invalidations;
-    run(&mut writer, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
-    eventually("the write reaches the L1", DEADLINE, || {
-        edge.stats().invalidations > seen
-    });
+    let slow = SlowLoad::start(&edge, &q);
+    write_and_wait_applied(
+        &edge,
+        &mut writer,
+        &["GPUCACHE.STATUS", "eu", "g1", "offline"],
+    );
     // This read begins after the write: it may wait for the slow load in flight, but must not
     // be handed its (older) result.
     let late = {
@@ -518,8 +531,7 @@ fn a_reader_arriving_after_a_write_never_gets_a_value_loaded_before_it() {
         DEADLINE,
         || edge.stats().misses >= 2,
     );
-    go_on.send(()).unwrap();
-    assert_eq!(slow.join().unwrap().unwrap()["status"], "available");
+    assert_eq!(slow.finish().unwrap()["status"], "available");
     assert_eq!(late.join().unwrap(), Ok(Value::from("offline")));
 }
 
