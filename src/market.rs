@@ -87,8 +87,8 @@ impl<'s, 'c> Region<'s, 'c> {
         let typed = self.keys.available_typed(gpu_type);
         let listed = self
             .store
-            .integer("ZCARD", &[own.as_bytes()])?
-            .saturating_add(self.store.integer("ZCARD", &[typed.as_bytes()])?);
+            .zcard(&own)?
+            .saturating_add(self.store.zcard(&typed)?);
         let total = self
             .store
             .hget(&self.keys.stats(), &stat::type_total(gpu_type))?;
@@ -125,13 +125,17 @@ impl<'s, 'c> Region<'s, 'c> {
 
     pub fn load_gpu(&self, gpu_id: &str) -> MarketResult<Option<GpuRecord>> {
         let key = self.keys.gpu(gpu_id);
-        let fields = self.store.hash_fields(&key, &gpu::field::ALL)?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        GpuRecord::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-            .map(Some)
-            .ok_or(MarketError::Corrupt(key))
+        let record = self.store.with_hash(&key, &gpu::field::ALL, |values| {
+            let present = gpu::field::ALL
+                .iter()
+                .zip(values)
+                .filter_map(|(name, value)| Some((name.as_bytes(), (*value)?)));
+            if values.iter().all(Option::is_none) {
+                return Ok(None);
+            }
+            GpuRecord::from_fields(present).map(Some).ok_or(())
+        })?;
+        record.map_err(|()| MarketError::Corrupt(key))
     }
 
     pub fn require_gpu(&self, gpu_id: &str) -> MarketResult<GpuRecord> {
@@ -140,43 +144,50 @@ impl<'s, 'c> Region<'s, 'c> {
     }
 
     pub fn load_booking(&self, booking_id: &str) -> MarketResult<Option<Booking>> {
+        use crate::core::booking::field::ALL;
         let key = self.keys.booking(booking_id);
-        let fields = self
-            .store
-            .hash_fields(&key, &crate::core::booking::field::ALL)?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        Booking::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-            .map(Some)
-            .ok_or(MarketError::Corrupt(key))
+        let booking = self.store.with_hash(&key, &ALL, |values| {
+            if values.iter().all(Option::is_none) {
+                return Ok(None);
+            }
+            let present = ALL
+                .iter()
+                .zip(values)
+                .filter_map(|(name, value)| Some((name.as_bytes(), (*value)?)));
+            Booking::from_fields(present).map(Some).ok_or(())
+        })?;
+        booking.map_err(|()| MarketError::Corrupt(key))
     }
 
     pub fn load_type_price(&self, gpu_type: &str) -> MarketResult<Option<TypePrice>> {
         let key = self.keys.type_price(gpu_type);
-        let values = self.store.hmget(
-            &key,
-            &[price_field::PRICE, price_field::SEQ, price_field::VERSION],
-        )?;
-        let field = |i: usize| values.get(i).and_then(|v| v.as_deref());
-        let Some(price_text) = field(0) else {
-            return Ok(None);
-        };
-        let price =
-            Price::parse_stored(price_text).ok_or_else(|| MarketError::Corrupt(key.clone()))?;
-        Ok(Some(TypePrice {
-            price,
-            seq: parse_int(field(1)).unwrap_or(0),
-            version: parse_int(field(2)).unwrap_or(0),
-        }))
+        let fields = [price_field::PRICE, price_field::SEQ, price_field::VERSION];
+        let price = self.store.with_hash(&key, &fields, |values| {
+            let field = |i: usize| values.get(i).copied().flatten();
+            let Some(price_text) = field(0) else {
+                return Ok(None);
+            };
+            let price = Price::parse_stored(price_text).ok_or(())?;
+            Ok(Some(TypePrice {
+                price,
+                seq: parse_int(field(1)).unwrap_or(0),
+                version: parse_int(field(2)).unwrap_or(0),
+            }))
+        })?;
+        price.map_err(|()| MarketError::Corrupt(key))
     }
 
     pub fn provider_status(&self, provider_id: &str) -> MarketResult<ProviderStatus> {
         let key = self.keys.provider(provider_id);
-        match self.store.hget(&key, provider_field::STATUS)? {
-            None => Ok(ProviderStatus::default()),
-            Some(text) => ProviderStatus::parse(&text).map_err(|_| MarketError::Corrupt(key)),
-        }
+        let status =
+            self.store
+                .with_hash(&key, &[provider_field::STATUS], |values| {
+                    match values.first().copied().flatten() {
+                        None => Ok(ProviderStatus::default()),
+                        Some(text) => ProviderStatus::parse(text).map_err(|_| ()),
+                    }
+                })?;
+        status.map_err(|()| MarketError::Corrupt(key))
     }
 
     /// Fails before any write when a key this region writes holds a foreign type.

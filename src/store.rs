@@ -7,9 +7,10 @@
 
 use crate::core::error::{MarketError, MarketResult};
 use redis_module::{
-    CallOptions, CallOptionsBuilder, CallResult, Context, KeyType, NotifyEvent, RedisValue,
+    raw, CallOptions, CallOptionsBuilder, CallResult, Context, KeyType, NotifyEvent, RedisValue,
 };
 use std::cell::{OnceCell, RefCell};
+use std::os::raw::{c_char, c_int};
 
 pub struct Store<'a> {
     ctx: &'a Context,
@@ -57,8 +58,12 @@ impl<'a> Store<'a> {
     }
 
     pub fn key_type(&self, key: &str) -> KeyType {
-        let name = self.ctx.create_string(key);
-        self.ctx.open_key(&name).key_type()
+        self.open_read(key).key_type()
+    }
+
+    /// Opens a key for reading through the key API (no command round trip, no reply parsing).
+    fn open_read(&self, key: &str) -> ReadKey {
+        ReadKey::open(self.ctx, key)
     }
 
     /// Refuses to go on when any key holds a type other than the one gpucache keeps there.
@@ -99,39 +104,69 @@ impl<'a> Store<'a> {
             .collect())
     }
 
-    /// Reads hash fields straight from the key (no command round trip): the hot read path of
-    /// every command. `None` for a missing field; an empty result for a missing key.
-    pub fn hmget(&self, key: &str, fields: &[&str]) -> MarketResult<Vec<Option<Vec<u8>>>> {
-        let name = self.ctx.create_string(key);
-        let opened = self.ctx.open_key(&name);
+    /// Reads hash fields straight from the key (one `RedisModule_HashGet` per 12 fields, no
+    /// command round trip) and hands them to `use_values` without copying: the hot read path of
+    /// every command. `None` for a missing field (or key); a key of another type is refused.
+    pub fn with_hash<T>(
+        &self,
+        key: &str,
+        fields: &[&str],
+        use_values: impl FnOnce(&[Option<&[u8]>]) -> T,
+    ) -> MarketResult<T> {
+        let opened = self.open_read(key);
         match opened.key_type() {
-            KeyType::Empty => return Ok(vec![None; fields.len()]),
-            KeyType::Hash => {}
+            KeyType::Empty | KeyType::Hash => {}
             _ => return Err(MarketError::WrongType(key.to_owned())),
         }
-        fields
-            .iter()
-            .map(|field| {
-                opened
-                    .hash_get(field)
-                    .map(|value| value.map(|v| v.as_slice().to_vec()))
-                    .map_err(|_| MarketError::WrongType(key.to_owned()))
-            })
-            .collect()
+        if fields.len() <= HASH_GET_BATCH {
+            let values = opened.hash_get(fields);
+            let mut slices: [Option<&[u8]>; HASH_GET_BATCH] = [None; HASH_GET_BATCH];
+            for (slot, value) in slices.iter_mut().zip(values.iter()) {
+                *slot = value;
+            }
+            return Ok(use_values(slices.get(..fields.len()).unwrap_or_default()));
+        }
+        let batches: Vec<FieldValues> = fields
+            .chunks(HASH_GET_BATCH)
+            .map(|chunk| opened.hash_get(chunk))
+            .collect();
+        let slices: Vec<Option<&[u8]>> = batches.iter().flat_map(FieldValues::iter).collect();
+        Ok(use_values(&slices))
+    }
+
+    /// Reads hash fields straight from the key. `None` for a missing field; all `None` for a
+    /// missing key.
+    pub fn hmget(&self, key: &str, fields: &[&str]) -> MarketResult<Vec<Option<Vec<u8>>>> {
+        self.with_hash(key, fields, |values| {
+            values.iter().map(|v| v.map(<[u8]>::to_vec)).collect()
+        })
     }
 
     pub fn hget(&self, key: &str, field: &str) -> MarketResult<Option<Vec<u8>>> {
-        Ok(self.hmget(key, &[field])?.pop().flatten())
+        self.with_hash(key, &[field], |values| {
+            values.first().copied().flatten().map(<[u8]>::to_vec)
+        })
     }
 
     /// The named fields that are present, as (field, value) pairs.
     pub fn hash_fields(&self, key: &str, fields: &[&str]) -> MarketResult<Vec<(Vec<u8>, Vec<u8>)>> {
-        let values = self.hmget(key, fields)?;
-        Ok(fields
-            .iter()
-            .zip(values)
-            .filter_map(|(field, value)| Some((field.as_bytes().to_vec(), value?)))
-            .collect())
+        self.with_hash(key, fields, |values| {
+            fields
+                .iter()
+                .zip(values)
+                .filter_map(|(field, value)| Some((field.as_bytes().to_vec(), (*value)?.to_vec())))
+                .collect()
+        })
+    }
+
+    /// Number of members of a sorted set (0 when it does not exist), like `ZCARD`.
+    pub fn zcard(&self, key: &str) -> MarketResult<i64> {
+        let opened = self.open_read(key);
+        match opened.key_type() {
+            KeyType::Empty => Ok(0),
+            KeyType::ZSet => Ok(i64::try_from(opened.value_length()).unwrap_or(i64::MAX)),
+            _ => Err(MarketError::WrongType(key.to_owned())),
+        }
     }
 
     pub fn hlen(&self, key: &str) -> MarketResult<i64> {
@@ -146,8 +181,12 @@ impl<'a> Store<'a> {
     }
 
     pub fn zscore(&self, key: &str, member: &str) -> MarketResult<Option<f64>> {
-        let reply = self.read("ZSCORE", &[key.as_bytes(), member.as_bytes()])?;
-        Ok(text(&reply).and_then(|s| s.parse::<f64>().ok()))
+        let opened = self.open_read(key);
+        match opened.key_type() {
+            KeyType::Empty => Ok(None),
+            KeyType::ZSet => Ok(opened.zscore(member)),
+            _ => Err(MarketError::WrongType(key.to_owned())),
+        }
     }
 
     /// Members with their scores in `[min, max]`, `count` of them from `offset`: lowest first,
@@ -250,8 +289,7 @@ impl<'a> Store<'a> {
 
     /// Milliseconds left before `key` expires; `None` when it has no expiry or does not exist.
     pub fn pttl(&self, key: &str) -> MarketResult<Option<i64>> {
-        let ttl = self.integer("PTTL", &[key.as_bytes()])?;
-        Ok((ttl >= 0).then_some(ttl))
+        Ok(self.open_read(key).ttl_ms())
     }
 
     fn write_options(&self) -> &CallOptions {
@@ -333,5 +371,237 @@ pub fn select_db(ctx: &Context, db: i32) -> bool {
         redis_module::raw::RedisModule_SelectDb
             .map(|f| f(ctx.get_raw(), db) == redis_module::raw::REDISMODULE_OK as i32)
             .unwrap_or(false)
+    }
+}
+
+/// How many fields one `RedisModule_HashGet` call reads (its variadic call below has this many
+/// field/value slots).
+const HASH_GET_BATCH: usize = 12;
+
+/// A key opened read-only with `RedisModule_OpenKey` (NULL when it does not exist), closed on
+/// drop. Opening looks the key up as any read command does (expiring it if its time passed).
+struct ReadKey {
+    ctx: *mut raw::RedisModuleCtx,
+    key: *mut raw::RedisModuleKey,
+}
+
+/// Values read by one `RedisModule_HashGet` call, freed on drop.
+struct FieldValues {
+    ctx: *mut raw::RedisModuleCtx,
+    values: [*mut raw::RedisModuleString; HASH_GET_BATCH],
+    len: usize,
+}
+
+/// The bytes of a module string, `None` for NULL.
+///
+/// # Safety
+/// `s` must be NULL or a live `RedisModuleString`; the slice is valid while it lives.
+unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> Option<&'a [u8]> {
+    if s.is_null() {
+        return None;
+    }
+    let ptr_len = raw::RedisModule_StringPtrLen?;
+    let mut len = 0usize;
+    let ptr = ptr_len(s, &mut len);
+    if ptr.is_null() || len == 0 {
+        return Some(&[]);
+    }
+    Some(std::slice::from_raw_parts(ptr.cast::<u8>(), len))
+}
+
+impl ReadKey {
+    fn open(ctx: &Context, name: &str) -> ReadKey {
+        let ctx = ctx.get_raw();
+        // SAFETY: plain module API calls on the command's context; the key name string is
+        // released right after opening (RedisModule_OpenKey keeps its own reference).
+        let key = unsafe {
+            match (
+                raw::RedisModule_CreateString,
+                raw::RedisModule_OpenKey,
+                raw::RedisModule_FreeString,
+            ) {
+                (Some(create), Some(open), Some(free)) => {
+                    let keyname = create(ctx, name.as_ptr().cast::<c_char>(), name.len());
+                    if keyname.is_null() {
+                        std::ptr::null_mut()
+                    } else {
+                        let key = open(ctx, keyname, raw::REDISMODULE_READ as c_int);
+                        free(ctx, keyname);
+                        key
+                    }
+                }
+                _ => std::ptr::null_mut(),
+            }
+        };
+        ReadKey { ctx, key }
+    }
+
+    fn key_type(&self) -> KeyType {
+        if self.key.is_null() {
+            return KeyType::Empty;
+        }
+        // SAFETY: `self.key` is an open key.
+        unsafe { raw::RedisModule_KeyType.map_or(KeyType::Empty, |f| KeyType::from(f(self.key))) }
+    }
+
+    fn value_length(&self) -> usize {
+        if self.key.is_null() {
+            return 0;
+        }
+        // SAFETY: `self.key` is an open key.
+        unsafe { raw::RedisModule_ValueLength.map_or(0, |f| f(self.key)) }
+    }
+
+    /// Milliseconds to live; `None` without an expiry (or key).
+    fn ttl_ms(&self) -> Option<i64> {
+        if self.key.is_null() {
+            return None;
+        }
+        // SAFETY: `self.key` is an open key.
+        let ttl = unsafe { raw::RedisModule_GetExpire.map_or(-1, |f| f(self.key)) };
+        (ttl >= 0).then_some(ttl)
+    }
+
+    /// The score of `member` in this sorted set (the caller checked the type).
+    fn zscore(&self, member: &str) -> Option<f64> {
+        if self.key.is_null() {
+            return None;
+        }
+        // SAFETY: `self.key` is an open sorted set; the member string is freed after use.
+        unsafe {
+            let (create, score_of, free) = (
+                raw::RedisModule_CreateString?,
+                raw::RedisModule_ZsetScore?,
+                raw::RedisModule_FreeString?,
+            );
+            let ele = create(self.ctx, member.as_ptr().cast::<c_char>(), member.len());
+            if ele.is_null() {
+                return None;
+            }
+            let mut score = 0.0f64;
+            let found = score_of(self.key, ele, &mut score) == raw::REDISMODULE_OK as c_int;
+            free(self.ctx, ele);
+            found.then_some(score)
+        }
+    }
+
+    /// Up to `HASH_GET_BATCH` fields of this hash (the caller checked the type) in one
+    /// `RedisModule_HashGet` call. A field name with a NUL byte cannot be passed as a C string
+    /// and reads as missing.
+    fn hash_get(&self, fields: &[&str]) -> FieldValues {
+        let len = fields.len().min(HASH_GET_BATCH);
+        let mut out = FieldValues {
+            ctx: self.ctx,
+            values: [std::ptr::null_mut(); HASH_GET_BATCH],
+            len,
+        };
+        // SAFETY: reading a function pointer the module API filled in at load time.
+        let hash_get = unsafe { raw::RedisModule_HashGet };
+        let (false, Some(hash_get)) = (self.key.is_null(), hash_get) else {
+            return out;
+        };
+        // NUL-terminated copies of the names in one buffer; a NULL name ends the list.
+        let fields = fields.get(..len).unwrap_or_default();
+        let mut buffer: Vec<u8> = Vec::with_capacity(fields.iter().map(|f| f.len() + 1).sum());
+        let mut starts = [None; HASH_GET_BATCH];
+        for (start, field) in starts.iter_mut().zip(fields) {
+            if !field.as_bytes().contains(&0) {
+                *start = Some(buffer.len());
+                buffer.extend_from_slice(field.as_bytes());
+                buffer.push(0);
+            }
+        }
+        let mut names = [std::ptr::null::<c_char>(); HASH_GET_BATCH];
+        for (name, start) in names.iter_mut().zip(starts) {
+            if let Some(rest) = start.and_then(|s| buffer.get(s..)) {
+                *name = rest.as_ptr().cast::<c_char>();
+            }
+        }
+        let flags = raw::REDISMODULE_HASH_CFIELDS as c_int;
+        let end = std::ptr::null::<c_char>();
+        let n = names;
+        let v = out.values.as_mut_ptr();
+        // SAFETY: `self.key` is an open key holding a hash; every name is NULL or a
+        // NUL-terminated string in `buffer`, which outlives the calls; a NULL name ends the
+        // variadic list; each value slot is a `*mut RedisModuleString` out-pointer into
+        // `out.values` (HASH_GET_BATCH of them).
+        unsafe {
+            if starts.iter().take(len).all(Option::is_some) {
+                hash_get(
+                    self.key,
+                    flags,
+                    n[0],
+                    v,
+                    n[1],
+                    v.add(1),
+                    n[2],
+                    v.add(2),
+                    n[3],
+                    v.add(3),
+                    n[4],
+                    v.add(4),
+                    n[5],
+                    v.add(5),
+                    n[6],
+                    v.add(6),
+                    n[7],
+                    v.add(7),
+                    n[8],
+                    v.add(8),
+                    n[9],
+                    v.add(9),
+                    n[10],
+                    v.add(10),
+                    n[11],
+                    v.add(11),
+                    end,
+                );
+            } else {
+                // A skipped name must not end the list early: one field per call.
+                for (i, name) in n.iter().enumerate().take(len) {
+                    if !name.is_null() {
+                        hash_get(self.key, flags, *name, v.add(i), end);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for ReadKey {
+    fn drop(&mut self) {
+        if !self.key.is_null() {
+            // SAFETY: the key was opened by `ReadKey::open` and is closed once.
+            unsafe {
+                if let Some(close) = raw::RedisModule_CloseKey {
+                    close(self.key);
+                }
+            }
+        }
+    }
+}
+
+impl FieldValues {
+    fn iter(&self) -> impl Iterator<Item = Option<&[u8]>> {
+        self.values
+            .iter()
+            .take(self.len)
+            // SAFETY: each value is NULL or a string returned by RedisModule_HashGet, alive
+            // until `self` is dropped.
+            .map(|v| unsafe { string_bytes(*v) })
+    }
+}
+
+impl Drop for FieldValues {
+    fn drop(&mut self) {
+        // SAFETY: each non-NULL value was returned by RedisModule_HashGet and is freed once.
+        unsafe {
+            if let Some(free) = raw::RedisModule_FreeString {
+                for v in self.values.iter().filter(|v| !v.is_null()) {
+                    free(self.ctx, *v);
+                }
+            }
+        }
     }
 }

@@ -29,8 +29,8 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         (typed.as_str(), KeyType::ZSet),
     ])?;
     let old = region.load_type_price(&gpu_type)?;
-    let moved = store.integer("ZCARD", &[own.as_bytes()])?;
-    let already_typed = store.integer("ZCARD", &[typed.as_bytes()])?;
+    let moved = store.zcard(&own)?;
+    let already_typed = store.zcard(&typed)?;
 
     // Listed GPUs of the type move within its order book (their shown price changes).
     if moved + already_typed > 0 {

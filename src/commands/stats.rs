@@ -74,11 +74,11 @@ fn type_figures(region: &Region, gpu_type: &str) -> MarketResult<TypeFigures> {
     let own_key = region.keys.available_own(gpu_type);
     let typed_key = region.keys.available_typed(gpu_type);
     let type_price = region.load_type_price(gpu_type)?;
-    let own_count = store.integer("ZCARD", &[own_key.as_bytes()])?;
+    let own_count = store.zcard(&own_key)?;
     // Type-priced entries show the type price; while an expired type price awaits healing they
     // are not counted (AVAILABLE skips them too).
     let typed_count = match type_price {
-        Some(_) => store.integer("ZCARD", &[typed_key.as_bytes()])?,
+        Some(_) => store.zcard(&typed_key)?,
         None => 0,
     };
     let own_sum = counter(region, &stat::own_price_sum(gpu_type))?;
