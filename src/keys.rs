@@ -18,7 +18,13 @@ impl RegionKeys {
     }
 
     fn key(&self, entity: &str, id: &str) -> String {
-        format!("{}{entity}:{id}", self.prefix)
+        // Built by hand: `format!` costs several times more on every command's hot path.
+        let mut key = String::with_capacity(self.prefix.len() + entity.len() + 1 + id.len());
+        key.push_str(&self.prefix);
+        key.push_str(entity);
+        key.push(':');
+        key.push_str(id);
+        key
     }
 
     pub fn prefix(&self) -> &str {
@@ -103,7 +109,7 @@ impl RegionKeys {
 
     /// Stream: one JSON event per command, for consumers that must not miss any.
     pub fn events(&self) -> String {
-        format!("{}events", self.prefix)
+        [self.prefix.as_str(), "events"].concat()
     }
 
     /// Parses one of this module's key names into (region, entity, id).

@@ -26,17 +26,17 @@ pub mod stat {
     pub const BOOKINGS_ENDED: &str = "bookings:ended";
 
     pub fn gpus_with_status(status: crate::core::status::GpuStatus) -> String {
-        format!("gpus:{}", status.as_str())
+        ["gpus:", status.as_str()].concat()
     }
 
     /// Registered GPUs of a type, whatever their status (the demand ratio's denominator).
     pub fn type_total(gpu_type: &str) -> String {
-        format!("type-total:{gpu_type}")
+        ["type-total:", gpu_type].concat()
     }
 
     /// Sum of the own prices (micro-units) of a type's listed, own-priced GPUs.
     pub fn own_price_sum(gpu_type: &str) -> String {
-        format!("own-sum:{gpu_type}")
+        ["own-sum:", gpu_type].concat()
     }
 }
 
