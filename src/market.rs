@@ -63,6 +63,9 @@ pub struct Region<'s, 'c> {
     demand_before: RefCell<BTreeMap<String, u32>>,
     /// Types whose availability index (order book) this command changed.
     books_changed: RefCell<BTreeSet<String>>,
+    /// Counters (fields of the counters hash) this command changed, with their new values, in
+    /// first-change order: written with one `HSET` by `flush_counters` instead of one per change.
+    counters: RefCell<Vec<(String, i64)>>,
 }
 
 fn parse_int(bytes: Option<&[u8]>) -> Option<i64> {
@@ -78,7 +81,41 @@ impl<'s, 'c> Region<'s, 'c> {
             keys,
             demand_before: RefCell::new(BTreeMap::new()),
             books_changed: RefCell::new(BTreeSet::new()),
+            counters: RefCell::new(Vec::new()),
         }
+    }
+
+    /// The value this command gave a counter, if it changed it.
+    fn pending_counter(&self, field: &str) -> Option<i64> {
+        self.counters
+            .borrow()
+            .iter()
+            .find(|(f, _)| f == field)
+            .map(|(_, v)| *v)
+    }
+
+    /// Sets a counter for `flush_counters` to write; the counters hash counts as written now.
+    fn set_counter(&self, field: &str, value: i64) {
+        self.store.mark_written(&self.keys.stats());
+        let mut counters = self.counters.borrow_mut();
+        match counters.iter_mut().find(|(f, _)| f == field) {
+            Some(entry) => entry.1 = value,
+            None => counters.push((field.to_owned(), value)),
+        }
+    }
+
+    /// Writes the counters this command changed, all in one replicated `HSET`. Called by
+    /// `publish` and, as a safety net, when the region is dropped.
+    pub fn flush_counters(&self) {
+        let counters = self.counters.take();
+        if counters.is_empty() {
+            return;
+        }
+        let fields: Vec<(&str, String)> = counters
+            .iter()
+            .map(|(field, value)| (field.as_str(), value.to_string()))
+            .collect();
+        self.store.hset(&self.keys.stats(), &fields);
     }
 
     /// Listed and registered GPUs of a type.
@@ -89,10 +126,12 @@ impl<'s, 'c> Region<'s, 'c> {
             .store
             .zcard(&own)?
             .saturating_add(self.store.zcard(&typed)?);
-        let total = self
-            .store
-            .hget(&self.keys.stats(), &stat::type_total(gpu_type))?;
-        Ok((listed, parse_int(total.as_deref()).unwrap_or(0)))
+        let field = stat::type_total(gpu_type);
+        let total = match self.pending_counter(&field) {
+            Some(total) => total,
+            None => parse_int(self.store.hget(&self.keys.stats(), &field)?.as_deref()).unwrap_or(0),
+        };
+        Ok((listed, total))
     }
 
     /// The demand multiplier (hundredths) a type's prices carry right now.
@@ -241,13 +280,18 @@ impl<'s, 'c> Region<'s, 'c> {
     pub fn next_seq(&self) -> MarketResult<i64> {
         // Read before the command's first write: a hand-edited sequence is refused rather than
         // restarted, which would let an old type price beat every later own price.
-        let key = self.keys.stats();
-        let current = match self.store.hget(&key, stat::SEQ)? {
-            None => 0,
-            Some(text) => parse_int(Some(&text)).ok_or(MarketError::Corrupt(key.clone()))?,
+        let current = match self.pending_counter(stat::SEQ) {
+            Some(current) => current,
+            None => {
+                let key = self.keys.stats();
+                match self.store.hget(&key, stat::SEQ)? {
+                    None => 0,
+                    Some(text) => parse_int(Some(&text)).ok_or(MarketError::Corrupt(key))?,
+                }
+            }
         };
         let next = current.saturating_add(1);
-        self.store.hset(&key, &[(stat::SEQ, next.to_string())]);
+        self.set_counter(stat::SEQ, next);
         Ok(next)
     }
 
@@ -256,23 +300,22 @@ impl<'s, 'c> Region<'s, 'c> {
     /// Written as the computed value (`HSET`), not `HINCRBY`: a counter someone overwrote with
     /// text, or one at the edge of `i64`, must not make a write fail halfway through a command.
     /// Garbage counts as 0 and sums saturate; `GPUCACHE.CHECK` reports the difference.
+    ///
+    /// The new value is kept until `flush_counters` writes every changed counter in one `HSET`;
+    /// reads through this region (`type_counts`, `next_seq`, `status_count`) see it meanwhile.
     pub fn add_to_counter(&self, field: &str, delta: i64) {
-        self.add_to_hash_counter(&self.keys.stats(), field, delta);
-    }
-
-    fn add_to_hash_counter(&self, key: &str, field: &str, delta: i64) {
         if delta == 0 {
             return;
         }
-        let current = self
-            .store
-            .hget(key, field)
-            .ok()
-            .flatten()
-            .and_then(|v| parse_int(Some(&v)))
-            .unwrap_or(0);
-        self.store
-            .hset(key, &[(field, current.saturating_add(delta).to_string())]);
+        let current = self.pending_counter(field).unwrap_or_else(|| {
+            self.store
+                .hget(&self.keys.stats(), field)
+                .ok()
+                .flatten()
+                .and_then(|v| parse_int(Some(&v)))
+                .unwrap_or(0)
+        });
+        self.set_counter(field, current.saturating_add(delta));
     }
 
     /// Adds a new booking to the rolling 24-hour window and drops buckets that left it.
@@ -290,8 +333,27 @@ impl<'s, 'c> Region<'s, 'c> {
         } else {
             Vec::new()
         };
-        self.add_to_hash_counter(&key, &window::count_field(bucket), 1);
-        self.add_to_hash_counter(&key, &window::volume_field(bucket), cost_micros);
+        // Both figures of the bucket: one read, one write (garbage counts as 0, sums saturate).
+        let (count_field, volume_field) =
+            (window::count_field(bucket), window::volume_field(bucket));
+        let current = self
+            .store
+            .with_hash(&key, &[&count_field, &volume_field], |values| {
+                let value = |i: usize| parse_int(values.get(i).copied().flatten()).unwrap_or(0);
+                (value(0), value(1))
+            })
+            .unwrap_or((0, 0));
+        let mut bucket_fields = vec![(
+            count_field.as_str(),
+            current.0.saturating_add(1).to_string(),
+        )];
+        if cost_micros != 0 {
+            bucket_fields.push((
+                volume_field.as_str(),
+                current.1.saturating_add(cost_micros).to_string(),
+            ));
+        }
+        self.store.hset(&key, &bucket_fields);
         if !stale.is_empty() {
             let mut args: Vec<&[u8]> = vec![key.as_bytes()];
             args.extend(stale.iter().map(|f| f.as_bytes()));
@@ -409,7 +471,16 @@ impl<'s, 'c> Region<'s, 'c> {
             expire_at_ms,
         } = change;
         let key = self.keys.gpu(gpu_id);
-        self.store.hset(&key, &new.to_fields());
+        // Only the fields whose stored text changes: a status change rewrites 3-4 fields, not
+        // the whole record (a record the module wrote reads back to exactly these texts).
+        let mut fields = new.to_fields();
+        if let Some(old) = old {
+            let before = old.to_fields();
+            fields.retain(|field| !before.contains(field));
+        }
+        if !fields.is_empty() {
+            self.store.hset(&key, &fields);
+        }
         if let Some(old) = old {
             let dropped = old.dropped_attributes(new);
             if !dropped.is_empty() {
@@ -515,10 +586,19 @@ impl<'s, 'c> Region<'s, 'c> {
     }
 
     pub fn status_count(&self, status: GpuStatus) -> MarketResult<i64> {
-        let value = self
-            .store
-            .hget(&self.keys.stats(), &stat::gpus_with_status(status))?;
+        let field = stat::gpus_with_status(status);
+        if let Some(value) = self.pending_counter(&field) {
+            return Ok(value);
+        }
+        let value = self.store.hget(&self.keys.stats(), &field)?;
         Ok(parse_int(value.as_deref()).unwrap_or(0))
+    }
+}
+
+impl Drop for Region<'_, '_> {
+    fn drop(&mut self) {
+        // Counters changed on a path that did not publish (none should) are still written.
+        self.flush_counters();
     }
 }
 
@@ -625,6 +705,7 @@ impl Region<'_, '_> {
     /// whose demand multiplier moved, a `pricing_updated` event, and for each type whose
     /// availability index changed, an `order_book_updated` event.
     pub fn publish(&self, notify_name: &str, mut event: Event) -> MarketResult<()> {
+        self.flush_counters();
         let stats = self.keys.stats();
         let events = self.keys.events();
         let internal = [

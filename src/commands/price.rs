@@ -67,6 +67,9 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
             ],
         );
         store.write("DEL", &[own.as_bytes()]);
+        // The sum goes with the index; counters changed so far are written first, so the
+        // deferred `HSET` cannot bring the field back.
+        region.flush_counters();
         store.write(
             "HDEL",
             &[
