@@ -190,60 +190,55 @@ impl<'a> Store<'a> {
     }
 
     /// Members with their scores in `[min, max]`, `count` of them from `offset`: lowest first,
-    /// or highest first when `descending` (then `min`/`max` are still the bounds).
+    /// or highest first when `descending`. Walked through the key API: no command round trip
+    /// and no score printed and parsed back.
     pub fn zrange_by_score_page(
         &self,
         key: &str,
-        (min, max): (&str, &str),
+        (min, max): (f64, f64),
         descending: bool,
         offset: usize,
         count: usize,
     ) -> MarketResult<Vec<(String, f64)>> {
-        let (offset, count) = (offset.to_string(), count.to_string());
-        let (start, stop) = if descending { (max, min) } else { (min, max) };
-        let mut args: Vec<&[u8]> = vec![
-            key.as_bytes(),
-            start.as_bytes(),
-            stop.as_bytes(),
-            b"BYSCORE",
-        ];
-        if descending {
-            args.push(b"REV");
+        if count == 0 {
+            return Ok(Vec::new());
         }
-        args.extend([
-            &b"LIMIT"[..],
-            offset.as_bytes(),
-            count.as_bytes(),
-            b"WITHSCORES",
-        ]);
-        let flat = self.members_of("ZRANGE", &args)?;
-        Ok(flat
-            .chunks_exact(2)
-            .filter_map(|pair| Some((pair[0].clone(), pair[1].parse::<f64>().ok()?)))
-            .collect())
+        let mut page = Vec::with_capacity(count.min(1024));
+        let mut skipped = 0;
+        self.zwalk(key, (min, false), max, descending, |member, score| {
+            if skipped < offset {
+                skipped += 1;
+                return true;
+            }
+            // Members are GPU ids; one that is not UTF-8 (written by hand) is left out.
+            if let Ok(member) = std::str::from_utf8(member) {
+                page.push((member.to_owned(), score));
+            }
+            page.len() < count
+        })?;
+        Ok(page)
     }
 
-    /// The lowest-scored member at or above `min` (a `ZRANGE` bound such as `2.5` or `(2.5`),
-    /// with its score exactly as Redis prints it.
-    pub fn zfirst_from(&self, key: &str, min: &str) -> MarketResult<Option<(String, String)>> {
-        let reply = self.read(
-            "ZRANGE",
-            &[
-                key.as_bytes(),
-                min.as_bytes(),
-                b"+inf",
-                b"BYSCORE",
-                b"LIMIT",
-                b"0",
-                b"1",
-                b"WITHSCORES",
-            ],
-        )?;
-        let RedisValue::Array(items) = reply else {
-            return Ok(None);
-        };
-        let mut items = items.iter().filter_map(text);
-        Ok(items.next().zip(items.next()))
+    /// Visits the members of a sorted set with scores from `min` (exclusive when the flag says
+    /// so) to `max` inclusive, lowest first (highest first when `descending`), until `visit`
+    /// returns false. A missing key has no members; another type is refused.
+    pub fn zwalk(
+        &self,
+        key: &str,
+        (min, min_exclusive): (f64, bool),
+        max: f64,
+        descending: bool,
+        visit: impl FnMut(&[u8], f64) -> bool,
+    ) -> MarketResult<()> {
+        let opened = self.open_read(key);
+        match opened.key_type() {
+            KeyType::Empty => Ok(()),
+            KeyType::ZSet => {
+                opened.zset_walk((min, min_exclusive), max, descending, visit);
+                Ok(())
+            }
+            _ => Err(MarketError::WrongType(key.to_owned())),
+        }
     }
 
     /// The first member and score of a sorted set (its cheapest entry).
@@ -566,6 +561,68 @@ impl ReadKey {
             }
         }
         out
+    }
+}
+
+impl ReadKey {
+    /// Walks this sorted set (the caller checked the type) over a score range with the key
+    /// API's range iterator, until `visit` returns false or the range ends.
+    fn zset_walk(
+        &self,
+        (min, min_exclusive): (f64, bool),
+        max: f64,
+        descending: bool,
+        mut visit: impl FnMut(&[u8], f64) -> bool,
+    ) {
+        if self.key.is_null() {
+            return;
+        }
+        // SAFETY: `self.key` is an open sorted set; the iterator is started and stopped here,
+        // and each element string is freed right after `visit` borrowed it.
+        unsafe {
+            let (Some(first), Some(last), Some(next), Some(prev)) = (
+                raw::RedisModule_ZsetFirstInScoreRange,
+                raw::RedisModule_ZsetLastInScoreRange,
+                raw::RedisModule_ZsetRangeNext,
+                raw::RedisModule_ZsetRangePrev,
+            ) else {
+                return;
+            };
+            let (Some(current), Some(end_reached), Some(stop), Some(free)) = (
+                raw::RedisModule_ZsetRangeCurrentElement,
+                raw::RedisModule_ZsetRangeEndReached,
+                raw::RedisModule_ZsetRangeStop,
+                raw::RedisModule_FreeString,
+            ) else {
+                return;
+            };
+            let start = if descending { last } else { first };
+            let min_exclusive = c_int::from(min_exclusive);
+            if start(self.key, min, max, min_exclusive, 0) != raw::REDISMODULE_OK as c_int {
+                return;
+            }
+            while end_reached(self.key) == 0 {
+                let mut score = 0.0f64;
+                let element = current(self.key, &mut score);
+                let Some(member) = string_bytes(element) else {
+                    break;
+                };
+                let go_on = visit(member, score);
+                free(self.ctx, element);
+                if !go_on {
+                    break;
+                }
+                let more = if descending {
+                    prev(self.key)
+                } else {
+                    next(self.key)
+                };
+                if more == 0 {
+                    break;
+                }
+            }
+            stop(self.key);
+        }
     }
 }
 

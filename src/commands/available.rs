@@ -112,7 +112,7 @@ enum Ranking {
 /// One index walked lazily in pages, cheapest (or best) entry first.
 struct Source {
     key: String,
-    range: (String, String),
+    range: (f64, f64),
     descending: bool,
     ranking: Ranking,
     page: usize,
@@ -122,10 +122,10 @@ struct Source {
 }
 
 impl Source {
-    fn new(key: String, range: (&str, &str), ranking: Ranking, page: usize) -> Source {
+    fn new(key: String, range: (f64, f64), ranking: Ranking, page: usize) -> Source {
         Source {
             key,
-            range: (range.0.to_owned(), range.1.to_owned()),
+            range,
             descending: matches!(ranking, Ranking::Score),
             ranking,
             page,
@@ -140,7 +140,7 @@ impl Source {
         if self.buffer.is_empty() && !self.exhausted {
             let batch = store.zrange_by_score_page(
                 &self.key,
-                (&self.range.0, &self.range.1),
+                self.range,
                 self.descending,
                 self.offset,
                 self.page,
@@ -187,10 +187,9 @@ fn sources_of_type(
                 / i128::from(context.multiplier.max(1))
                 + 1;
             let max_base = Price::from_micros(i64::try_from(max_base).unwrap_or(i64::MAX));
-            let bound = max_base.as_score().to_string();
             sources.push(Source::new(
                 region.keys.available_own(gpu_type),
-                ("0", &bound),
+                (0.0, max_base.as_score()),
                 Ranking::OwnPrice {
                     multiplier: context.multiplier,
                 },
@@ -201,7 +200,7 @@ fn sources_of_type(
                 if shown <= query.max_price {
                     sources.push(Source::new(
                         region.keys.available_typed(gpu_type),
-                        ("0", "0"),
+                        (0.0, 0.0),
                         Ranking::TypePrice { shown },
                         page,
                     ));
@@ -210,7 +209,7 @@ fn sources_of_type(
         }
         SortBy::Score => sources.push(Source::new(
             region.keys.available_by_score(gpu_type),
-            ("-inf", "+inf"),
+            (f64::NEG_INFINITY, f64::INFINITY),
             Ranking::Score,
             page,
         )),

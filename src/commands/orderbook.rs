@@ -17,26 +17,63 @@ use redis_module::{RedisString, RedisValue};
 pub const DEFAULT_DEPTH: i64 = 10;
 pub const MAX_DEPTH: i64 = 1000;
 
+/// GPUs counted one by one at a level before `ZCOUNT` takes over: keeps a level of thousands
+/// of GPUs at one price at O(log n) while ordinary levels cost no command at all.
+const LEVEL_WALK_LIMIT: i64 = 64;
+
 /// Distinct own-price levels of a type, cheapest first: (base price, GPUs at it).
+///
+/// One walk over the own-price index, grouping equal scores; a level larger than
+/// `LEVEL_WALK_LIMIT` is counted with `ZCOUNT` and the walk resumes after it, so the cost stays
+/// O(DEPTH x log n).
 fn own_levels(region: &Region, gpu_type: &str, depth: usize) -> MarketResult<Vec<(Price, i64)>> {
     let key = region.keys.available_own(gpu_type);
-    let mut levels = Vec::new();
-    let mut lower = String::from("0");
-    while levels.len() < depth {
-        let Some((_, score)) = region.store.zfirst_from(&key, &lower)? else {
+    let mut scores: Vec<(f64, i64)> = Vec::new();
+    let mut lower = (0.0, false);
+    loop {
+        let mut crowded = None;
+        region
+            .store
+            .zwalk(&key, lower, f64::INFINITY, false, |_, score| {
+                match scores.last_mut() {
+                    Some((level, count)) if *level == score => {
+                        *count += 1;
+                        if *count > LEVEL_WALK_LIMIT {
+                            crowded = Some(score);
+                            return false;
+                        }
+                    }
+                    _ => {
+                        if scores.len() == depth {
+                            return false;
+                        }
+                        scores.push((score, 1));
+                    }
+                }
+                true
+            })?;
+        let Some(score) = crowded else {
             break;
         };
+        // Shortest text that reads back as the same double.
+        let text = score.to_string();
         let count = region.store.integer(
             "ZCOUNT",
-            &[key.as_bytes(), score.as_bytes(), score.as_bytes()],
+            &[key.as_bytes(), text.as_bytes(), text.as_bytes()],
         )?;
-        let Some(price) = score.parse::<f64>().ok().and_then(Price::from_score) else {
+        if let Some(level) = scores.last_mut() {
+            level.1 = count;
+        }
+        if scores.len() == depth {
             break;
-        };
-        levels.push((price, count));
-        lower = format!("({score}");
+        }
+        lower = (score, true);
     }
-    Ok(levels)
+    // A score no price can have (written by hand) ends the ladder there.
+    Ok(scores
+        .into_iter()
+        .map_while(|(score, count)| Some((Price::from_score(score)?, count)))
+        .collect())
 }
 
 pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
