@@ -189,34 +189,27 @@ impl<'a> Store<'a> {
         }
     }
 
-    /// Members with their scores in `[min, max]`, `count` of them from `offset`: lowest first,
-    /// or highest first when `descending`. Walked through the key API: no command round trip
-    /// and no score printed and parsed back.
-    pub fn zrange_by_score_page(
+    /// Opens a lazy walk over a sorted set's members with scores in `[min, max]`, lowest first
+    /// (highest first when `descending`): each `ZCursor::next` reads one more member, so a
+    /// merge over several sets reads only what it takes. A missing key has no members; another
+    /// type is refused.
+    pub fn zcursor(
         &self,
         key: &str,
         (min, max): (f64, f64),
         descending: bool,
-        offset: usize,
-        count: usize,
-    ) -> MarketResult<Vec<(String, f64)>> {
-        if count == 0 {
-            return Ok(Vec::new());
-        }
-        let mut page = Vec::with_capacity(count.min(1024));
-        let mut skipped = 0;
-        self.zwalk(key, (min, false), max, descending, |member, score| {
-            if skipped < offset {
-                skipped += 1;
-                return true;
-            }
-            // Members are GPU ids; one that is not UTF-8 (written by hand) is left out.
-            if let Ok(member) = std::str::from_utf8(member) {
-                page.push((member.to_owned(), score));
-            }
-            page.len() < count
-        })?;
-        Ok(page)
+    ) -> MarketResult<ZCursor> {
+        let opened = self.open_read(key);
+        let active = match opened.key_type() {
+            KeyType::Empty => false,
+            KeyType::ZSet => opened.zset_start((min, false), max, descending),
+            _ => return Err(MarketError::WrongType(key.to_owned())),
+        };
+        Ok(ZCursor {
+            key: opened,
+            descending,
+            active,
+        })
     }
 
     /// Visits the members of a sorted set with scores from `min` (exclusive when the flag says
@@ -622,6 +615,112 @@ impl ReadKey {
                 }
             }
             stop(self.key);
+        }
+    }
+}
+
+/// A walk over a sorted set opened by `Store::zcursor`; the key stays open until it is dropped.
+pub struct ZCursor {
+    key: ReadKey,
+    descending: bool,
+    /// The range iterator is started and not at its end.
+    active: bool,
+}
+
+impl ZCursor {
+    /// The next member (as text) and its score. A member that is not UTF-8 (written by hand;
+    /// GPU ids are ASCII) is skipped.
+    pub fn next_member(&mut self) -> Option<(String, f64)> {
+        while self.active {
+            let element = self.key.zset_current();
+            self.active = self.key.zset_advance(self.descending);
+            let Some((member, score)) = element else {
+                self.active = false;
+                break;
+            };
+            if let Ok(member) = String::from_utf8(member) {
+                return Some((member, score));
+            }
+        }
+        None
+    }
+}
+
+impl Drop for ZCursor {
+    fn drop(&mut self) {
+        self.key.zset_stop();
+    }
+}
+
+impl ReadKey {
+    /// Starts the key API's range iterator (the caller checked the type); false when the range
+    /// is empty.
+    fn zset_start(&self, (min, min_exclusive): (f64, bool), max: f64, descending: bool) -> bool {
+        if self.key.is_null() {
+            return false;
+        }
+        // SAFETY: `self.key` is an open sorted set.
+        unsafe {
+            let start = if descending {
+                raw::RedisModule_ZsetLastInScoreRange
+            } else {
+                raw::RedisModule_ZsetFirstInScoreRange
+            };
+            let (Some(start), Some(end_reached)) = (start, raw::RedisModule_ZsetRangeEndReached)
+            else {
+                return false;
+            };
+            start(self.key, min, max, c_int::from(min_exclusive), 0) == raw::REDISMODULE_OK as c_int
+                && end_reached(self.key) == 0
+        }
+    }
+
+    /// The element the started iterator is on, copied out.
+    fn zset_current(&self) -> Option<(Vec<u8>, f64)> {
+        if self.key.is_null() {
+            return None;
+        }
+        // SAFETY: `self.key` is an open sorted set with a started iterator; the element string
+        // is copied and freed here.
+        unsafe {
+            let (current, free) = (
+                raw::RedisModule_ZsetRangeCurrentElement?,
+                raw::RedisModule_FreeString?,
+            );
+            let mut score = 0.0f64;
+            let element = current(self.key, &mut score);
+            let member = string_bytes(element)?.to_vec();
+            free(self.ctx, element);
+            Some((member, score))
+        }
+    }
+
+    /// Moves the started iterator on; false at the end of the range.
+    fn zset_advance(&self, descending: bool) -> bool {
+        if self.key.is_null() {
+            return false;
+        }
+        // SAFETY: `self.key` is an open sorted set with a started iterator.
+        unsafe {
+            let step = if descending {
+                raw::RedisModule_ZsetRangePrev
+            } else {
+                raw::RedisModule_ZsetRangeNext
+            };
+            step.is_some_and(|step| step(self.key) != 0)
+        }
+    }
+
+    /// Stops the range iterator (harmless when none was started).
+    fn zset_stop(&self) {
+        if self.key.is_null() {
+            return;
+        }
+        // SAFETY: `self.key` is an open key; stopping an idle iterator does nothing.
+        unsafe {
+            if let Some(stop) = raw::RedisModule_ZsetRangeStop {
+                stop(self.key);
+            }
         }
     }
 }

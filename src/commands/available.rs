@@ -18,10 +18,10 @@ use crate::core::input;
 use crate::core::price::{Price, MAX_PRICE_UNITS};
 use crate::core::status::{GpuStatus, ProviderStatus};
 use crate::market::Region;
-use crate::store::Store;
+use crate::store::{Store, ZCursor};
 use redis_module::{RedisString, RedisValue};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap};
 
 pub const DEFAULT_LIMIT: i64 = 100;
 pub const MAX_LIMIT: i64 = 10_000;
@@ -109,47 +109,36 @@ enum Ranking {
     Score,
 }
 
-/// One index walked lazily in pages, cheapest (or best) entry first.
+/// One index walked lazily, one entry at a time, cheapest (or best) entry first.
 struct Source {
     key: String,
     range: (f64, f64),
     descending: bool,
     ranking: Ranking,
-    page: usize,
-    offset: usize,
-    exhausted: bool,
-    buffer: VecDeque<(String, f64)>,
+    /// Opened at the first `next`; `None` after that only if the walk could not start.
+    cursor: Option<ZCursor>,
+    opened: bool,
 }
 
 impl Source {
-    fn new(key: String, range: (f64, f64), ranking: Ranking, page: usize) -> Source {
+    fn new(key: String, range: (f64, f64), ranking: Ranking) -> Source {
         Source {
             key,
             range,
             descending: matches!(ranking, Ranking::Score),
             ranking,
-            page,
-            offset: 0,
-            exhausted: false,
-            buffer: VecDeque::new(),
+            cursor: None,
+            opened: false,
         }
     }
 
-    /// The next entry and its rank (smaller ranks first), fetching a page when needed.
+    /// The next entry and its rank (smaller ranks first), read lazily from the index.
     fn next(&mut self, store: &Store) -> MarketResult<Option<(i128, String)>> {
-        if self.buffer.is_empty() && !self.exhausted {
-            let batch = store.zrange_by_score_page(
-                &self.key,
-                self.range,
-                self.descending,
-                self.offset,
-                self.page,
-            )?;
-            self.exhausted = batch.len() < self.page;
-            self.offset += batch.len();
-            self.buffer.extend(batch);
+        if !self.opened {
+            self.opened = true;
+            self.cursor = Some(store.zcursor(&self.key, self.range, self.descending)?);
         }
-        let Some((gpu_id, score)) = self.buffer.pop_front() else {
+        let Some((gpu_id, score)) = self.cursor.as_mut().and_then(ZCursor::next_member) else {
             return Ok(None);
         };
         let rank = match self.ranking {
@@ -178,7 +167,6 @@ fn sources_of_type(
     context: &TypeContext,
     sources: &mut Vec<Source>,
 ) {
-    let page = query.limit.clamp(8, 1000);
     match query.sort {
         SortBy::Price => {
             // Highest base price that can still show at most MAXPRICE; the exact check happens
@@ -193,7 +181,6 @@ fn sources_of_type(
                 Ranking::OwnPrice {
                     multiplier: context.multiplier,
                 },
-                page,
             ));
             if let Some(tp) = context.type_price {
                 let shown = demand::apply(tp.price, context.multiplier);
@@ -202,7 +189,6 @@ fn sources_of_type(
                         region.keys.available_typed(gpu_type),
                         (0.0, 0.0),
                         Ranking::TypePrice { shown },
-                        page,
                     ));
                 }
             }
@@ -211,7 +197,6 @@ fn sources_of_type(
             region.keys.available_by_score(gpu_type),
             (f64::NEG_INFINITY, f64::INFINITY),
             Ranking::Score,
-            page,
         )),
     }
 }
