@@ -10,7 +10,7 @@
 //! (and `MAXPRICE` under `SORT SCORE`) are checked on the records, so a selective filter walks
 //! further, up to every listed GPU of the type.
 
-use super::{option_is, unknown_option, Args, Reply};
+use super::{option_is, unknown_option, Args, Out, Reply};
 use crate::core::demand;
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::gpu::{effective_price, GpuRecord, TypePrice};
@@ -19,7 +19,7 @@ use crate::core::price::{Price, MAX_PRICE_UNITS};
 use crate::core::status::{GpuStatus, ProviderStatus};
 use crate::market::Region;
 use crate::store::{Store, ZCursor};
-use redis_module::{RedisString, RedisValue};
+use redis_module::RedisString;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
@@ -260,7 +260,7 @@ fn merged_offers(
     Ok(offers)
 }
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 1, 13)?;
     let region = Region::new(store, args.region()?);
     let query = parse(&mut args)?;
@@ -301,5 +301,5 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
             row.build()
         })
         .collect();
-    Ok(RedisValue::Array(rows))
+    Ok(Out::Array(rows))
 }

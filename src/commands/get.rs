@@ -1,16 +1,16 @@
 //! `GPUCACHE.GET region gpu_id`
 
-use super::{Args, Reply};
+use super::{Args, Out, Reply};
 use crate::core::demand::format_hundredths;
 use crate::core::error::MarketResult;
 use crate::core::gpu::GpuRecord;
 use crate::core::status::is_listed;
 use crate::market::Region;
 use crate::store::Store;
-use redis_module::{RedisString, RedisValue};
+use redis_module::RedisString;
 
 /// The full record of one GPU as clients see it: effective price, provider status, booking.
-pub fn gpu_reply(region: &Region, gpu_id: &str, gpu: &GpuRecord) -> MarketResult<RedisValue> {
+pub fn gpu_reply(region: &Region, gpu_id: &str, gpu: &GpuRecord) -> MarketResult<Out> {
     let provider_status = region.provider_status(&gpu.provider)?;
     let shown = region.shown_price(gpu)?;
     let mut reply = Reply::new()
@@ -56,7 +56,7 @@ pub fn gpu_reply(region: &Region, gpu_id: &str, gpu: &GpuRecord) -> MarketResult
     Ok(reply.build())
 }
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 2, 2)?;
     let region = Region::new(store, args.region()?);
     let gpu_id = args.id("gpu id")?;

@@ -5,14 +5,14 @@
 //! LIMIT 0 1` and one `ZCOUNT` per level), so the cost is O(DEPTH x log n) whatever the number
 //! of GPUs. All levels carry the type's demand multiplier.
 
-use super::{option_is, unknown_option, Args, Reply};
+use super::{option_is, unknown_option, Args, Out, Reply};
 use crate::core::demand::{self, format_hundredths};
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::input;
 use crate::core::price::Price;
 use crate::market::{demand_multiplier_of, Region};
 use crate::store::Store;
-use redis_module::{RedisString, RedisValue};
+use redis_module::RedisString;
 
 pub const DEFAULT_DEPTH: i64 = 10;
 pub const MAX_DEPTH: i64 = 1000;
@@ -76,7 +76,7 @@ fn own_levels(region: &Region, gpu_type: &str, depth: usize) -> MarketResult<Vec
         .collect())
 }
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 2, 4)?;
     let region = Region::new(store, args.region()?);
     let gpu_type = args.id("GPU type")?;
@@ -126,6 +126,6 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         .text("demand_multiplier", format_hundredths(multiplier))
         .int("gpus_listed", listed)
         .int("gpus_total", total)
-        .value("asks", RedisValue::Array(asks))
+        .value("asks", Out::Array(asks))
         .build())
 }

@@ -6,15 +6,15 @@
 //! own price join the type's "type price" set. Each GPU moves there at most once per
 //! `REGISTER`, so the work is amortised O(1) per GPU rather than O(GPUs of the type) per call.
 
-use super::{Args, Reply};
+use super::{Args, Out, Reply};
 use crate::core::error::MarketResult;
 use crate::core::events::{notify, Event, EventKind};
 use crate::core::price::Price;
 use crate::market::{price_field, stat, Region};
 use crate::store::Store;
-use redis_module::{KeyType, RedisString, RedisValue};
+use redis_module::{KeyType, RedisString};
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 3, 3)?;
     let region = Region::new(store, args.region()?);
     let gpu_type = args.id("GPU type")?;
