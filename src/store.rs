@@ -295,9 +295,16 @@ impl<'a> Store<'a> {
         if let Some(key) = args.first() {
             self.mark_written(&String::from_utf8_lossy(key));
         }
-        let result: CallResult = self.ctx.call_ext(command, self.write_options(), args);
-        if let Err(e) = result {
-            let message = e.to_utf8_string().unwrap_or_default();
+        let outcome = match replicated_call(self.ctx, command, args) {
+            Some(outcome) => outcome,
+            None => {
+                let result: CallResult = self.ctx.call_ext(command, self.write_options(), args);
+                result
+                    .map(|_| ())
+                    .map_err(|e| e.to_utf8_string().unwrap_or_default())
+            }
+        };
+        if let Err(message) = outcome {
             crate::log(
                 self.ctx,
                 redis_module::logging::RedisLogLevel::Warning,
@@ -759,5 +766,122 @@ impl Drop for FieldValues {
                 }
             }
         }
+    }
+}
+
+/// Most arguments `replicated_call` passes in one variadic call; longer writes go through the
+/// crate's `call_ext`.
+const CALL_MAX_ARGS: usize = 24;
+
+/// `RedisModule_Call(ctx, command, "!E" + "b" x n, ptr, len, ...)`: a replicated write with
+/// errors as replies, its arguments passed as (pointer, length) buffers. The same call the
+/// crate's `call_ext` makes with the same flags, without building a `RedisModuleString` per
+/// argument on our side, a `CString` for the name or a `CallReply` wrapper. `None` when it
+/// cannot be made this way (too many arguments, a name with a NUL byte, no API).
+fn replicated_call(ctx: &Context, command: &str, args: &[&[u8]]) -> Option<Result<(), String>> {
+    if args.len() > CALL_MAX_ARGS || command.len() >= 32 || command.as_bytes().contains(&0) {
+        return None;
+    }
+    // SAFETY: reading function pointers the module API filled in at load time.
+    let (call, reply_type, reply_text, free_reply) = unsafe {
+        (
+            raw::RedisModule_Call?,
+            raw::RedisModule_CallReplyType?,
+            raw::RedisModule_CallReplyStringPtr?,
+            raw::RedisModule_FreeCallReply?,
+        )
+    };
+    let mut name = [0u8; 32];
+    name.get_mut(..command.len())?
+        .copy_from_slice(command.as_bytes());
+    // "!E" then one 'b' per argument, NUL-terminated.
+    let mut fmt = [0u8; 3 + CALL_MAX_ARGS];
+    fmt[0] = b'!';
+    fmt[1] = b'E';
+    for slot in fmt.iter_mut().skip(2).take(args.len()) {
+        *slot = b'b';
+    }
+    let mut p = [std::ptr::null::<c_char>(); CALL_MAX_ARGS];
+    let mut l = [0usize; CALL_MAX_ARGS];
+    for ((ptr, len), arg) in p.iter_mut().zip(l.iter_mut()).zip(args) {
+        *ptr = arg.as_ptr().cast::<c_char>();
+        *len = arg.len();
+    }
+    // SAFETY: `name` and `fmt` are NUL-terminated; the format names exactly `args.len()`
+    // (pointer, length) pairs, each pointing into a live argument slice; Redis reads only as many
+    // variadic arguments as the format names, so the unused (NULL, 0) slots are never read. The
+    // reply is freed here.
+    unsafe {
+        let reply = call(
+            ctx.get_raw(),
+            name.as_ptr().cast::<c_char>(),
+            fmt.as_ptr().cast::<c_char>(),
+            p[0],
+            l[0],
+            p[1],
+            l[1],
+            p[2],
+            l[2],
+            p[3],
+            l[3],
+            p[4],
+            l[4],
+            p[5],
+            l[5],
+            p[6],
+            l[6],
+            p[7],
+            l[7],
+            p[8],
+            l[8],
+            p[9],
+            l[9],
+            p[10],
+            l[10],
+            p[11],
+            l[11],
+            p[12],
+            l[12],
+            p[13],
+            l[13],
+            p[14],
+            l[14],
+            p[15],
+            l[15],
+            p[16],
+            l[16],
+            p[17],
+            l[17],
+            p[18],
+            l[18],
+            p[19],
+            l[19],
+            p[20],
+            l[20],
+            p[21],
+            l[21],
+            p[22],
+            l[22],
+            p[23],
+            l[23],
+        );
+        if reply.is_null() {
+            return Some(Err(String::from("the call was refused")));
+        }
+        let outcome = if reply_type(reply) == raw::REDISMODULE_REPLY_ERROR as c_int {
+            let mut len = 0usize;
+            let text = reply_text(reply, &mut len);
+            let message = if text.is_null() {
+                String::from("error reply")
+            } else {
+                String::from_utf8_lossy(std::slice::from_raw_parts(text.cast::<u8>(), len))
+                    .into_owned()
+            };
+            Err(message)
+        } else {
+            Ok(())
+        };
+        free_reply(reply);
+        Some(outcome)
     }
 }
