@@ -27,6 +27,16 @@ impl RegionKeys {
         key
     }
 
+    /// Writes the key of `entity` `id` into `buffer` (replacing its content), so a loop over
+    /// many keys reuses one allocation.
+    pub fn key_into(&self, buffer: &mut String, entity: &str, id: &str) {
+        buffer.clear();
+        buffer.push_str(&self.prefix);
+        buffer.push_str(entity);
+        buffer.push(':');
+        buffer.push_str(id);
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
@@ -141,6 +151,16 @@ mod tests {
         ] {
             assert!(key.starts_with("gpucache:{eu-west}:"), "{key}");
         }
+    }
+
+    #[test]
+    fn key_into_builds_the_same_keys() {
+        let k = RegionKeys::new("eu");
+        let mut buffer = String::from("leftover");
+        k.key_into(&mut buffer, "gpu", "g1");
+        assert_eq!(buffer, k.gpu("g1"));
+        k.key_into(&mut buffer, "index", "bookings");
+        assert_eq!(buffer, k.booking_registry());
     }
 
     #[test]

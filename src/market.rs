@@ -15,7 +15,7 @@ use crate::core::window;
 use crate::keys::RegionKeys;
 use crate::store::Store;
 use redis_module::KeyType;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Hash fields of the region's market-counters hash (`RegionKeys::stats`).
@@ -66,6 +66,8 @@ pub struct Region<'s, 'c> {
     /// Counters (fields of the counters hash) this command changed, with their new values, in
     /// first-change order: written with one `HSET` by `flush_counters` instead of one per change.
     counters: RefCell<Vec<(String, i64)>>,
+    /// The region-wide keys passed `check_key_types` in this command.
+    base_checked: Cell<bool>,
 }
 
 fn parse_int(bytes: Option<&[u8]>) -> Option<i64> {
@@ -82,6 +84,7 @@ impl<'s, 'c> Region<'s, 'c> {
             demand_before: RefCell::new(BTreeMap::new()),
             books_changed: RefCell::new(BTreeSet::new()),
             counters: RefCell::new(Vec::new()),
+            base_checked: Cell::new(false),
         }
     }
 
@@ -230,24 +233,27 @@ impl<'s, 'c> Region<'s, 'c> {
     }
 
     /// Fails before any write when a key this region writes holds a foreign type.
+    ///
+    /// The region-wide keys are checked once per command: every check runs before the first
+    /// write, and gpucache's own writes never change a key's type.
     pub fn check_key_types(&self, extra: &[(&str, KeyType)]) -> MarketResult<()> {
-        let registry = self.keys.gpu_registry();
-        let types = self.keys.types();
-        let bookings = self.keys.booking_registry();
-        let stats = self.keys.stats();
-        let window = self.keys.window_24h();
-        let events = self.keys.events();
-        let providers = self.keys.providers();
-        let base = [
-            (providers.as_str(), KeyType::Set),
-            (window.as_str(), KeyType::Hash),
-            (registry.as_str(), KeyType::Hash),
-            (types.as_str(), KeyType::Set),
-            (bookings.as_str(), KeyType::Hash),
-            (stats.as_str(), KeyType::Hash),
-            (events.as_str(), KeyType::Stream),
-        ];
-        self.store.expect_types(&base)?;
+        if !self.base_checked.get() {
+            let mut key = String::with_capacity(self.keys.prefix().len() + 16);
+            for (entity, id, wanted) in [
+                ("index", "providers", KeyType::Set),
+                ("stats", "24h", KeyType::Hash),
+                ("index", "gpus", KeyType::Hash),
+                ("index", "types", KeyType::Set),
+                ("index", "bookings", KeyType::Hash),
+                ("stats", "market", KeyType::Hash),
+            ] {
+                self.keys.key_into(&mut key, entity, id);
+                self.store.expect_types(&[(key.as_str(), wanted)])?;
+            }
+            self.store
+                .expect_types(&[(self.keys.events().as_str(), KeyType::Stream)])?;
+            self.base_checked.set(true);
+        }
         self.store.expect_types(extra)
     }
 
@@ -258,22 +264,21 @@ impl<'s, 'c> Region<'s, 'c> {
         gpu_type: &str,
         provider: &str,
     ) -> MarketResult<()> {
-        let gpu_key = self.keys.gpu(gpu_id);
-        let own = self.keys.available_own(gpu_type);
-        let typed = self.keys.available_typed(gpu_type);
-        let by_score = self.keys.available_by_score(gpu_type);
-        let price = self.keys.type_price(gpu_type);
-        let provider_key = self.keys.provider(provider);
-        let provider_gpus = self.keys.provider_gpus(provider);
-        self.check_key_types(&[
-            (gpu_key.as_str(), KeyType::Hash),
-            (own.as_str(), KeyType::ZSet),
-            (typed.as_str(), KeyType::ZSet),
-            (by_score.as_str(), KeyType::ZSet),
-            (price.as_str(), KeyType::Hash),
-            (provider_key.as_str(), KeyType::Hash),
-            (provider_gpus.as_str(), KeyType::Set),
-        ])
+        self.check_key_types(&[])?;
+        let mut key = String::with_capacity(self.keys.prefix().len() + 32);
+        for (entity, id, wanted) in [
+            ("gpu", gpu_id, KeyType::Hash),
+            ("avail-own", gpu_type, KeyType::ZSet),
+            ("avail-type", gpu_type, KeyType::ZSet),
+            ("avail-score", gpu_type, KeyType::ZSet),
+            ("price", gpu_type, KeyType::Hash),
+            ("provider", provider, KeyType::Hash),
+            ("provider-gpus", provider, KeyType::Set),
+        ] {
+            self.keys.key_into(&mut key, entity, id);
+            self.store.expect_types(&[(key.as_str(), wanted)])?;
+        }
+        Ok(())
     }
 
     /// The next value of the region's sequence, which orders own prices against type prices.
@@ -473,11 +478,7 @@ impl<'s, 'c> Region<'s, 'c> {
         let key = self.keys.gpu(gpu_id);
         // Only the fields whose stored text changes: a status change rewrites 3-4 fields, not
         // the whole record (a record the module wrote reads back to exactly these texts).
-        let mut fields = new.to_fields();
-        if let Some(old) = old {
-            let before = old.to_fields();
-            fields.retain(|field| !before.contains(field));
-        }
+        let fields = new.changed_fields(old);
         if !fields.is_empty() {
             self.store.hset(&key, &fields);
         }

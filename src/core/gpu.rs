@@ -269,6 +269,54 @@ impl GpuRecord {
         fields
     }
 
+    /// The fields of `to_fields` whose stored text differs from `before`'s (all of them without
+    /// a previous record), compared value by value so unchanged fields cost no allocation.
+    /// Equal values have equal texts (a score compares by its bits, as its text does).
+    pub fn changed_fields(&self, before: Option<&GpuRecord>) -> Vec<(&'static str, String)> {
+        let Some(old) = before else {
+            return self.to_fields();
+        };
+        let mut fields = Vec::new();
+        if self.provider != old.provider {
+            fields.push((field::PROVIDER, self.provider.clone()));
+        }
+        if self.gpu_type != old.gpu_type {
+            fields.push((field::TYPE, self.gpu_type.clone()));
+        }
+        if self.own_price != old.own_price {
+            fields.push((field::PRICE, self.own_price.to_string()));
+        }
+        if self.price_seq != old.price_seq {
+            fields.push((field::PRICE_SEQ, self.price_seq.to_string()));
+        }
+        if self.status != old.status {
+            fields.push((field::STATUS, self.status.as_str().to_owned()));
+        }
+        let booking = self.booking.as_deref().unwrap_or_default();
+        if booking != old.booking.as_deref().unwrap_or_default() {
+            fields.push((field::BOOKING, booking.to_owned()));
+        }
+        if self.version != old.version {
+            fields.push((field::VERSION, self.version.to_string()));
+        }
+        if self.updated_ms != old.updated_ms {
+            fields.push((field::UPDATED_MS, self.updated_ms.to_string()));
+        }
+        if let Some(m) = self.memory_gb.filter(|m| old.memory_gb != Some(*m)) {
+            fields.push((field::MEMORY_GB, m.to_string()));
+        }
+        if let Some(c) = self.cores.filter(|c| old.cores != Some(*c)) {
+            fields.push((field::CORES, c.to_string()));
+        }
+        if let Some(s) = self
+            .score
+            .filter(|s| old.score.map(f64::to_bits) != Some(s.to_bits()))
+        {
+            fields.push((field::SCORE, s.to_string()));
+        }
+        fields
+    }
+
     /// Optional attributes that the new record no longer has, to be removed with `HDEL`.
     pub fn dropped_attributes(&self, newer: &GpuRecord) -> Vec<&'static str> {
         let mut dropped = Vec::new();
@@ -403,6 +451,31 @@ mod tests {
         ] {
             assert_eq!(RegistryEntry::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn changed_fields_are_the_fields_whose_text_changed() {
+        let old = sample();
+        let by_text = |new: &GpuRecord| {
+            let before = old.to_fields();
+            let mut fields = new.to_fields();
+            fields.retain(|f| !before.contains(f));
+            fields
+        };
+        let mut new = sample();
+        assert!(new.changed_fields(Some(&old)).is_empty());
+        new.status = GpuStatus::Busy;
+        new.booking = Some("b-1".into());
+        new.version += 1;
+        new.updated_ms += 5;
+        assert_eq!(new.changed_fields(Some(&old)), by_text(&new));
+        new.score = Some(-0.0);
+        new.cores = Some(3);
+        new.memory_gb = None;
+        new.own_price = Price::from_micros(1);
+        new.provider = "p2".into();
+        assert_eq!(new.changed_fields(Some(&old)), by_text(&new));
+        assert_eq!(new.changed_fields(None), new.to_fields());
     }
 
     #[test]
