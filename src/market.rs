@@ -7,7 +7,9 @@ use crate::core::booking::Booking;
 use crate::core::demand;
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::events::{Event, EventKind};
-use crate::core::gpu::{self, GpuChange, GpuRecord, PriceSource, RegistryEntry, TypePrice};
+use crate::core::gpu::{
+    self, GpuChange, GpuFields, GpuRecord, PriceSource, RegistryEntry, TypePrice,
+};
 use crate::core::price::Price;
 use crate::core::status::{is_listed, GpuStatus, ProviderStatus};
 use crate::core::ttl::jittered_ttl_ms;
@@ -167,17 +169,13 @@ impl<'s, 'c> Region<'s, 'c> {
 
     pub fn load_gpu(&self, gpu_id: &str) -> MarketResult<Option<GpuRecord>> {
         let key = self.keys.gpu(gpu_id);
-        let record = self.store.with_hash(&key, &gpu::field::ALL, |values| {
-            let present = gpu::field::ALL
-                .iter()
-                .zip(values)
-                .filter_map(|(name, value)| Some((name.as_bytes(), (*value)?)));
-            if values.iter().all(Option::is_none) {
-                return Ok(None);
-            }
-            GpuRecord::from_fields(present).map(Some).ok_or(())
-        })?;
-        record.map_err(|()| MarketError::Corrupt(key))
+        let mut fields = GpuFields::default();
+        self.store
+            .scan_hash(&key, |name, value| fields.add(name, value))?;
+        if !fields.any() {
+            return Ok(None);
+        }
+        fields.build().map(Some).ok_or(MarketError::Corrupt(key))
     }
 
     pub fn require_gpu(&self, gpu_id: &str) -> MarketResult<GpuRecord> {

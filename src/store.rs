@@ -134,6 +134,21 @@ impl<'a> Store<'a> {
         Ok(use_values(&slices))
     }
 
+    /// Visits every field of a hash with `RedisModule_ScanKey`: one pass over the hash instead
+    /// of a lookup per field (a small hash is a listpack, searched linearly for each field). A
+    /// missing key has no fields; another type is refused.
+    pub fn scan_hash(&self, key: &str, mut visit: impl FnMut(&[u8], &[u8])) -> MarketResult<()> {
+        let opened = self.open_read(key);
+        match opened.key_type() {
+            KeyType::Empty => Ok(()),
+            KeyType::Hash => {
+                opened.scan(&mut visit);
+                Ok(())
+            }
+            _ => Err(MarketError::WrongType(key.to_owned())),
+        }
+    }
+
     /// Reads hash fields straight from the key. `None` for a missing field; all `None` for a
     /// missing key.
     pub fn hmget(&self, key: &str, fields: &[&str]) -> MarketResult<Vec<Option<Vec<u8>>>> {
@@ -728,6 +743,53 @@ impl ReadKey {
             if let Some(stop) = raw::RedisModule_ZsetRangeStop {
                 stop(self.key);
             }
+        }
+    }
+}
+
+/// `RedisModuleScanKeyCB` handing each field and value to the closure behind `privdata`.
+///
+/// # Safety
+/// `privdata` must point to a live `&mut dyn FnMut(&[u8], &[u8])`; `field` and `value` are
+/// NULL or strings Redis keeps alive for the duration of the call.
+unsafe extern "C" fn scan_callback(
+    _key: *mut raw::RedisModuleKey,
+    field: *mut raw::RedisModuleString,
+    value: *mut raw::RedisModuleString,
+    privdata: *mut std::ffi::c_void,
+) {
+    let visit = &mut *privdata.cast::<&mut dyn FnMut(&[u8], &[u8])>();
+    if let (Some(field), Some(value)) = (string_bytes(field), string_bytes(value)) {
+        visit(field, value);
+    }
+}
+
+impl ReadKey {
+    /// Every field and value of this hash (the caller checked the type), through
+    /// `RedisModule_ScanKey` until the cursor is done.
+    fn scan(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
+        if self.key.is_null() {
+            return;
+        }
+        // SAFETY: `self.key` is an open hash; the cursor is created and destroyed here; the
+        // callback gets a pointer to `visit`, which outlives every ScanKey call, and only reads
+        // the field and value strings during the call.
+        unsafe {
+            let (Some(create), Some(scan), Some(destroy)) = (
+                raw::RedisModule_ScanCursorCreate,
+                raw::RedisModule_ScanKey,
+                raw::RedisModule_ScanCursorDestroy,
+            ) else {
+                return;
+            };
+            let cursor = create();
+            if cursor.is_null() {
+                return;
+            }
+            let mut visit: &mut dyn FnMut(&[u8], &[u8]) = visit;
+            let privdata = std::ptr::addr_of_mut!(visit).cast::<std::ffi::c_void>();
+            while scan(self.key, cursor, Some(scan_callback), privdata) != 0 {}
+            destroy(cursor);
         }
     }
 }

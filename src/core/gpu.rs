@@ -191,57 +191,11 @@ impl GpuRecord {
     /// Reads a record from its hash fields; `None` when a field this module always writes is
     /// missing or malformed (someone edited the hash by hand).
     pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Option<Self> {
-        let mut provider = None;
-        let mut gpu_type = None;
-        let mut own_price = None;
-        let mut price_seq = 0;
-        let mut memory_gb = None;
-        let mut cores = None;
-        let mut score = None;
-        let mut status = None;
-        let mut booking = None;
-        let mut version = 0;
-        let mut updated_ms = 0;
-        let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_owned);
-        let int = |v: &[u8]| {
-            std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-        };
+        let mut record = GpuFields::default();
         for (name, value) in fields {
-            match std::str::from_utf8(name).unwrap_or_default() {
-                field::PROVIDER => provider = text(value),
-                field::TYPE => gpu_type = text(value),
-                field::PRICE => own_price = Price::parse_stored(value),
-                field::PRICE_SEQ => price_seq = int(value)?,
-                field::MEMORY_GB => memory_gb = int(value),
-                field::CORES => cores = int(value),
-                field::SCORE => {
-                    score = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|s| s.parse::<f64>().ok())
-                        .filter(|v| v.is_finite())
-                }
-                field::STATUS => status = GpuStatus::parse(value).ok(),
-                field::BOOKING => booking = text(value).filter(|b| !b.is_empty()),
-                field::VERSION => version = int(value)?,
-                field::UPDATED_MS => updated_ms = int(value)?,
-                _ => {}
-            }
+            record.add(name, value);
         }
-        Some(GpuRecord {
-            provider: provider?,
-            gpu_type: gpu_type?,
-            own_price: own_price?,
-            price_seq,
-            memory_gb,
-            cores,
-            score,
-            status: status?,
-            booking,
-            version,
-            updated_ms,
-        })
+        record.build()
     }
 
     /// All fields to write with one `HSET`. `booking` is written as an empty string when there is
@@ -330,6 +284,87 @@ impl GpuRecord {
             dropped.push(field::SCORE);
         }
         dropped
+    }
+}
+
+/// A GPU record read field by field (in any order, e.g. straight from a hash scan); `build`
+/// gives what `GpuRecord::from_fields` gives for the same fields.
+#[derive(Debug, Default)]
+pub struct GpuFields {
+    provider: Option<String>,
+    gpu_type: Option<String>,
+    own_price: Option<Price>,
+    price_seq: i64,
+    memory_gb: Option<i64>,
+    cores: Option<i64>,
+    score: Option<f64>,
+    status: Option<GpuStatus>,
+    booking: Option<String>,
+    version: i64,
+    updated_ms: i64,
+    /// A field that must be an integer is not one: the record is corrupt.
+    malformed: bool,
+    /// At least one field of a GPU record was seen.
+    any: bool,
+}
+
+impl GpuFields {
+    /// Takes one hash field; fields that are not part of a GPU record are ignored.
+    pub fn add(&mut self, name: &[u8], value: &[u8]) {
+        let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_owned);
+        let int = |v: &[u8]| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+        };
+        let mut required_int = |target: &mut i64, v: &[u8]| match int(v) {
+            Some(i) => *target = i,
+            None => self.malformed = true,
+        };
+        match std::str::from_utf8(name).unwrap_or_default() {
+            field::PROVIDER => self.provider = text(value),
+            field::TYPE => self.gpu_type = text(value),
+            field::PRICE => self.own_price = Price::parse_stored(value),
+            field::PRICE_SEQ => required_int(&mut self.price_seq, value),
+            field::MEMORY_GB => self.memory_gb = int(value),
+            field::CORES => self.cores = int(value),
+            field::SCORE => {
+                self.score = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .filter(|v| v.is_finite())
+            }
+            field::STATUS => self.status = GpuStatus::parse(value).ok(),
+            field::BOOKING => self.booking = text(value).filter(|b| !b.is_empty()),
+            field::VERSION => required_int(&mut self.version, value),
+            field::UPDATED_MS => required_int(&mut self.updated_ms, value),
+            _ => return,
+        }
+        self.any = true;
+    }
+
+    /// Whether any field of a GPU record was seen (a hash without one holds no GPU).
+    pub fn any(&self) -> bool {
+        self.any
+    }
+
+    pub fn build(self) -> Option<GpuRecord> {
+        if self.malformed {
+            return None;
+        }
+        Some(GpuRecord {
+            provider: self.provider?,
+            gpu_type: self.gpu_type?,
+            own_price: self.own_price?,
+            price_seq: self.price_seq,
+            memory_gb: self.memory_gb,
+            cores: self.cores,
+            score: self.score,
+            status: self.status?,
+            booking: self.booking,
+            version: self.version,
+            updated_ms: self.updated_ms,
+        })
     }
 }
 
