@@ -4,6 +4,10 @@
 //! effect (`HSET`, `ZADD`, `PEXPIREAT` with an absolute time, `XADD` with the id it chose) to
 //! replicas and the AOF, wrapped with the rest of the command in one `MULTI/EXEC`. Nothing a
 //! replica or an AOF replay executes draws a random number or reads the clock.
+//!
+//! Reads go through the key API (`RedisModule_OpenKey` read-only, `HashGet`, `ScanKey`,
+//! `ValueLength`, `ZsetScore`, `GetExpire`, the sorted-set range iterator): the same lookups a
+//! read command makes, without a command round trip or a reply to parse.
 
 use crate::core::error::{MarketError, MarketResult};
 use redis_module::{

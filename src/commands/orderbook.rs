@@ -1,9 +1,10 @@
 //! `GPUCACHE.ORDERBOOK region gpu_type [DEPTH n]`
 //!
 //! The ask ladder of one GPU type: distinct shown prices ascending, with the number of
-//! bookable GPUs at each. Read from the availability index level by level (one `ZRANGE ...
-//! LIMIT 0 1` and one `ZCOUNT` per level), so the cost is O(DEPTH x log n) whatever the number
-//! of GPUs. All levels carry the type's demand multiplier.
+//! bookable GPUs at each. Read from the availability index in one walk with the key API's range
+//! iterator (a level of more than `LEVEL_WALK_LIMIT` GPUs is counted with `ZCOUNT`), so the cost
+//! is O(DEPTH x log n) whatever the number of GPUs. All levels carry the type's demand
+//! multiplier.
 
 use super::{option_is, unknown_option, Args, Out, Reply};
 use crate::core::demand::{self, format_hundredths};
