@@ -283,21 +283,24 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let rows = offers
         .into_iter()
         .map(|offer| {
-            let mut row = Reply::new()
-                .text("gpu_id", offer.gpu_id)
-                .text("type", offer.gpu.gpu_type.as_str())
-                .text("provider", offer.gpu.provider.as_str())
-                .text("price", offer.price.to_string())
-                .int("version", offer.gpu.version);
-            if let Some(m) = offer.gpu.memory_gb {
-                row = row.int("memory_gb", m);
-            }
+            // In name order (what `Reply::build` sorts to), so the sort has nothing to move.
+            let mut row = Reply::new();
             if let Some(c) = offer.gpu.cores {
                 row = row.int("cores", c);
             }
+            row = row.text("gpu_id", offer.gpu_id);
+            if let Some(m) = offer.gpu.memory_gb {
+                row = row.int("memory_gb", m);
+            }
+            row = row
+                .text("price", offer.price.to_string())
+                .text("provider", offer.gpu.provider.as_str());
             if let Some(s) = offer.gpu.score {
                 row = row.text("score", s.to_string());
             }
+            row = row
+                .text("type", offer.gpu.gpu_type.as_str())
+                .int("version", offer.gpu.version);
             row.build()
         })
         .collect();
