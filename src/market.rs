@@ -18,7 +18,7 @@ use crate::keys::RegionKeys;
 use crate::store::Store;
 use redis_module::KeyType;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Hash fields of the region's market-counters hash (`RegionKeys::stats`).
 pub mod stat {
@@ -31,9 +31,12 @@ pub mod stat {
         ["gpus:", status.as_str()].concat()
     }
 
+    /// Prefix of the `type_total` fields.
+    pub const TYPE_TOTAL_PREFIX: &str = "type-total:";
+
     /// Registered GPUs of a type, whatever their status (the demand ratio's denominator).
     pub fn type_total(gpu_type: &str) -> String {
-        ["type-total:", gpu_type].concat()
+        [TYPE_TOTAL_PREFIX, gpu_type].concat()
     }
 
     /// Sum of the own prices (micro-units) of a type's listed, own-priced GPUs.
@@ -125,18 +128,55 @@ impl<'s, 'c> Region<'s, 'c> {
 
     /// Listed and registered GPUs of a type.
     pub fn type_counts(&self, gpu_type: &str) -> MarketResult<(i64, i64)> {
-        let own = self.keys.available_own(gpu_type);
-        let typed = self.keys.available_typed(gpu_type);
-        let listed = self
-            .store
-            .zcard(&own)?
-            .saturating_add(self.store.zcard(&typed)?);
+        let listed = self.listed_count(gpu_type)?;
         let field = stat::type_total(gpu_type);
         let total = match self.pending_counter(&field) {
             Some(total) => total,
             None => parse_int(self.store.hget(&self.keys.stats(), &field)?.as_deref()).unwrap_or(0),
         };
         Ok((listed, total))
+    }
+
+    /// Bookable GPUs of a type: the entries of its two price indexes.
+    pub fn listed_count(&self, gpu_type: &str) -> MarketResult<i64> {
+        let own = self.keys.available_own(gpu_type);
+        let typed = self.keys.available_typed(gpu_type);
+        Ok(self
+            .store
+            .zcard(&own)?
+            .saturating_add(self.store.zcard(&typed)?))
+    }
+
+    /// Registered GPUs of each of `types` (the denominators of their demand ratios, as
+    /// `type_counts` reads them), from one pass over the counters hash instead of a lookup per
+    /// type: for a search over every type of the region.
+    pub fn type_totals(&self, types: &[String]) -> MarketResult<Vec<i64>> {
+        let wanted: HashMap<&[u8], usize> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_bytes(), i))
+            .collect();
+        let mut totals = vec![None; types.len()];
+        self.store.scan_hash(&self.keys.stats(), |name, value| {
+            let index = name
+                .strip_prefix(stat::TYPE_TOTAL_PREFIX.as_bytes())
+                .and_then(|t| wanted.get(t));
+            if let Some(slot) = index.and_then(|i| totals.get_mut(*i)) {
+                *slot = Some(parse_int(Some(value)).unwrap_or(0));
+            }
+        })?;
+        let pending = !self.counters.borrow().is_empty();
+        Ok(types
+            .iter()
+            .zip(totals)
+            .map(|(t, total)| {
+                pending
+                    .then(|| self.pending_counter(&stat::type_total(t)))
+                    .flatten()
+                    .or(total)
+                    .unwrap_or(0)
+            })
+            .collect())
     }
 
     /// The demand multiplier (hundredths) a type's prices carry right now.

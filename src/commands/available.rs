@@ -17,7 +17,7 @@ use crate::core::gpu::{effective_price, GpuRecord, TypePrice};
 use crate::core::input;
 use crate::core::price::{Price, MAX_PRICE_UNITS};
 use crate::core::status::{GpuStatus, ProviderStatus};
-use crate::market::Region;
+use crate::market::{demand_multiplier_of, Region};
 use crate::store::{Store, ZCursor};
 use redis_module::RedisString;
 use std::cmp::Reverse;
@@ -268,11 +268,21 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
         Some(t) => vec![t.clone()],
         None => store.members("SMEMBERS", &region.keys.types())?,
     };
+    // Over several types, their totals come from one pass over the counters hash.
+    let totals = if types.len() > 1 {
+        Some(region.type_totals(&types)?)
+    } else {
+        None
+    };
     let mut contexts = HashMap::new();
     let mut sources = Vec::new();
-    for gpu_type in &types {
+    for (i, gpu_type) in types.iter().enumerate() {
+        let multiplier = match totals.as_ref().and_then(|t| t.get(i)) {
+            Some(total) => demand_multiplier_of(region.listed_count(gpu_type)?, *total),
+            None => region.demand_multiplier(gpu_type)?,
+        };
         let context = TypeContext {
-            multiplier: region.demand_multiplier(gpu_type)?,
+            multiplier,
             type_price: region.load_type_price(gpu_type)?,
         };
         sources_of_type(&region, &query, gpu_type, &context, &mut sources);
