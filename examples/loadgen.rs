@@ -821,6 +821,12 @@ fn run(o: &Opts) -> Res<()> {
                     &mut result,
                     true,
                 )?;
+                // An odd count ends between the two commands of a pair: send the second one
+                // (unmeasured), so no BOOK or maintenance status outlives the run and the next
+                // op finds the marketplace as it was loaded.
+                if generator.pending.is_some() {
+                    drive(&mut con, &mut generator, 1, 1, &mut result, false)?;
+                }
                 Ok(result)
             })
         })

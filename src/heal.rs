@@ -181,7 +181,7 @@ pub fn sweep_region(ctx: &Context, region_name: &str) -> MarketResult<Swept> {
     }
     for gpu_type in store.members("SMEMBERS", &keys.types())? {
         let key = keys.type_price(&gpu_type);
-        let typed = store.integer("ZCARD", &[keys.available_typed(&gpu_type).as_bytes()])?;
+        let typed = store.zcard(&keys.available_typed(&gpu_type))?;
         if typed > 0 && store.key_type(&key) == redis_module::KeyType::Empty && heal_key(ctx, &key)
         {
             swept.type_prices += 1;

@@ -18,7 +18,23 @@ impl RegionKeys {
     }
 
     fn key(&self, entity: &str, id: &str) -> String {
-        format!("{}{entity}:{id}", self.prefix)
+        // Built by hand: `format!` costs several times more on every command's hot path.
+        let mut key = String::with_capacity(self.prefix.len() + entity.len() + 1 + id.len());
+        key.push_str(&self.prefix);
+        key.push_str(entity);
+        key.push(':');
+        key.push_str(id);
+        key
+    }
+
+    /// Writes the key of `entity` `id` into `buffer` (replacing its content), so a loop over
+    /// many keys reuses one allocation.
+    pub fn key_into(&self, buffer: &mut String, entity: &str, id: &str) {
+        buffer.clear();
+        buffer.push_str(&self.prefix);
+        buffer.push_str(entity);
+        buffer.push(':');
+        buffer.push_str(id);
     }
 
     pub fn prefix(&self) -> &str {
@@ -103,7 +119,7 @@ impl RegionKeys {
 
     /// Stream: one JSON event per command, for consumers that must not miss any.
     pub fn events(&self) -> String {
-        format!("{}events", self.prefix)
+        [self.prefix.as_str(), "events"].concat()
     }
 
     /// Parses one of this module's key names into (region, entity, id).
@@ -135,6 +151,16 @@ mod tests {
         ] {
             assert!(key.starts_with("gpucache:{eu-west}:"), "{key}");
         }
+    }
+
+    #[test]
+    fn key_into_builds_the_same_keys() {
+        let k = RegionKeys::new("eu");
+        let mut buffer = String::from("leftover");
+        k.key_into(&mut buffer, "gpu", "g1");
+        assert_eq!(buffer, k.gpu("g1"));
+        k.key_into(&mut buffer, "index", "bookings");
+        assert_eq!(buffer, k.booking_registry());
     }
 
     #[test]

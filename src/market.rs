@@ -7,7 +7,9 @@ use crate::core::booking::Booking;
 use crate::core::demand;
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::events::{Event, EventKind};
-use crate::core::gpu::{self, GpuChange, GpuRecord, PriceSource, RegistryEntry, TypePrice};
+use crate::core::gpu::{
+    self, GpuChange, GpuFields, GpuRecord, PriceSource, RegistryEntry, TypePrice,
+};
 use crate::core::price::Price;
 use crate::core::status::{is_listed, GpuStatus, ProviderStatus};
 use crate::core::ttl::jittered_ttl_ms;
@@ -15,8 +17,8 @@ use crate::core::window;
 use crate::keys::RegionKeys;
 use crate::store::Store;
 use redis_module::KeyType;
-use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Hash fields of the region's market-counters hash (`RegionKeys::stats`).
 pub mod stat {
@@ -26,17 +28,20 @@ pub mod stat {
     pub const BOOKINGS_ENDED: &str = "bookings:ended";
 
     pub fn gpus_with_status(status: crate::core::status::GpuStatus) -> String {
-        format!("gpus:{}", status.as_str())
+        ["gpus:", status.as_str()].concat()
     }
+
+    /// Prefix of the `type_total` fields.
+    pub const TYPE_TOTAL_PREFIX: &str = "type-total:";
 
     /// Registered GPUs of a type, whatever their status (the demand ratio's denominator).
     pub fn type_total(gpu_type: &str) -> String {
-        format!("type-total:{gpu_type}")
+        [TYPE_TOTAL_PREFIX, gpu_type].concat()
     }
 
     /// Sum of the own prices (micro-units) of a type's listed, own-priced GPUs.
     pub fn own_price_sum(gpu_type: &str) -> String {
-        format!("own-sum:{gpu_type}")
+        ["own-sum:", gpu_type].concat()
     }
 }
 
@@ -63,6 +68,11 @@ pub struct Region<'s, 'c> {
     demand_before: RefCell<BTreeMap<String, u32>>,
     /// Types whose availability index (order book) this command changed.
     books_changed: RefCell<BTreeSet<String>>,
+    /// Counters (fields of the counters hash) this command changed, with their new values, in
+    /// first-change order: written with one `HSET` by `flush_counters` instead of one per change.
+    counters: RefCell<Vec<(String, i64)>>,
+    /// The region-wide keys passed `check_key_types` in this command.
+    base_checked: Cell<bool>,
 }
 
 fn parse_int(bytes: Option<&[u8]>) -> Option<i64> {
@@ -78,21 +88,95 @@ impl<'s, 'c> Region<'s, 'c> {
             keys,
             demand_before: RefCell::new(BTreeMap::new()),
             books_changed: RefCell::new(BTreeSet::new()),
+            counters: RefCell::new(Vec::new()),
+            base_checked: Cell::new(false),
         }
+    }
+
+    /// The value this command gave a counter, if it changed it.
+    fn pending_counter(&self, field: &str) -> Option<i64> {
+        self.counters
+            .borrow()
+            .iter()
+            .find(|(f, _)| f == field)
+            .map(|(_, v)| *v)
+    }
+
+    /// Sets a counter for `flush_counters` to write; the counters hash counts as written now.
+    fn set_counter(&self, field: &str, value: i64) {
+        self.store.mark_written(&self.keys.stats());
+        let mut counters = self.counters.borrow_mut();
+        match counters.iter_mut().find(|(f, _)| f == field) {
+            Some(entry) => entry.1 = value,
+            None => counters.push((field.to_owned(), value)),
+        }
+    }
+
+    /// Writes the counters this command changed, all in one replicated `HSET`. Called by
+    /// `publish` and, as a safety net, when the region is dropped.
+    pub fn flush_counters(&self) {
+        let counters = self.counters.take();
+        if counters.is_empty() {
+            return;
+        }
+        let fields: Vec<(&str, String)> = counters
+            .iter()
+            .map(|(field, value)| (field.as_str(), value.to_string()))
+            .collect();
+        self.store.hset(&self.keys.stats(), &fields);
     }
 
     /// Listed and registered GPUs of a type.
     pub fn type_counts(&self, gpu_type: &str) -> MarketResult<(i64, i64)> {
+        let listed = self.listed_count(gpu_type)?;
+        let field = stat::type_total(gpu_type);
+        let total = match self.pending_counter(&field) {
+            Some(total) => total,
+            None => parse_int(self.store.hget(&self.keys.stats(), &field)?.as_deref()).unwrap_or(0),
+        };
+        Ok((listed, total))
+    }
+
+    /// Bookable GPUs of a type: the entries of its two price indexes.
+    pub fn listed_count(&self, gpu_type: &str) -> MarketResult<i64> {
         let own = self.keys.available_own(gpu_type);
         let typed = self.keys.available_typed(gpu_type);
-        let listed = self
+        Ok(self
             .store
-            .integer("ZCARD", &[own.as_bytes()])?
-            .saturating_add(self.store.integer("ZCARD", &[typed.as_bytes()])?);
-        let total = self
-            .store
-            .hget(&self.keys.stats(), &stat::type_total(gpu_type))?;
-        Ok((listed, parse_int(total.as_deref()).unwrap_or(0)))
+            .zcard(&own)?
+            .saturating_add(self.store.zcard(&typed)?))
+    }
+
+    /// Registered GPUs of each of `types` (the denominators of their demand ratios, as
+    /// `type_counts` reads them), from one pass over the counters hash instead of a lookup per
+    /// type: for a search over every type of the region.
+    pub fn type_totals(&self, types: &[String]) -> MarketResult<Vec<i64>> {
+        let wanted: HashMap<&[u8], usize> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_bytes(), i))
+            .collect();
+        let mut totals = vec![None; types.len()];
+        self.store.scan_hash(&self.keys.stats(), |name, value| {
+            let index = name
+                .strip_prefix(stat::TYPE_TOTAL_PREFIX.as_bytes())
+                .and_then(|t| wanted.get(t));
+            if let Some(slot) = index.and_then(|i| totals.get_mut(*i)) {
+                *slot = Some(parse_int(Some(value)).unwrap_or(0));
+            }
+        })?;
+        let pending = !self.counters.borrow().is_empty();
+        Ok(types
+            .iter()
+            .zip(totals)
+            .map(|(t, total)| {
+                pending
+                    .then(|| self.pending_counter(&stat::type_total(t)))
+                    .flatten()
+                    .or(total)
+                    .unwrap_or(0)
+            })
+            .collect())
     }
 
     /// The demand multiplier (hundredths) a type's prices carry right now.
@@ -125,13 +209,13 @@ impl<'s, 'c> Region<'s, 'c> {
 
     pub fn load_gpu(&self, gpu_id: &str) -> MarketResult<Option<GpuRecord>> {
         let key = self.keys.gpu(gpu_id);
-        let fields = self.store.hash_fields(&key, &gpu::field::ALL)?;
-        if fields.is_empty() {
+        let mut fields = GpuFields::default();
+        self.store
+            .scan_hash(&key, |name, value| fields.add(name, value))?;
+        if !fields.any() {
             return Ok(None);
         }
-        GpuRecord::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-            .map(Some)
-            .ok_or(MarketError::Corrupt(key))
+        fields.build().map(Some).ok_or(MarketError::Corrupt(key))
     }
 
     pub fn require_gpu(&self, gpu_id: &str) -> MarketResult<GpuRecord> {
@@ -140,64 +224,74 @@ impl<'s, 'c> Region<'s, 'c> {
     }
 
     pub fn load_booking(&self, booking_id: &str) -> MarketResult<Option<Booking>> {
+        use crate::core::booking::field::ALL;
         let key = self.keys.booking(booking_id);
-        let fields = self
-            .store
-            .hash_fields(&key, &crate::core::booking::field::ALL)?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        Booking::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-            .map(Some)
-            .ok_or(MarketError::Corrupt(key))
+        let booking = self.store.with_hash(&key, &ALL, |values| {
+            if values.iter().all(Option::is_none) {
+                return Ok(None);
+            }
+            let present = ALL
+                .iter()
+                .zip(values)
+                .filter_map(|(name, value)| Some((name.as_bytes(), (*value)?)));
+            Booking::from_fields(present).map(Some).ok_or(())
+        })?;
+        booking.map_err(|()| MarketError::Corrupt(key))
     }
 
     pub fn load_type_price(&self, gpu_type: &str) -> MarketResult<Option<TypePrice>> {
         let key = self.keys.type_price(gpu_type);
-        let values = self.store.hmget(
-            &key,
-            &[price_field::PRICE, price_field::SEQ, price_field::VERSION],
-        )?;
-        let field = |i: usize| values.get(i).and_then(|v| v.as_deref());
-        let Some(price_text) = field(0) else {
-            return Ok(None);
-        };
-        let price =
-            Price::parse_stored(price_text).ok_or_else(|| MarketError::Corrupt(key.clone()))?;
-        Ok(Some(TypePrice {
-            price,
-            seq: parse_int(field(1)).unwrap_or(0),
-            version: parse_int(field(2)).unwrap_or(0),
-        }))
+        let fields = [price_field::PRICE, price_field::SEQ, price_field::VERSION];
+        let price = self.store.with_hash(&key, &fields, |values| {
+            let field = |i: usize| values.get(i).copied().flatten();
+            let Some(price_text) = field(0) else {
+                return Ok(None);
+            };
+            let price = Price::parse_stored(price_text).ok_or(())?;
+            Ok(Some(TypePrice {
+                price,
+                seq: parse_int(field(1)).unwrap_or(0),
+                version: parse_int(field(2)).unwrap_or(0),
+            }))
+        })?;
+        price.map_err(|()| MarketError::Corrupt(key))
     }
 
     pub fn provider_status(&self, provider_id: &str) -> MarketResult<ProviderStatus> {
         let key = self.keys.provider(provider_id);
-        match self.store.hget(&key, provider_field::STATUS)? {
-            None => Ok(ProviderStatus::default()),
-            Some(text) => ProviderStatus::parse(&text).map_err(|_| MarketError::Corrupt(key)),
-        }
+        let status =
+            self.store
+                .with_hash(&key, &[provider_field::STATUS], |values| {
+                    match values.first().copied().flatten() {
+                        None => Ok(ProviderStatus::default()),
+                        Some(text) => ProviderStatus::parse(text).map_err(|_| ()),
+                    }
+                })?;
+        status.map_err(|()| MarketError::Corrupt(key))
     }
 
     /// Fails before any write when a key this region writes holds a foreign type.
+    ///
+    /// The region-wide keys are checked once per command: every check runs before the first
+    /// write, and gpucache's own writes never change a key's type.
     pub fn check_key_types(&self, extra: &[(&str, KeyType)]) -> MarketResult<()> {
-        let registry = self.keys.gpu_registry();
-        let types = self.keys.types();
-        let bookings = self.keys.booking_registry();
-        let stats = self.keys.stats();
-        let window = self.keys.window_24h();
-        let events = self.keys.events();
-        let providers = self.keys.providers();
-        let base = [
-            (providers.as_str(), KeyType::Set),
-            (window.as_str(), KeyType::Hash),
-            (registry.as_str(), KeyType::Hash),
-            (types.as_str(), KeyType::Set),
-            (bookings.as_str(), KeyType::Hash),
-            (stats.as_str(), KeyType::Hash),
-            (events.as_str(), KeyType::Stream),
-        ];
-        self.store.expect_types(&base)?;
+        if !self.base_checked.get() {
+            let mut key = String::with_capacity(self.keys.prefix().len() + 16);
+            for (entity, id, wanted) in [
+                ("index", "providers", KeyType::Set),
+                ("stats", "24h", KeyType::Hash),
+                ("index", "gpus", KeyType::Hash),
+                ("index", "types", KeyType::Set),
+                ("index", "bookings", KeyType::Hash),
+                ("stats", "market", KeyType::Hash),
+            ] {
+                self.keys.key_into(&mut key, entity, id);
+                self.store.expect_types(&[(key.as_str(), wanted)])?;
+            }
+            self.store
+                .expect_types(&[(self.keys.events().as_str(), KeyType::Stream)])?;
+            self.base_checked.set(true);
+        }
         self.store.expect_types(extra)
     }
 
@@ -208,35 +302,39 @@ impl<'s, 'c> Region<'s, 'c> {
         gpu_type: &str,
         provider: &str,
     ) -> MarketResult<()> {
-        let gpu_key = self.keys.gpu(gpu_id);
-        let own = self.keys.available_own(gpu_type);
-        let typed = self.keys.available_typed(gpu_type);
-        let by_score = self.keys.available_by_score(gpu_type);
-        let price = self.keys.type_price(gpu_type);
-        let provider_key = self.keys.provider(provider);
-        let provider_gpus = self.keys.provider_gpus(provider);
-        self.check_key_types(&[
-            (gpu_key.as_str(), KeyType::Hash),
-            (own.as_str(), KeyType::ZSet),
-            (typed.as_str(), KeyType::ZSet),
-            (by_score.as_str(), KeyType::ZSet),
-            (price.as_str(), KeyType::Hash),
-            (provider_key.as_str(), KeyType::Hash),
-            (provider_gpus.as_str(), KeyType::Set),
-        ])
+        self.check_key_types(&[])?;
+        let mut key = String::with_capacity(self.keys.prefix().len() + 32);
+        for (entity, id, wanted) in [
+            ("gpu", gpu_id, KeyType::Hash),
+            ("avail-own", gpu_type, KeyType::ZSet),
+            ("avail-type", gpu_type, KeyType::ZSet),
+            ("avail-score", gpu_type, KeyType::ZSet),
+            ("price", gpu_type, KeyType::Hash),
+            ("provider", provider, KeyType::Hash),
+            ("provider-gpus", provider, KeyType::Set),
+        ] {
+            self.keys.key_into(&mut key, entity, id);
+            self.store.expect_types(&[(key.as_str(), wanted)])?;
+        }
+        Ok(())
     }
 
     /// The next value of the region's sequence, which orders own prices against type prices.
     pub fn next_seq(&self) -> MarketResult<i64> {
         // Read before the command's first write: a hand-edited sequence is refused rather than
         // restarted, which would let an old type price beat every later own price.
-        let key = self.keys.stats();
-        let current = match self.store.hget(&key, stat::SEQ)? {
-            None => 0,
-            Some(text) => parse_int(Some(&text)).ok_or(MarketError::Corrupt(key.clone()))?,
+        let current = match self.pending_counter(stat::SEQ) {
+            Some(current) => current,
+            None => {
+                let key = self.keys.stats();
+                match self.store.hget(&key, stat::SEQ)? {
+                    None => 0,
+                    Some(text) => parse_int(Some(&text)).ok_or(MarketError::Corrupt(key))?,
+                }
+            }
         };
         let next = current.saturating_add(1);
-        self.store.hset(&key, &[(stat::SEQ, next.to_string())]);
+        self.set_counter(stat::SEQ, next);
         Ok(next)
     }
 
@@ -245,23 +343,22 @@ impl<'s, 'c> Region<'s, 'c> {
     /// Written as the computed value (`HSET`), not `HINCRBY`: a counter someone overwrote with
     /// text, or one at the edge of `i64`, must not make a write fail halfway through a command.
     /// Garbage counts as 0 and sums saturate; `GPUCACHE.CHECK` reports the difference.
+    ///
+    /// The new value is kept until `flush_counters` writes every changed counter in one `HSET`;
+    /// reads through this region (`type_counts`, `next_seq`, `status_count`) see it meanwhile.
     pub fn add_to_counter(&self, field: &str, delta: i64) {
-        self.add_to_hash_counter(&self.keys.stats(), field, delta);
-    }
-
-    fn add_to_hash_counter(&self, key: &str, field: &str, delta: i64) {
         if delta == 0 {
             return;
         }
-        let current = self
-            .store
-            .hget(key, field)
-            .ok()
-            .flatten()
-            .and_then(|v| parse_int(Some(&v)))
-            .unwrap_or(0);
-        self.store
-            .hset(key, &[(field, current.saturating_add(delta).to_string())]);
+        let current = self.pending_counter(field).unwrap_or_else(|| {
+            self.store
+                .hget(&self.keys.stats(), field)
+                .ok()
+                .flatten()
+                .and_then(|v| parse_int(Some(&v)))
+                .unwrap_or(0)
+        });
+        self.set_counter(field, current.saturating_add(delta));
     }
 
     /// Adds a new booking to the rolling 24-hour window and drops buckets that left it.
@@ -279,8 +376,27 @@ impl<'s, 'c> Region<'s, 'c> {
         } else {
             Vec::new()
         };
-        self.add_to_hash_counter(&key, &window::count_field(bucket), 1);
-        self.add_to_hash_counter(&key, &window::volume_field(bucket), cost_micros);
+        // Both figures of the bucket: one read, one write (garbage counts as 0, sums saturate).
+        let (count_field, volume_field) =
+            (window::count_field(bucket), window::volume_field(bucket));
+        let current = self
+            .store
+            .with_hash(&key, &[&count_field, &volume_field], |values| {
+                let value = |i: usize| parse_int(values.get(i).copied().flatten()).unwrap_or(0);
+                (value(0), value(1))
+            })
+            .unwrap_or((0, 0));
+        let mut bucket_fields = vec![(
+            count_field.as_str(),
+            current.0.saturating_add(1).to_string(),
+        )];
+        if cost_micros != 0 {
+            bucket_fields.push((
+                volume_field.as_str(),
+                current.1.saturating_add(cost_micros).to_string(),
+            ));
+        }
+        self.store.hset(&key, &bucket_fields);
         if !stale.is_empty() {
             let mut args: Vec<&[u8]> = vec![key.as_bytes()];
             args.extend(stale.iter().map(|f| f.as_bytes()));
@@ -398,7 +514,12 @@ impl<'s, 'c> Region<'s, 'c> {
             expire_at_ms,
         } = change;
         let key = self.keys.gpu(gpu_id);
-        self.store.hset(&key, &new.to_fields());
+        // Only the fields whose stored text changes: a status change rewrites 3-4 fields, not
+        // the whole record (a record the module wrote reads back to exactly these texts).
+        let fields = new.changed_fields(old);
+        if !fields.is_empty() {
+            self.store.hset(&key, &fields);
+        }
         if let Some(old) = old {
             let dropped = old.dropped_attributes(new);
             if !dropped.is_empty() {
@@ -504,10 +625,19 @@ impl<'s, 'c> Region<'s, 'c> {
     }
 
     pub fn status_count(&self, status: GpuStatus) -> MarketResult<i64> {
-        let value = self
-            .store
-            .hget(&self.keys.stats(), &stat::gpus_with_status(status))?;
+        let field = stat::gpus_with_status(status);
+        if let Some(value) = self.pending_counter(&field) {
+            return Ok(value);
+        }
+        let value = self.store.hget(&self.keys.stats(), &field)?;
         Ok(parse_int(value.as_deref()).unwrap_or(0))
+    }
+}
+
+impl Drop for Region<'_, '_> {
+    fn drop(&mut self) {
+        // Counters changed on a path that did not publish (none should) are still written.
+        self.flush_counters();
     }
 }
 
@@ -614,6 +744,7 @@ impl Region<'_, '_> {
     /// whose demand multiplier moved, a `pricing_updated` event, and for each type whose
     /// availability index changed, an `order_book_updated` event.
     pub fn publish(&self, notify_name: &str, mut event: Event) -> MarketResult<()> {
+        self.flush_counters();
         let stats = self.keys.stats();
         let events = self.keys.events();
         let internal = [

@@ -4,12 +4,17 @@
 //! effect (`HSET`, `ZADD`, `PEXPIREAT` with an absolute time, `XADD` with the id it chose) to
 //! replicas and the AOF, wrapped with the rest of the command in one `MULTI/EXEC`. Nothing a
 //! replica or an AOF replay executes draws a random number or reads the clock.
+//!
+//! Reads go through the key API (`RedisModule_OpenKey` read-only, `HashGet`, `ScanKey`,
+//! `ValueLength`, `ZsetScore`, `GetExpire`, the sorted-set range iterator): the same lookups a
+//! read command makes, without a command round trip or a reply to parse.
 
 use crate::core::error::{MarketError, MarketResult};
 use redis_module::{
-    CallOptions, CallOptionsBuilder, CallResult, Context, KeyType, NotifyEvent, RedisValue,
+    raw, CallOptions, CallOptionsBuilder, CallResult, Context, KeyType, NotifyEvent, RedisValue,
 };
 use std::cell::{OnceCell, RefCell};
+use std::os::raw::{c_char, c_int};
 
 pub struct Store<'a> {
     ctx: &'a Context,
@@ -57,8 +62,12 @@ impl<'a> Store<'a> {
     }
 
     pub fn key_type(&self, key: &str) -> KeyType {
-        let name = self.ctx.create_string(key);
-        self.ctx.open_key(&name).key_type()
+        self.open_read(key).key_type()
+    }
+
+    /// Opens a key for reading through the key API (no command round trip, no reply parsing).
+    fn open_read(&self, key: &str) -> ReadKey {
+        ReadKey::open(self.ctx, key)
     }
 
     /// Refuses to go on when any key holds a type other than the one gpucache keeps there.
@@ -99,39 +108,84 @@ impl<'a> Store<'a> {
             .collect())
     }
 
-    /// Reads hash fields straight from the key (no command round trip): the hot read path of
-    /// every command. `None` for a missing field; an empty result for a missing key.
-    pub fn hmget(&self, key: &str, fields: &[&str]) -> MarketResult<Vec<Option<Vec<u8>>>> {
-        let name = self.ctx.create_string(key);
-        let opened = self.ctx.open_key(&name);
+    /// Reads hash fields straight from the key (one `RedisModule_HashGet` per 12 fields, no
+    /// command round trip) and hands them to `use_values` without copying: the hot read path of
+    /// every command. `None` for a missing field (or key); a key of another type is refused.
+    pub fn with_hash<T>(
+        &self,
+        key: &str,
+        fields: &[&str],
+        use_values: impl FnOnce(&[Option<&[u8]>]) -> T,
+    ) -> MarketResult<T> {
+        let opened = self.open_read(key);
         match opened.key_type() {
-            KeyType::Empty => return Ok(vec![None; fields.len()]),
-            KeyType::Hash => {}
+            KeyType::Empty | KeyType::Hash => {}
             _ => return Err(MarketError::WrongType(key.to_owned())),
         }
-        fields
-            .iter()
-            .map(|field| {
-                opened
-                    .hash_get(field)
-                    .map(|value| value.map(|v| v.as_slice().to_vec()))
-                    .map_err(|_| MarketError::WrongType(key.to_owned()))
-            })
-            .collect()
+        if fields.len() <= HASH_GET_BATCH {
+            let values = opened.hash_get(fields);
+            let mut slices: [Option<&[u8]>; HASH_GET_BATCH] = [None; HASH_GET_BATCH];
+            for (slot, value) in slices.iter_mut().zip(values.iter()) {
+                *slot = value;
+            }
+            return Ok(use_values(slices.get(..fields.len()).unwrap_or_default()));
+        }
+        let batches: Vec<FieldValues> = fields
+            .chunks(HASH_GET_BATCH)
+            .map(|chunk| opened.hash_get(chunk))
+            .collect();
+        let slices: Vec<Option<&[u8]>> = batches.iter().flat_map(FieldValues::iter).collect();
+        Ok(use_values(&slices))
+    }
+
+    /// Visits every field of a hash with `RedisModule_ScanKey`: one pass over the hash instead
+    /// of a lookup per field (a small hash is a listpack, searched linearly for each field). A
+    /// missing key has no fields; another type is refused.
+    pub fn scan_hash(&self, key: &str, mut visit: impl FnMut(&[u8], &[u8])) -> MarketResult<()> {
+        let opened = self.open_read(key);
+        match opened.key_type() {
+            KeyType::Empty => Ok(()),
+            KeyType::Hash => {
+                opened.scan(&mut visit);
+                Ok(())
+            }
+            _ => Err(MarketError::WrongType(key.to_owned())),
+        }
+    }
+
+    /// Reads hash fields straight from the key. `None` for a missing field; all `None` for a
+    /// missing key.
+    pub fn hmget(&self, key: &str, fields: &[&str]) -> MarketResult<Vec<Option<Vec<u8>>>> {
+        self.with_hash(key, fields, |values| {
+            values.iter().map(|v| v.map(<[u8]>::to_vec)).collect()
+        })
     }
 
     pub fn hget(&self, key: &str, field: &str) -> MarketResult<Option<Vec<u8>>> {
-        Ok(self.hmget(key, &[field])?.pop().flatten())
+        self.with_hash(key, &[field], |values| {
+            values.first().copied().flatten().map(<[u8]>::to_vec)
+        })
     }
 
     /// The named fields that are present, as (field, value) pairs.
     pub fn hash_fields(&self, key: &str, fields: &[&str]) -> MarketResult<Vec<(Vec<u8>, Vec<u8>)>> {
-        let values = self.hmget(key, fields)?;
-        Ok(fields
-            .iter()
-            .zip(values)
-            .filter_map(|(field, value)| Some((field.as_bytes().to_vec(), value?)))
-            .collect())
+        self.with_hash(key, fields, |values| {
+            fields
+                .iter()
+                .zip(values)
+                .filter_map(|(field, value)| Some((field.as_bytes().to_vec(), (*value)?.to_vec())))
+                .collect()
+        })
+    }
+
+    /// Number of members of a sorted set (0 when it does not exist), like `ZCARD`.
+    pub fn zcard(&self, key: &str) -> MarketResult<i64> {
+        let opened = self.open_read(key);
+        match opened.key_type() {
+            KeyType::Empty => Ok(0),
+            KeyType::ZSet => Ok(i64::try_from(opened.value_length()).unwrap_or(i64::MAX)),
+            _ => Err(MarketError::WrongType(key.to_owned())),
+        }
     }
 
     pub fn hlen(&self, key: &str) -> MarketResult<i64> {
@@ -146,65 +200,57 @@ impl<'a> Store<'a> {
     }
 
     pub fn zscore(&self, key: &str, member: &str) -> MarketResult<Option<f64>> {
-        let reply = self.read("ZSCORE", &[key.as_bytes(), member.as_bytes()])?;
-        Ok(text(&reply).and_then(|s| s.parse::<f64>().ok()))
+        let opened = self.open_read(key);
+        match opened.key_type() {
+            KeyType::Empty => Ok(None),
+            KeyType::ZSet => Ok(opened.zscore(member)),
+            _ => Err(MarketError::WrongType(key.to_owned())),
+        }
     }
 
-    /// Members with their scores in `[min, max]`, `count` of them from `offset`: lowest first,
-    /// or highest first when `descending` (then `min`/`max` are still the bounds).
-    pub fn zrange_by_score_page(
+    /// Opens a lazy walk over a sorted set's members with scores in `[min, max]`, lowest first
+    /// (highest first when `descending`): each `ZCursor::next` reads one more member, so a
+    /// merge over several sets reads only what it takes. A missing key has no members; another
+    /// type is refused.
+    pub fn zcursor(
         &self,
         key: &str,
-        (min, max): (&str, &str),
+        (min, max): (f64, f64),
         descending: bool,
-        offset: usize,
-        count: usize,
-    ) -> MarketResult<Vec<(String, f64)>> {
-        let (offset, count) = (offset.to_string(), count.to_string());
-        let (start, stop) = if descending { (max, min) } else { (min, max) };
-        let mut args: Vec<&[u8]> = vec![
-            key.as_bytes(),
-            start.as_bytes(),
-            stop.as_bytes(),
-            b"BYSCORE",
-        ];
-        if descending {
-            args.push(b"REV");
-        }
-        args.extend([
-            &b"LIMIT"[..],
-            offset.as_bytes(),
-            count.as_bytes(),
-            b"WITHSCORES",
-        ]);
-        let flat = self.members_of("ZRANGE", &args)?;
-        Ok(flat
-            .chunks_exact(2)
-            .filter_map(|pair| Some((pair[0].clone(), pair[1].parse::<f64>().ok()?)))
-            .collect())
+    ) -> MarketResult<ZCursor> {
+        let opened = self.open_read(key);
+        let active = match opened.key_type() {
+            KeyType::Empty => false,
+            KeyType::ZSet => opened.zset_start((min, false), max, descending),
+            _ => return Err(MarketError::WrongType(key.to_owned())),
+        };
+        Ok(ZCursor {
+            key: opened,
+            descending,
+            active,
+        })
     }
 
-    /// The lowest-scored member at or above `min` (a `ZRANGE` bound such as `2.5` or `(2.5`),
-    /// with its score exactly as Redis prints it.
-    pub fn zfirst_from(&self, key: &str, min: &str) -> MarketResult<Option<(String, String)>> {
-        let reply = self.read(
-            "ZRANGE",
-            &[
-                key.as_bytes(),
-                min.as_bytes(),
-                b"+inf",
-                b"BYSCORE",
-                b"LIMIT",
-                b"0",
-                b"1",
-                b"WITHSCORES",
-            ],
-        )?;
-        let RedisValue::Array(items) = reply else {
-            return Ok(None);
-        };
-        let mut items = items.iter().filter_map(text);
-        Ok(items.next().zip(items.next()))
+    /// Visits the members of a sorted set with scores from `min` (exclusive when the flag says
+    /// so) to `max` inclusive, lowest first (highest first when `descending`), until `visit`
+    /// returns false. A missing key has no members; another type is refused.
+    pub fn zwalk(
+        &self,
+        key: &str,
+        (min, min_exclusive): (f64, bool),
+        max: f64,
+        descending: bool,
+        visit: impl FnMut(&[u8], f64) -> bool,
+    ) -> MarketResult<()> {
+        let opened = self.open_read(key);
+        match opened.key_type() {
+            KeyType::Empty => Ok(()),
+            KeyType::ZSet => {
+                opened.zset_walk((min, min_exclusive), max, descending, visit);
+                Ok(())
+            }
+            _ => Err(MarketError::WrongType(key.to_owned())),
+        }
     }
 
     /// The first member and score of a sorted set (its cheapest entry).
@@ -250,8 +296,7 @@ impl<'a> Store<'a> {
 
     /// Milliseconds left before `key` expires; `None` when it has no expiry or does not exist.
     pub fn pttl(&self, key: &str) -> MarketResult<Option<i64>> {
-        let ttl = self.integer("PTTL", &[key.as_bytes()])?;
-        Ok((ttl >= 0).then_some(ttl))
+        Ok(self.open_read(key).ttl_ms())
     }
 
     fn write_options(&self) -> &CallOptions {
@@ -269,9 +314,16 @@ impl<'a> Store<'a> {
         if let Some(key) = args.first() {
             self.mark_written(&String::from_utf8_lossy(key));
         }
-        let result: CallResult = self.ctx.call_ext(command, self.write_options(), args);
-        if let Err(e) = result {
-            let message = e.to_utf8_string().unwrap_or_default();
+        let outcome = match replicated_call(self.ctx, command, args) {
+            Some(outcome) => outcome,
+            None => {
+                let result: CallResult = self.ctx.call_ext(command, self.write_options(), args);
+                result
+                    .map(|_| ())
+                    .map_err(|e| e.to_utf8_string().unwrap_or_default())
+            }
+        };
+        if let Err(message) = outcome {
             crate::log(
                 self.ctx,
                 redis_module::logging::RedisLogLevel::Warning,
@@ -333,5 +385,569 @@ pub fn select_db(ctx: &Context, db: i32) -> bool {
         redis_module::raw::RedisModule_SelectDb
             .map(|f| f(ctx.get_raw(), db) == redis_module::raw::REDISMODULE_OK as i32)
             .unwrap_or(false)
+    }
+}
+
+/// How many fields one `RedisModule_HashGet` call reads (its variadic call below has this many
+/// field/value slots).
+const HASH_GET_BATCH: usize = 12;
+
+/// A key opened read-only with `RedisModule_OpenKey` (NULL when it does not exist), closed on
+/// drop. Opening looks the key up as any read command does (expiring it if its time passed).
+struct ReadKey {
+    ctx: *mut raw::RedisModuleCtx,
+    key: *mut raw::RedisModuleKey,
+}
+
+/// Values read by one `RedisModule_HashGet` call, freed on drop.
+struct FieldValues {
+    ctx: *mut raw::RedisModuleCtx,
+    values: [*mut raw::RedisModuleString; HASH_GET_BATCH],
+    len: usize,
+}
+
+/// The bytes of a module string, `None` for NULL.
+///
+/// # Safety
+/// `s` must be NULL or a live `RedisModuleString`; the slice is valid while it lives.
+unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> Option<&'a [u8]> {
+    if s.is_null() {
+        return None;
+    }
+    let ptr_len = raw::RedisModule_StringPtrLen?;
+    let mut len = 0usize;
+    let ptr = ptr_len(s, &mut len);
+    if ptr.is_null() || len == 0 {
+        return Some(&[]);
+    }
+    Some(std::slice::from_raw_parts(ptr.cast::<u8>(), len))
+}
+
+impl ReadKey {
+    fn open(ctx: &Context, name: &str) -> ReadKey {
+        let ctx = ctx.get_raw();
+        // SAFETY: plain module API calls on the command's context; the key name string is
+        // released right after opening (RedisModule_OpenKey keeps its own reference).
+        let key = unsafe {
+            match (
+                raw::RedisModule_CreateString,
+                raw::RedisModule_OpenKey,
+                raw::RedisModule_FreeString,
+            ) {
+                (Some(create), Some(open), Some(free)) => {
+                    let keyname = create(ctx, name.as_ptr().cast::<c_char>(), name.len());
+                    if keyname.is_null() {
+                        std::ptr::null_mut()
+                    } else {
+                        let key = open(ctx, keyname, raw::REDISMODULE_READ as c_int);
+                        free(ctx, keyname);
+                        key
+                    }
+                }
+                _ => std::ptr::null_mut(),
+            }
+        };
+        ReadKey { ctx, key }
+    }
+
+    fn key_type(&self) -> KeyType {
+        if self.key.is_null() {
+            return KeyType::Empty;
+        }
+        // SAFETY: `self.key` is an open key.
+        unsafe { raw::RedisModule_KeyType.map_or(KeyType::Empty, |f| KeyType::from(f(self.key))) }
+    }
+
+    fn value_length(&self) -> usize {
+        if self.key.is_null() {
+            return 0;
+        }
+        // SAFETY: `self.key` is an open key.
+        unsafe { raw::RedisModule_ValueLength.map_or(0, |f| f(self.key)) }
+    }
+
+    /// Milliseconds to live; `None` without an expiry (or key).
+    fn ttl_ms(&self) -> Option<i64> {
+        if self.key.is_null() {
+            return None;
+        }
+        // SAFETY: `self.key` is an open key.
+        let ttl = unsafe { raw::RedisModule_GetExpire.map_or(-1, |f| f(self.key)) };
+        (ttl >= 0).then_some(ttl)
+    }
+
+    /// The score of `member` in this sorted set (the caller checked the type).
+    fn zscore(&self, member: &str) -> Option<f64> {
+        if self.key.is_null() {
+            return None;
+        }
+        // SAFETY: `self.key` is an open sorted set; the member string is freed after use.
+        unsafe {
+            let (create, score_of, free) = (
+                raw::RedisModule_CreateString?,
+                raw::RedisModule_ZsetScore?,
+                raw::RedisModule_FreeString?,
+            );
+            let ele = create(self.ctx, member.as_ptr().cast::<c_char>(), member.len());
+            if ele.is_null() {
+                return None;
+            }
+            let mut score = 0.0f64;
+            let found = score_of(self.key, ele, &mut score) == raw::REDISMODULE_OK as c_int;
+            free(self.ctx, ele);
+            found.then_some(score)
+        }
+    }
+
+    /// Up to `HASH_GET_BATCH` fields of this hash (the caller checked the type) in one
+    /// `RedisModule_HashGet` call. A field name with a NUL byte cannot be passed as a C string
+    /// and reads as missing.
+    fn hash_get(&self, fields: &[&str]) -> FieldValues {
+        let len = fields.len().min(HASH_GET_BATCH);
+        let mut out = FieldValues {
+            ctx: self.ctx,
+            values: [std::ptr::null_mut(); HASH_GET_BATCH],
+            len,
+        };
+        // SAFETY: reading a function pointer the module API filled in at load time.
+        let hash_get = unsafe { raw::RedisModule_HashGet };
+        let (false, Some(hash_get)) = (self.key.is_null(), hash_get) else {
+            return out;
+        };
+        // NUL-terminated copies of the names in one buffer; a NULL name ends the list.
+        let fields = fields.get(..len).unwrap_or_default();
+        let mut buffer: Vec<u8> = Vec::with_capacity(fields.iter().map(|f| f.len() + 1).sum());
+        let mut starts = [None; HASH_GET_BATCH];
+        for (start, field) in starts.iter_mut().zip(fields) {
+            if !field.as_bytes().contains(&0) {
+                *start = Some(buffer.len());
+                buffer.extend_from_slice(field.as_bytes());
+                buffer.push(0);
+            }
+        }
+        let mut names = [std::ptr::null::<c_char>(); HASH_GET_BATCH];
+        for (name, start) in names.iter_mut().zip(starts) {
+            if let Some(rest) = start.and_then(|s| buffer.get(s..)) {
+                *name = rest.as_ptr().cast::<c_char>();
+            }
+        }
+        let flags = raw::REDISMODULE_HASH_CFIELDS as c_int;
+        let end = std::ptr::null::<c_char>();
+        let n = names;
+        let v = out.values.as_mut_ptr();
+        // SAFETY: `self.key` is an open key holding a hash; every name is NULL or a
+        // NUL-terminated string in `buffer`, which outlives the calls; a NULL name ends the
+        // variadic list; each value slot is a `*mut RedisModuleString` out-pointer into
+        // `out.values` (HASH_GET_BATCH of them).
+        unsafe {
+            if starts.iter().take(len).all(Option::is_some) {
+                hash_get(
+                    self.key,
+                    flags,
+                    n[0],
+                    v,
+                    n[1],
+                    v.add(1),
+                    n[2],
+                    v.add(2),
+                    n[3],
+                    v.add(3),
+                    n[4],
+                    v.add(4),
+                    n[5],
+                    v.add(5),
+                    n[6],
+                    v.add(6),
+                    n[7],
+                    v.add(7),
+                    n[8],
+                    v.add(8),
+                    n[9],
+                    v.add(9),
+                    n[10],
+                    v.add(10),
+                    n[11],
+                    v.add(11),
+                    end,
+                );
+            } else {
+                // A skipped name must not end the list early: one field per call.
+                for (i, name) in n.iter().enumerate().take(len) {
+                    if !name.is_null() {
+                        hash_get(self.key, flags, *name, v.add(i), end);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl ReadKey {
+    /// Walks this sorted set (the caller checked the type) over a score range with the key
+    /// API's range iterator, until `visit` returns false or the range ends.
+    fn zset_walk(
+        &self,
+        (min, min_exclusive): (f64, bool),
+        max: f64,
+        descending: bool,
+        mut visit: impl FnMut(&[u8], f64) -> bool,
+    ) {
+        if self.key.is_null() {
+            return;
+        }
+        // SAFETY: `self.key` is an open sorted set; the iterator is started and stopped here,
+        // and each element string is freed right after `visit` borrowed it.
+        unsafe {
+            let (Some(first), Some(last), Some(next), Some(prev)) = (
+                raw::RedisModule_ZsetFirstInScoreRange,
+                raw::RedisModule_ZsetLastInScoreRange,
+                raw::RedisModule_ZsetRangeNext,
+                raw::RedisModule_ZsetRangePrev,
+            ) else {
+                return;
+            };
+            let (Some(current), Some(end_reached), Some(stop), Some(free)) = (
+                raw::RedisModule_ZsetRangeCurrentElement,
+                raw::RedisModule_ZsetRangeEndReached,
+                raw::RedisModule_ZsetRangeStop,
+                raw::RedisModule_FreeString,
+            ) else {
+                return;
+            };
+            let start = if descending { last } else { first };
+            let min_exclusive = c_int::from(min_exclusive);
+            if start(self.key, min, max, min_exclusive, 0) != raw::REDISMODULE_OK as c_int {
+                return;
+            }
+            while end_reached(self.key) == 0 {
+                let mut score = 0.0f64;
+                let element = current(self.key, &mut score);
+                let Some(member) = string_bytes(element) else {
+                    break;
+                };
+                let go_on = visit(member, score);
+                free(self.ctx, element);
+                if !go_on {
+                    break;
+                }
+                let more = if descending {
+                    prev(self.key)
+                } else {
+                    next(self.key)
+                };
+                if more == 0 {
+                    break;
+                }
+            }
+            stop(self.key);
+        }
+    }
+}
+
+/// A walk over a sorted set opened by `Store::zcursor`; the key stays open until it is dropped.
+pub struct ZCursor {
+    key: ReadKey,
+    descending: bool,
+    /// The range iterator is started and not at its end.
+    active: bool,
+}
+
+impl ZCursor {
+    /// The next member (as text) and its score. A member that is not UTF-8 (written by hand;
+    /// GPU ids are ASCII) is skipped.
+    pub fn next_member(&mut self) -> Option<(String, f64)> {
+        while self.active {
+            let element = self.key.zset_current();
+            self.active = self.key.zset_advance(self.descending);
+            let Some((member, score)) = element else {
+                self.active = false;
+                break;
+            };
+            if let Ok(member) = String::from_utf8(member) {
+                return Some((member, score));
+            }
+        }
+        None
+    }
+}
+
+impl Drop for ZCursor {
+    fn drop(&mut self) {
+        self.key.zset_stop();
+    }
+}
+
+impl ReadKey {
+    /// Starts the key API's range iterator (the caller checked the type); false when the range
+    /// is empty.
+    fn zset_start(&self, (min, min_exclusive): (f64, bool), max: f64, descending: bool) -> bool {
+        if self.key.is_null() {
+            return false;
+        }
+        // SAFETY: `self.key` is an open sorted set.
+        unsafe {
+            let start = if descending {
+                raw::RedisModule_ZsetLastInScoreRange
+            } else {
+                raw::RedisModule_ZsetFirstInScoreRange
+            };
+            let (Some(start), Some(end_reached)) = (start, raw::RedisModule_ZsetRangeEndReached)
+            else {
+                return false;
+            };
+            start(self.key, min, max, c_int::from(min_exclusive), 0) == raw::REDISMODULE_OK as c_int
+                && end_reached(self.key) == 0
+        }
+    }
+
+    /// The element the started iterator is on, copied out.
+    fn zset_current(&self) -> Option<(Vec<u8>, f64)> {
+        if self.key.is_null() {
+            return None;
+        }
+        // SAFETY: `self.key` is an open sorted set with a started iterator; the element string
+        // is copied and freed here.
+        unsafe {
+            let (current, free) = (
+                raw::RedisModule_ZsetRangeCurrentElement?,
+                raw::RedisModule_FreeString?,
+            );
+            let mut score = 0.0f64;
+            let element = current(self.key, &mut score);
+            let member = string_bytes(element)?.to_vec();
+            free(self.ctx, element);
+            Some((member, score))
+        }
+    }
+
+    /// Moves the started iterator on; false at the end of the range.
+    fn zset_advance(&self, descending: bool) -> bool {
+        if self.key.is_null() {
+            return false;
+        }
+        // SAFETY: `self.key` is an open sorted set with a started iterator.
+        unsafe {
+            let step = if descending {
+                raw::RedisModule_ZsetRangePrev
+            } else {
+                raw::RedisModule_ZsetRangeNext
+            };
+            step.is_some_and(|step| step(self.key) != 0)
+        }
+    }
+
+    /// Stops the range iterator (harmless when none was started).
+    fn zset_stop(&self) {
+        if self.key.is_null() {
+            return;
+        }
+        // SAFETY: `self.key` is an open key; stopping an idle iterator does nothing.
+        unsafe {
+            if let Some(stop) = raw::RedisModule_ZsetRangeStop {
+                stop(self.key);
+            }
+        }
+    }
+}
+
+/// `RedisModuleScanKeyCB` handing each field and value to the closure behind `privdata`.
+///
+/// # Safety
+/// `privdata` must point to a live `&mut dyn FnMut(&[u8], &[u8])`; `field` and `value` are
+/// NULL or strings Redis keeps alive for the duration of the call.
+unsafe extern "C" fn scan_callback(
+    _key: *mut raw::RedisModuleKey,
+    field: *mut raw::RedisModuleString,
+    value: *mut raw::RedisModuleString,
+    privdata: *mut std::ffi::c_void,
+) {
+    let visit = &mut *privdata.cast::<&mut dyn FnMut(&[u8], &[u8])>();
+    if let (Some(field), Some(value)) = (string_bytes(field), string_bytes(value)) {
+        visit(field, value);
+    }
+}
+
+impl ReadKey {
+    /// Every field and value of this hash (the caller checked the type), through
+    /// `RedisModule_ScanKey` until the cursor is done.
+    fn scan(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
+        if self.key.is_null() {
+            return;
+        }
+        // SAFETY: `self.key` is an open hash; the cursor is created and destroyed here; the
+        // callback gets a pointer to `visit`, which outlives every ScanKey call, and only reads
+        // the field and value strings during the call.
+        unsafe {
+            let (Some(create), Some(scan), Some(destroy)) = (
+                raw::RedisModule_ScanCursorCreate,
+                raw::RedisModule_ScanKey,
+                raw::RedisModule_ScanCursorDestroy,
+            ) else {
+                return;
+            };
+            let cursor = create();
+            if cursor.is_null() {
+                return;
+            }
+            let mut visit: &mut dyn FnMut(&[u8], &[u8]) = visit;
+            let privdata = std::ptr::addr_of_mut!(visit).cast::<std::ffi::c_void>();
+            while scan(self.key, cursor, Some(scan_callback), privdata) != 0 {}
+            destroy(cursor);
+        }
+    }
+}
+
+impl Drop for ReadKey {
+    fn drop(&mut self) {
+        if !self.key.is_null() {
+            // SAFETY: the key was opened by `ReadKey::open` and is closed once.
+            unsafe {
+                if let Some(close) = raw::RedisModule_CloseKey {
+                    close(self.key);
+                }
+            }
+        }
+    }
+}
+
+impl FieldValues {
+    fn iter(&self) -> impl Iterator<Item = Option<&[u8]>> {
+        self.values
+            .iter()
+            .take(self.len)
+            // SAFETY: each value is NULL or a string returned by RedisModule_HashGet, alive
+            // until `self` is dropped.
+            .map(|v| unsafe { string_bytes(*v) })
+    }
+}
+
+impl Drop for FieldValues {
+    fn drop(&mut self) {
+        // SAFETY: each non-NULL value was returned by RedisModule_HashGet and is freed once.
+        unsafe {
+            if let Some(free) = raw::RedisModule_FreeString {
+                for v in self.values.iter().filter(|v| !v.is_null()) {
+                    free(self.ctx, *v);
+                }
+            }
+        }
+    }
+}
+
+/// Most arguments `replicated_call` passes in one variadic call; longer writes go through the
+/// crate's `call_ext`.
+const CALL_MAX_ARGS: usize = 24;
+
+/// `RedisModule_Call(ctx, command, "!E" + "b" x n, ptr, len, ...)`: a replicated write with
+/// errors as replies, its arguments passed as (pointer, length) buffers. The same call the
+/// crate's `call_ext` makes with the same flags, without building a `RedisModuleString` per
+/// argument on our side, a `CString` for the name or a `CallReply` wrapper. `None` when it
+/// cannot be made this way (too many arguments, a name with a NUL byte, no API).
+fn replicated_call(ctx: &Context, command: &str, args: &[&[u8]]) -> Option<Result<(), String>> {
+    if args.len() > CALL_MAX_ARGS || command.len() >= 32 || command.as_bytes().contains(&0) {
+        return None;
+    }
+    // SAFETY: reading function pointers the module API filled in at load time.
+    let (call, reply_type, reply_text, free_reply) = unsafe {
+        (
+            raw::RedisModule_Call?,
+            raw::RedisModule_CallReplyType?,
+            raw::RedisModule_CallReplyStringPtr?,
+            raw::RedisModule_FreeCallReply?,
+        )
+    };
+    let mut name = [0u8; 32];
+    name.get_mut(..command.len())?
+        .copy_from_slice(command.as_bytes());
+    // "!E" then one 'b' per argument, NUL-terminated.
+    let mut fmt = [0u8; 3 + CALL_MAX_ARGS];
+    fmt[0] = b'!';
+    fmt[1] = b'E';
+    for slot in fmt.iter_mut().skip(2).take(args.len()) {
+        *slot = b'b';
+    }
+    let mut p = [std::ptr::null::<c_char>(); CALL_MAX_ARGS];
+    let mut l = [0usize; CALL_MAX_ARGS];
+    for ((ptr, len), arg) in p.iter_mut().zip(l.iter_mut()).zip(args) {
+        *ptr = arg.as_ptr().cast::<c_char>();
+        *len = arg.len();
+    }
+    // SAFETY: `name` and `fmt` are NUL-terminated; the format names exactly `args.len()`
+    // (pointer, length) pairs, each pointing into a live argument slice; Redis reads only as many
+    // variadic arguments as the format names, so the unused (NULL, 0) slots are never read. The
+    // reply is freed here.
+    unsafe {
+        let reply = call(
+            ctx.get_raw(),
+            name.as_ptr().cast::<c_char>(),
+            fmt.as_ptr().cast::<c_char>(),
+            p[0],
+            l[0],
+            p[1],
+            l[1],
+            p[2],
+            l[2],
+            p[3],
+            l[3],
+            p[4],
+            l[4],
+            p[5],
+            l[5],
+            p[6],
+            l[6],
+            p[7],
+            l[7],
+            p[8],
+            l[8],
+            p[9],
+            l[9],
+            p[10],
+            l[10],
+            p[11],
+            l[11],
+            p[12],
+            l[12],
+            p[13],
+            l[13],
+            p[14],
+            l[14],
+            p[15],
+            l[15],
+            p[16],
+            l[16],
+            p[17],
+            l[17],
+            p[18],
+            l[18],
+            p[19],
+            l[19],
+            p[20],
+            l[20],
+            p[21],
+            l[21],
+            p[22],
+            l[22],
+            p[23],
+            l[23],
+        );
+        if reply.is_null() {
+            return Some(Err(String::from("the call was refused")));
+        }
+        let outcome = if reply_type(reply) == raw::REDISMODULE_REPLY_ERROR as c_int {
+            let mut len = 0usize;
+            let text = reply_text(reply, &mut len);
+            let message = if text.is_null() {
+                String::from("error reply")
+            } else {
+                String::from_utf8_lossy(std::slice::from_raw_parts(text.cast::<u8>(), len))
+                    .into_owned()
+            };
+            Err(message)
+        } else {
+            Ok(())
+        };
+        free_reply(reply);
+        Some(outcome)
     }
 }

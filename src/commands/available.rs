@@ -10,18 +10,18 @@
 //! (and `MAXPRICE` under `SORT SCORE`) are checked on the records, so a selective filter walks
 //! further, up to every listed GPU of the type.
 
-use super::{option_is, unknown_option, Args, Reply};
+use super::{option_is, unknown_option, Args, Out, Reply};
 use crate::core::demand;
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::gpu::{effective_price, GpuRecord, TypePrice};
 use crate::core::input;
 use crate::core::price::{Price, MAX_PRICE_UNITS};
 use crate::core::status::{GpuStatus, ProviderStatus};
-use crate::market::Region;
-use crate::store::Store;
-use redis_module::{RedisString, RedisValue};
+use crate::market::{demand_multiplier_of, Region};
+use crate::store::{Store, ZCursor};
+use redis_module::RedisString;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap};
 
 pub const DEFAULT_LIMIT: i64 = 100;
 pub const MAX_LIMIT: i64 = 10_000;
@@ -109,47 +109,36 @@ enum Ranking {
     Score,
 }
 
-/// One index walked lazily in pages, cheapest (or best) entry first.
+/// One index walked lazily, one entry at a time, cheapest (or best) entry first.
 struct Source {
     key: String,
-    range: (String, String),
+    range: (f64, f64),
     descending: bool,
     ranking: Ranking,
-    page: usize,
-    offset: usize,
-    exhausted: bool,
-    buffer: VecDeque<(String, f64)>,
+    /// Opened at the first `next`; `None` after that only if the walk could not start.
+    cursor: Option<ZCursor>,
+    opened: bool,
 }
 
 impl Source {
-    fn new(key: String, range: (&str, &str), ranking: Ranking, page: usize) -> Source {
+    fn new(key: String, range: (f64, f64), ranking: Ranking) -> Source {
         Source {
             key,
-            range: (range.0.to_owned(), range.1.to_owned()),
+            range,
             descending: matches!(ranking, Ranking::Score),
             ranking,
-            page,
-            offset: 0,
-            exhausted: false,
-            buffer: VecDeque::new(),
+            cursor: None,
+            opened: false,
         }
     }
 
-    /// The next entry and its rank (smaller ranks first), fetching a page when needed.
+    /// The next entry and its rank (smaller ranks first), read lazily from the index.
     fn next(&mut self, store: &Store) -> MarketResult<Option<(i128, String)>> {
-        if self.buffer.is_empty() && !self.exhausted {
-            let batch = store.zrange_by_score_page(
-                &self.key,
-                (&self.range.0, &self.range.1),
-                self.descending,
-                self.offset,
-                self.page,
-            )?;
-            self.exhausted = batch.len() < self.page;
-            self.offset += batch.len();
-            self.buffer.extend(batch);
+        if !self.opened {
+            self.opened = true;
+            self.cursor = Some(store.zcursor(&self.key, self.range, self.descending)?);
         }
-        let Some((gpu_id, score)) = self.buffer.pop_front() else {
+        let Some((gpu_id, score)) = self.cursor.as_mut().and_then(ZCursor::next_member) else {
             return Ok(None);
         };
         let rank = match self.ranking {
@@ -178,7 +167,6 @@ fn sources_of_type(
     context: &TypeContext,
     sources: &mut Vec<Source>,
 ) {
-    let page = query.limit.clamp(8, 1000);
     match query.sort {
         SortBy::Price => {
             // Highest base price that can still show at most MAXPRICE; the exact check happens
@@ -187,32 +175,28 @@ fn sources_of_type(
                 / i128::from(context.multiplier.max(1))
                 + 1;
             let max_base = Price::from_micros(i64::try_from(max_base).unwrap_or(i64::MAX));
-            let bound = max_base.as_score().to_string();
             sources.push(Source::new(
                 region.keys.available_own(gpu_type),
-                ("0", &bound),
+                (0.0, max_base.as_score()),
                 Ranking::OwnPrice {
                     multiplier: context.multiplier,
                 },
-                page,
             ));
             if let Some(tp) = context.type_price {
                 let shown = demand::apply(tp.price, context.multiplier);
                 if shown <= query.max_price {
                     sources.push(Source::new(
                         region.keys.available_typed(gpu_type),
-                        ("0", "0"),
+                        (0.0, 0.0),
                         Ranking::TypePrice { shown },
-                        page,
                     ));
                 }
             }
         }
         SortBy::Score => sources.push(Source::new(
             region.keys.available_by_score(gpu_type),
-            ("-inf", "+inf"),
+            (f64::NEG_INFINITY, f64::INFINITY),
             Ranking::Score,
-            page,
         )),
     }
 }
@@ -276,7 +260,7 @@ fn merged_offers(
     Ok(offers)
 }
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 1, 13)?;
     let region = Region::new(store, args.region()?);
     let query = parse(&mut args)?;
@@ -284,11 +268,21 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         Some(t) => vec![t.clone()],
         None => store.members("SMEMBERS", &region.keys.types())?,
     };
+    // Over several types, their totals come from one pass over the counters hash.
+    let totals = if types.len() > 1 {
+        Some(region.type_totals(&types)?)
+    } else {
+        None
+    };
     let mut contexts = HashMap::new();
     let mut sources = Vec::new();
-    for gpu_type in &types {
+    for (i, gpu_type) in types.iter().enumerate() {
+        let multiplier = match totals.as_ref().and_then(|t| t.get(i)) {
+            Some(total) => demand_multiplier_of(region.listed_count(gpu_type)?, *total),
+            None => region.demand_multiplier(gpu_type)?,
+        };
         let context = TypeContext {
-            multiplier: region.demand_multiplier(gpu_type)?,
+            multiplier,
             type_price: region.load_type_price(gpu_type)?,
         };
         sources_of_type(&region, &query, gpu_type, &context, &mut sources);
@@ -299,23 +293,26 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     let rows = offers
         .into_iter()
         .map(|offer| {
-            let mut row = Reply::new()
-                .text("gpu_id", offer.gpu_id)
-                .text("type", offer.gpu.gpu_type.as_str())
-                .text("provider", offer.gpu.provider.as_str())
-                .text("price", offer.price.to_string())
-                .int("version", offer.gpu.version);
-            if let Some(m) = offer.gpu.memory_gb {
-                row = row.int("memory_gb", m);
-            }
+            // In name order (what `Reply::build` sorts to), so the sort has nothing to move.
+            let mut row = Reply::new();
             if let Some(c) = offer.gpu.cores {
                 row = row.int("cores", c);
             }
+            row = row.text("gpu_id", offer.gpu_id);
+            if let Some(m) = offer.gpu.memory_gb {
+                row = row.int("memory_gb", m);
+            }
+            row = row
+                .text("price", offer.price.to_string())
+                .text("provider", offer.gpu.provider.as_str());
             if let Some(s) = offer.gpu.score {
                 row = row.text("score", s.to_string());
             }
+            row = row
+                .text("type", offer.gpu.gpu_type.as_str())
+                .int("version", offer.gpu.version);
             row.build()
         })
         .collect();
-    Ok(RedisValue::Array(rows))
+    Ok(Out::Array(rows))
 }

@@ -1,7 +1,7 @@
 //! `GPUCACHE.BOOK region gpu_id booking_id user_id duration_s` and
 //! `GPUCACHE.CANCEL region booking_id`.
 
-use super::{Args, Reply};
+use super::{Args, Out, Reply};
 use crate::core::booking::{check_repeated_booking, Booking};
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::events::{notify, Event, EventKind};
@@ -9,14 +9,9 @@ use crate::core::input;
 use crate::core::status::{check_bookable, GpuStatus};
 use crate::market::{stat, GpuWrite, Region, ShownPrice};
 use crate::store::Store;
-use redis_module::{KeyType, RedisString, RedisValue};
+use redis_module::{KeyType, RedisString};
 
-fn booking_reply(
-    booking_id: &str,
-    booking: &Booking,
-    result: &str,
-    gpu_version: i64,
-) -> RedisValue {
+fn booking_reply(booking_id: &str, booking: &Booking, result: &str, gpu_version: i64) -> Out {
     Reply::new()
         .text("booking_id", booking_id)
         .text("result", result)
@@ -34,7 +29,7 @@ fn booking_reply(
         .build()
 }
 
-pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 5, 5)?;
     let region = Region::new(store, args.region()?);
     let gpu_id = args.id("gpu id")?;
@@ -113,7 +108,7 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     Ok(booking_reply(&booking_id, &booking, "created", new.version))
 }
 
-pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 2, 2)?;
     let region = Region::new(store, args.region()?);
     let booking_id = args.id("booking id")?;
@@ -156,7 +151,7 @@ pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
                 .text("gpu_status", new.status.as_str())
                 .int("gpu_version", new.version);
         }
-        _ => reply = reply.value("gpu_status", RedisValue::Null),
+        _ => reply = reply.value("gpu_status", Out::Null),
     }
     region.add_to_counter(stat::BOOKINGS_CANCELLED, 1);
     region.publish(notify::CANCELLED, event)?;

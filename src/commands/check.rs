@@ -9,14 +9,14 @@
 //! 3. The registry, provider sets and counters (GPUs per status and per type, own-price sums)
 //!    equal a recount of the records.
 
-use super::{Args, Reply};
+use super::{Args, Out, Reply};
 use crate::core::error::MarketResult;
 use crate::core::gpu::{price_source, GpuRecord, PriceSource, RegistryEntry, TypePrice};
 use crate::core::price::Price;
 use crate::core::status::{is_listed, GpuStatus};
 use crate::market::{stat, Region};
 use crate::store::Store;
-use redis_module::{RedisString, RedisValue};
+use redis_module::RedisString;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Reports are capped so a badly broken region still answers quickly and readably.
@@ -45,7 +45,7 @@ fn zset_members(region: &Region, key: &str) -> MarketResult<BTreeMap<String, f64
     Ok(reply.into_iter().collect())
 }
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 1, 1)?;
     let region = Region::new(store, args.region()?);
     let keys = &region.keys;
@@ -285,18 +285,14 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         }
     }
 
-    let violations = findings
-        .violations
-        .into_iter()
-        .map(RedisValue::BulkString)
-        .collect();
+    let violations = findings.violations.into_iter().map(Out::Text).collect();
     Ok(Reply::new()
         .text("region", region.name.as_str())
         .int("ok", i64::from(findings.total == 0))
         .int("gpus_checked", gpus.len() as i64)
         .int("bookings_checked", booking_registry.len() as i64)
         .int("violations_total", findings.total as i64)
-        .value("violations", RedisValue::Array(violations))
+        .value("violations", Out::Array(violations))
         .build())
 }
 

@@ -6,14 +6,14 @@
 //! (`gpucache:{eu}:gpu:g1`), `<entity>:<id>` shorthands (`gpu:g1`, `price:A100`), or `stats`,
 //! `available` (every availability index of the region) and `region` (everything above).
 
-use super::Args;
+use super::{Args, Out};
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::events::{notify, Event, EventKind};
 use crate::core::input;
 use crate::keys::RegionKeys;
 use crate::market::Region;
 use crate::store::Store;
-use redis_module::{RedisString, RedisValue};
+use redis_module::RedisString;
 
 pub const MAX_TARGETS: usize = 1000;
 const ENTITIES: [&str; 7] = [
@@ -74,7 +74,7 @@ fn bad_target(target: &[u8]) -> MarketError {
     ))
 }
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 2, MAX_TARGETS + 1)?;
     let region = Region::new(store, args.region()?);
     region.check_key_types(&[])?;
@@ -96,5 +96,5 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     for key in &keys {
         store.notify(notify::INVALIDATE, key);
     }
-    Ok(RedisValue::Integer(count))
+    Ok(Out::Int(count))
 }

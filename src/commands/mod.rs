@@ -17,9 +17,9 @@ pub mod status;
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::input;
 use crate::store::Store;
-use redis_module::redisvalue::RedisValueKey;
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::os::raw::{c_char, c_long};
 
 /// Positional access to a command's arguments (after the command name).
 pub struct Args<'a> {
@@ -79,56 +79,109 @@ pub fn unknown_option(arg: &[u8]) -> MarketError {
     MarketError::syntax(format!("unknown option '{}'", input::shown(arg, 64)))
 }
 
-/// Turns a command body into a Redis reply, mapping marketplace errors to error replies.
+/// Turns a command body into a Redis reply, mapping marketplace errors to error replies. A
+/// successful reply is written straight through the module reply API (`Out::emit`).
 pub fn run(
     ctx: &Context,
     args: &[RedisString],
-    body: impl FnOnce(&Store, &[RedisString]) -> MarketResult<RedisValue>,
+    body: impl FnOnce(&Store, &[RedisString]) -> MarketResult<Out>,
 ) -> RedisResult {
     let store = Store::new(ctx);
-    // The crate writes error replies byte by byte from chars: anything outside ASCII (from a
-    // hand-edited record, say) would reach clients as broken UTF-8, so escape it here, once.
-    body(&store, args).map_err(|e| RedisError::String(input::shown(e.to_string().as_bytes(), 4096)))
+    match body(&store, args) {
+        Ok(out) => {
+            out.emit(ctx.get_raw());
+            Ok(RedisValue::NoReply)
+        }
+        // The crate writes error replies byte by byte from chars: anything outside ASCII (from
+        // a hand-edited record, say) would reach clients as broken UTF-8, so escape it here, once.
+        Err(e) => Err(RedisError::String(input::shown(
+            e.to_string().as_bytes(),
+            4096,
+        ))),
+    }
 }
 
-/// Builds a reply map with a stable field order (RESP3 map, RESP2 flat array).
+/// A command's reply as it is built: written once, at the end, without the intermediate
+/// `RedisValue` tree (a `BTreeMap` with an owned key per field).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    Text(String),
+    Int(i64),
+    Null,
+    Array(Vec<Out>),
+    /// Field/value pairs in the order they are written (`Reply::build` sorts them).
+    Map(Vec<(Cow<'static, str>, Out)>),
+}
+
+impl Out {
+    /// Writes the reply: the same module reply calls, in the same order, as the crate makes for
+    /// the equivalent `RedisValue` (bulk strings, integers, null, arrays, maps).
+    fn emit(&self, ctx: *mut redis_module::raw::RedisModuleCtx) {
+        use redis_module::raw;
+        match self {
+            Out::Text(text) => {
+                raw::reply_with_string_buffer(ctx, text.as_ptr().cast::<c_char>(), text.len());
+            }
+            Out::Int(value) => {
+                raw::reply_with_long_long(ctx, *value);
+            }
+            Out::Null => {
+                raw::reply_with_null(ctx);
+            }
+            Out::Array(items) => {
+                raw::reply_with_array(ctx, c_long::try_from(items.len()).unwrap_or(c_long::MAX));
+                for item in items {
+                    item.emit(ctx);
+                }
+            }
+            Out::Map(pairs) => {
+                raw::reply_with_map(ctx, c_long::try_from(pairs.len()).unwrap_or(c_long::MAX));
+                for (name, value) in pairs {
+                    raw::reply_with_string_buffer(ctx, name.as_ptr().cast::<c_char>(), name.len());
+                    value.emit(ctx);
+                }
+            }
+        }
+    }
+}
+
+/// Builds a reply map with a stable field order, sorted by field name (RESP3 map, RESP2 flat
+/// array). Setting a field again replaces its value.
 #[derive(Default)]
-pub struct Reply(BTreeMap<RedisValueKey, RedisValue>);
+pub struct Reply(Vec<(Cow<'static, str>, Out)>);
 
 impl Reply {
     pub fn new() -> Reply {
-        Reply::default()
+        Reply(Vec::with_capacity(24))
     }
 
-    pub fn text(mut self, name: &str, value: impl Into<String>) -> Reply {
-        self.0.insert(
-            RedisValueKey::String(name.into()),
-            RedisValue::BulkString(value.into()),
-        );
+    pub fn text(self, name: impl Into<Cow<'static, str>>, value: impl Into<String>) -> Reply {
+        self.value(name, Out::Text(value.into()))
+    }
+
+    pub fn int(self, name: impl Into<Cow<'static, str>>, value: i64) -> Reply {
+        self.value(name, Out::Int(value))
+    }
+
+    pub fn value(mut self, name: impl Into<Cow<'static, str>>, value: Out) -> Reply {
+        let name = name.into();
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = value,
+            None => self.0.push((name, value)),
+        }
         self
     }
 
-    pub fn int(mut self, name: &str, value: i64) -> Reply {
-        self.0.insert(
-            RedisValueKey::String(name.into()),
-            RedisValue::Integer(value),
-        );
-        self
-    }
-
-    pub fn value(mut self, name: &str, value: RedisValue) -> Reply {
-        self.0.insert(RedisValueKey::String(name.into()), value);
-        self
-    }
-
-    pub fn opt_text(self, name: &str, value: Option<String>) -> Reply {
+    pub fn opt_text(self, name: impl Into<Cow<'static, str>>, value: Option<String>) -> Reply {
         match value {
             Some(v) => self.text(name, v),
-            None => self.value(name, RedisValue::Null),
+            None => self.value(name, Out::Null),
         }
     }
 
-    pub fn build(self) -> RedisValue {
-        RedisValue::OrderedMap(self.0)
+    pub fn build(mut self) -> Out {
+        // Byte order of the names, as the `BTreeMap` this replaced kept them.
+        self.0.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Out::Map(self.0)
     }
 }

@@ -1,45 +1,83 @@
 //! `GPUCACHE.ORDERBOOK region gpu_type [DEPTH n]`
 //!
 //! The ask ladder of one GPU type: distinct shown prices ascending, with the number of
-//! bookable GPUs at each. Read from the availability index level by level (one `ZRANGE ...
-//! LIMIT 0 1` and one `ZCOUNT` per level), so the cost is O(DEPTH x log n) whatever the number
-//! of GPUs. All levels carry the type's demand multiplier.
+//! bookable GPUs at each. Read from the availability index in one walk with the key API's range
+//! iterator (a level of more than `LEVEL_WALK_LIMIT` GPUs is counted with `ZCOUNT`), so the cost
+//! is O(DEPTH x log n) whatever the number of GPUs. All levels carry the type's demand
+//! multiplier.
 
-use super::{option_is, unknown_option, Args, Reply};
+use super::{option_is, unknown_option, Args, Out, Reply};
 use crate::core::demand::{self, format_hundredths};
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::input;
 use crate::core::price::Price;
 use crate::market::{demand_multiplier_of, Region};
 use crate::store::Store;
-use redis_module::{RedisString, RedisValue};
+use redis_module::RedisString;
 
 pub const DEFAULT_DEPTH: i64 = 10;
 pub const MAX_DEPTH: i64 = 1000;
 
+/// GPUs counted one by one at a level before `ZCOUNT` takes over: keeps a level of thousands
+/// of GPUs at one price at O(log n) while ordinary levels cost no command at all.
+const LEVEL_WALK_LIMIT: i64 = 64;
+
 /// Distinct own-price levels of a type, cheapest first: (base price, GPUs at it).
+///
+/// One walk over the own-price index, grouping equal scores; a level larger than
+/// `LEVEL_WALK_LIMIT` is counted with `ZCOUNT` and the walk resumes after it, so the cost stays
+/// O(DEPTH x log n).
 fn own_levels(region: &Region, gpu_type: &str, depth: usize) -> MarketResult<Vec<(Price, i64)>> {
     let key = region.keys.available_own(gpu_type);
-    let mut levels = Vec::new();
-    let mut lower = String::from("0");
-    while levels.len() < depth {
-        let Some((_, score)) = region.store.zfirst_from(&key, &lower)? else {
+    let mut scores: Vec<(f64, i64)> = Vec::new();
+    let mut lower = (0.0, false);
+    loop {
+        let mut crowded = None;
+        region
+            .store
+            .zwalk(&key, lower, f64::INFINITY, false, |_, score| {
+                match scores.last_mut() {
+                    Some((level, count)) if *level == score => {
+                        *count += 1;
+                        if *count > LEVEL_WALK_LIMIT {
+                            crowded = Some(score);
+                            return false;
+                        }
+                    }
+                    _ => {
+                        if scores.len() == depth {
+                            return false;
+                        }
+                        scores.push((score, 1));
+                    }
+                }
+                true
+            })?;
+        let Some(score) = crowded else {
             break;
         };
+        // Shortest text that reads back as the same double.
+        let text = score.to_string();
         let count = region.store.integer(
             "ZCOUNT",
-            &[key.as_bytes(), score.as_bytes(), score.as_bytes()],
+            &[key.as_bytes(), text.as_bytes(), text.as_bytes()],
         )?;
-        let Some(price) = score.parse::<f64>().ok().and_then(Price::from_score) else {
+        if let Some(level) = scores.last_mut() {
+            level.1 = count;
+        }
+        if scores.len() == depth {
             break;
-        };
-        levels.push((price, count));
-        lower = format!("({score}");
+        }
+        lower = (score, true);
     }
-    Ok(levels)
+    // A score no price can have (written by hand) ends the ladder there.
+    Ok(scores
+        .into_iter()
+        .map_while(|(score, count)| Some((Price::from_score(score)?, count)))
+        .collect())
 }
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 2, 4)?;
     let region = Region::new(store, args.region()?);
     let gpu_type = args.id("GPU type")?;
@@ -65,10 +103,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
     let multiplier = demand_multiplier_of(listed, total);
     let mut levels = own_levels(&region, &gpu_type, depth)?;
     if let Some(tp) = region.load_type_price(&gpu_type)? {
-        let typed = store.integer(
-            "ZCARD",
-            &[region.keys.available_typed(&gpu_type).as_bytes()],
-        )?;
+        let typed = store.zcard(&region.keys.available_typed(&gpu_type))?;
         if typed > 0 {
             match levels.iter_mut().find(|(price, _)| *price == tp.price) {
                 Some(level) => level.1 = level.1.saturating_add(typed),
@@ -92,6 +127,6 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         .text("demand_multiplier", format_hundredths(multiplier))
         .int("gpus_listed", listed)
         .int("gpus_total", total)
-        .value("asks", RedisValue::Array(asks))
+        .value("asks", Out::Array(asks))
         .build())
 }

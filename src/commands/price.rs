@@ -6,15 +6,15 @@
 //! own price join the type's "type price" set. Each GPU moves there at most once per
 //! `REGISTER`, so the work is amortised O(1) per GPU rather than O(GPUs of the type) per call.
 
-use super::{Args, Reply};
+use super::{Args, Out, Reply};
 use crate::core::error::MarketResult;
 use crate::core::events::{notify, Event, EventKind};
 use crate::core::price::Price;
 use crate::market::{price_field, stat, Region};
 use crate::store::Store;
-use redis_module::{KeyType, RedisString, RedisValue};
+use redis_module::{KeyType, RedisString};
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 3, 3)?;
     let region = Region::new(store, args.region()?);
     let gpu_type = args.id("GPU type")?;
@@ -29,8 +29,8 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
         (typed.as_str(), KeyType::ZSet),
     ])?;
     let old = region.load_type_price(&gpu_type)?;
-    let moved = store.integer("ZCARD", &[own.as_bytes()])?;
-    let already_typed = store.integer("ZCARD", &[typed.as_bytes()])?;
+    let moved = store.zcard(&own)?;
+    let already_typed = store.zcard(&typed)?;
 
     // Listed GPUs of the type move within its order book (their shown price changes).
     if moved + already_typed > 0 {
@@ -67,6 +67,9 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
             ],
         );
         store.write("DEL", &[own.as_bytes()]);
+        // The sum goes with the index; counters changed so far are written first, so the
+        // deferred `HSET` cannot bring the field back.
+        region.flush_counters();
         store.write(
             "HDEL",
             &[

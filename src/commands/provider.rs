@@ -5,17 +5,17 @@
 //! the provider record, so the GPUs' versions stay, but each GPU key still gets a
 //! `gpucache.provider` notification because what `GET` shows for it changed.
 
-use super::{Args, Reply};
+use super::{Args, Out, Reply};
 use crate::core::error::MarketResult;
 use crate::core::events::{notify, Event, EventKind};
 use crate::core::gpu::{GpuRecord, TypePrice};
 use crate::core::status::{is_listed, ProviderStatus};
 use crate::market::{provider_field, Region};
 use crate::store::Store;
-use redis_module::{KeyType, RedisString, RedisValue};
+use redis_module::{KeyType, RedisString};
 use std::collections::HashMap;
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 3, 3)?;
     let region = Region::new(store, args.region()?);
     let provider_id = args.id("provider id")?;

@@ -1,6 +1,6 @@
 //! `GPUCACHE.REGISTER region gpu_id PROVIDER p TYPE t PRICE x [MEMORY gb] [CORES n] [SCORE s]`
 
-use super::{option_is, unknown_option, Args, Reply};
+use super::{option_is, unknown_option, Args, Out, Reply};
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::events::{notify, Event, EventKind};
 use crate::core::gpu::GpuRecord;
@@ -9,7 +9,7 @@ use crate::core::price::Price;
 use crate::core::status::GpuStatus;
 use crate::market::{GpuWrite, Region};
 use crate::store::Store;
-use redis_module::{RedisString, RedisValue};
+use redis_module::RedisString;
 
 struct Registration {
     gpu_id: String,
@@ -75,7 +75,7 @@ fn parse(args: &mut Args) -> MarketResult<Registration> {
     })
 }
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 8, 14)?;
     let region_name = args.region()?;
     let req = parse(&mut args)?;

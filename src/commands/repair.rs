@@ -2,13 +2,13 @@
 //! behind (see `heal::sweep_region`). Runs by itself after every RDB/AOF load; operators may run
 //! it when `GPUCACHE.CHECK` reports records that are gone.
 
-use super::{Args, Reply};
+use super::{Args, Out, Reply};
 use crate::core::error::MarketResult;
 use crate::heal;
 use crate::store::Store;
-use redis_module::{RedisString, RedisValue};
+use redis_module::RedisString;
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 1, 1)?;
     let region = args.region()?;
     let swept = heal::sweep_region(store.ctx(), &region)?;

@@ -3,7 +3,7 @@
 //! Every figure comes from a counter, an index cardinality or a time bucket kept by the write
 //! commands, so one region costs O(types + 96 buckets), never O(GPUs) or O(bookings).
 
-use super::{Args, Reply};
+use super::{Args, Out, Reply};
 use crate::core::demand::{self, format_hundredths};
 use crate::core::error::MarketResult;
 use crate::core::input;
@@ -12,7 +12,7 @@ use crate::core::status::GpuStatus;
 use crate::core::window::{self, WindowTotals};
 use crate::market::{stat, Region};
 use crate::store::Store;
-use redis_module::{RedisString, RedisValue};
+use redis_module::RedisString;
 use std::collections::BTreeMap;
 
 /// One type's figures in one region (or summed over regions).
@@ -41,7 +41,7 @@ impl TypeFigures {
         self.type_price = None;
     }
 
-    fn reply(&self) -> RedisValue {
+    fn reply(&self) -> Out {
         let average = (self.listed > 0).then(|| {
             let avg = self.shown_sum / i128::from(self.listed);
             Price::from_micros(i64::try_from(avg).unwrap_or(i64::MAX))
@@ -74,11 +74,11 @@ fn type_figures(region: &Region, gpu_type: &str) -> MarketResult<TypeFigures> {
     let own_key = region.keys.available_own(gpu_type);
     let typed_key = region.keys.available_typed(gpu_type);
     let type_price = region.load_type_price(gpu_type)?;
-    let own_count = store.integer("ZCARD", &[own_key.as_bytes()])?;
+    let own_count = store.zcard(&own_key)?;
     // Type-priced entries show the type price; while an expired type price awaits healing they
     // are not counted (AVAILABLE skips them too).
     let typed_count = match type_price {
-        Some(_) => store.integer("ZCARD", &[typed_key.as_bytes()])?,
+        Some(_) => store.zcard(&typed_key)?,
         None => 0,
     };
     let own_sum = counter(region, &stat::own_price_sum(gpu_type))?;
@@ -197,7 +197,7 @@ impl RegionFigures {
         }
     }
 
-    fn reply(&self, region_label: &str, regions: usize) -> RedisValue {
+    fn reply(&self, region_label: &str, regions: usize) -> Out {
         let mut reply = Reply::new()
             .text("region", region_label)
             .int("gpus_total", self.total);
@@ -205,7 +205,7 @@ impl RegionFigures {
             reply = reply.int("regions", regions as i64);
         }
         for (status, count) in &self.by_status {
-            reply = reply.int(&format!("gpus_{status}"), *count);
+            reply = reply.int(format!("gpus_{status}"), *count);
         }
         let busy = self.by_status.get("busy").copied().unwrap_or(0);
         let utilisation = if self.total > 0 {
@@ -215,7 +215,7 @@ impl RegionFigures {
         };
         let mut types = Reply::new();
         for (gpu_type, figures) in &self.types {
-            types = types.value(gpu_type, figures.reply());
+            types = types.value(gpu_type.clone(), figures.reply());
         }
         reply
             .int(
@@ -239,7 +239,7 @@ impl RegionFigures {
     }
 }
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 0, 1)?;
     let now = store.now_ms();
     match args.next_arg() {

@@ -1,14 +1,14 @@
 //! `GPUCACHE.STATUS region gpu_id available|busy|offline|maintenance`
 
-use super::{Args, Reply};
+use super::{Args, Out, Reply};
 use crate::core::error::MarketResult;
 use crate::core::events::{notify, Event, EventKind};
 use crate::core::status::{check_manual_transition, is_listed, GpuStatus};
 use crate::market::{GpuWrite, Region};
 use crate::store::Store;
-use redis_module::{RedisString, RedisValue};
+use redis_module::RedisString;
 
-pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<RedisValue> {
+pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 3, 3)?;
     let region = Region::new(store, args.region()?);
     let gpu_id = args.id("gpu id")?;

@@ -191,57 +191,11 @@ impl GpuRecord {
     /// Reads a record from its hash fields; `None` when a field this module always writes is
     /// missing or malformed (someone edited the hash by hand).
     pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Option<Self> {
-        let mut provider = None;
-        let mut gpu_type = None;
-        let mut own_price = None;
-        let mut price_seq = 0;
-        let mut memory_gb = None;
-        let mut cores = None;
-        let mut score = None;
-        let mut status = None;
-        let mut booking = None;
-        let mut version = 0;
-        let mut updated_ms = 0;
-        let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_owned);
-        let int = |v: &[u8]| {
-            std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-        };
+        let mut record = GpuFields::default();
         for (name, value) in fields {
-            match std::str::from_utf8(name).unwrap_or_default() {
-                field::PROVIDER => provider = text(value),
-                field::TYPE => gpu_type = text(value),
-                field::PRICE => own_price = Price::parse_stored(value),
-                field::PRICE_SEQ => price_seq = int(value)?,
-                field::MEMORY_GB => memory_gb = int(value),
-                field::CORES => cores = int(value),
-                field::SCORE => {
-                    score = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|s| s.parse::<f64>().ok())
-                        .filter(|v| v.is_finite())
-                }
-                field::STATUS => status = GpuStatus::parse(value).ok(),
-                field::BOOKING => booking = text(value).filter(|b| !b.is_empty()),
-                field::VERSION => version = int(value)?,
-                field::UPDATED_MS => updated_ms = int(value)?,
-                _ => {}
-            }
+            record.add(name, value);
         }
-        Some(GpuRecord {
-            provider: provider?,
-            gpu_type: gpu_type?,
-            own_price: own_price?,
-            price_seq,
-            memory_gb,
-            cores,
-            score,
-            status: status?,
-            booking,
-            version,
-            updated_ms,
-        })
+        record.build()
     }
 
     /// All fields to write with one `HSET`. `booking` is written as an empty string when there is
@@ -269,6 +223,54 @@ impl GpuRecord {
         fields
     }
 
+    /// The fields of `to_fields` whose stored text differs from `before`'s (all of them without
+    /// a previous record), compared value by value so unchanged fields cost no allocation.
+    /// Equal values have equal texts (a score compares by its bits, as its text does).
+    pub fn changed_fields(&self, before: Option<&GpuRecord>) -> Vec<(&'static str, String)> {
+        let Some(old) = before else {
+            return self.to_fields();
+        };
+        let mut fields = Vec::new();
+        if self.provider != old.provider {
+            fields.push((field::PROVIDER, self.provider.clone()));
+        }
+        if self.gpu_type != old.gpu_type {
+            fields.push((field::TYPE, self.gpu_type.clone()));
+        }
+        if self.own_price != old.own_price {
+            fields.push((field::PRICE, self.own_price.to_string()));
+        }
+        if self.price_seq != old.price_seq {
+            fields.push((field::PRICE_SEQ, self.price_seq.to_string()));
+        }
+        if self.status != old.status {
+            fields.push((field::STATUS, self.status.as_str().to_owned()));
+        }
+        let booking = self.booking.as_deref().unwrap_or_default();
+        if booking != old.booking.as_deref().unwrap_or_default() {
+            fields.push((field::BOOKING, booking.to_owned()));
+        }
+        if self.version != old.version {
+            fields.push((field::VERSION, self.version.to_string()));
+        }
+        if self.updated_ms != old.updated_ms {
+            fields.push((field::UPDATED_MS, self.updated_ms.to_string()));
+        }
+        if let Some(m) = self.memory_gb.filter(|m| old.memory_gb != Some(*m)) {
+            fields.push((field::MEMORY_GB, m.to_string()));
+        }
+        if let Some(c) = self.cores.filter(|c| old.cores != Some(*c)) {
+            fields.push((field::CORES, c.to_string()));
+        }
+        if let Some(s) = self
+            .score
+            .filter(|s| old.score.map(f64::to_bits) != Some(s.to_bits()))
+        {
+            fields.push((field::SCORE, s.to_string()));
+        }
+        fields
+    }
+
     /// Optional attributes that the new record no longer has, to be removed with `HDEL`.
     pub fn dropped_attributes(&self, newer: &GpuRecord) -> Vec<&'static str> {
         let mut dropped = Vec::new();
@@ -282,6 +284,87 @@ impl GpuRecord {
             dropped.push(field::SCORE);
         }
         dropped
+    }
+}
+
+/// A GPU record read field by field (in any order, e.g. straight from a hash scan); `build`
+/// gives what `GpuRecord::from_fields` gives for the same fields.
+#[derive(Debug, Default)]
+pub struct GpuFields {
+    provider: Option<String>,
+    gpu_type: Option<String>,
+    own_price: Option<Price>,
+    price_seq: i64,
+    memory_gb: Option<i64>,
+    cores: Option<i64>,
+    score: Option<f64>,
+    status: Option<GpuStatus>,
+    booking: Option<String>,
+    version: i64,
+    updated_ms: i64,
+    /// A field that must be an integer is not one: the record is corrupt.
+    malformed: bool,
+    /// At least one field of a GPU record was seen.
+    any: bool,
+}
+
+impl GpuFields {
+    /// Takes one hash field; fields that are not part of a GPU record are ignored.
+    pub fn add(&mut self, name: &[u8], value: &[u8]) {
+        let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_owned);
+        let int = |v: &[u8]| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+        };
+        let mut required_int = |target: &mut i64, v: &[u8]| match int(v) {
+            Some(i) => *target = i,
+            None => self.malformed = true,
+        };
+        match std::str::from_utf8(name).unwrap_or_default() {
+            field::PROVIDER => self.provider = text(value),
+            field::TYPE => self.gpu_type = text(value),
+            field::PRICE => self.own_price = Price::parse_stored(value),
+            field::PRICE_SEQ => required_int(&mut self.price_seq, value),
+            field::MEMORY_GB => self.memory_gb = int(value),
+            field::CORES => self.cores = int(value),
+            field::SCORE => {
+                self.score = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .filter(|v| v.is_finite())
+            }
+            field::STATUS => self.status = GpuStatus::parse(value).ok(),
+            field::BOOKING => self.booking = text(value).filter(|b| !b.is_empty()),
+            field::VERSION => required_int(&mut self.version, value),
+            field::UPDATED_MS => required_int(&mut self.updated_ms, value),
+            _ => return,
+        }
+        self.any = true;
+    }
+
+    /// Whether any field of a GPU record was seen (a hash without one holds no GPU).
+    pub fn any(&self) -> bool {
+        self.any
+    }
+
+    pub fn build(self) -> Option<GpuRecord> {
+        if self.malformed {
+            return None;
+        }
+        Some(GpuRecord {
+            provider: self.provider?,
+            gpu_type: self.gpu_type?,
+            own_price: self.own_price?,
+            price_seq: self.price_seq,
+            memory_gb: self.memory_gb,
+            cores: self.cores,
+            score: self.score,
+            status: self.status?,
+            booking: self.booking,
+            version: self.version,
+            updated_ms: self.updated_ms,
+        })
     }
 }
 
@@ -403,6 +486,31 @@ mod tests {
         ] {
             assert_eq!(RegistryEntry::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn changed_fields_are_the_fields_whose_text_changed() {
+        let old = sample();
+        let by_text = |new: &GpuRecord| {
+            let before = old.to_fields();
+            let mut fields = new.to_fields();
+            fields.retain(|f| !before.contains(f));
+            fields
+        };
+        let mut new = sample();
+        assert!(new.changed_fields(Some(&old)).is_empty());
+        new.status = GpuStatus::Busy;
+        new.booking = Some("b-1".into());
+        new.version += 1;
+        new.updated_ms += 5;
+        assert_eq!(new.changed_fields(Some(&old)), by_text(&new));
+        new.score = Some(-0.0);
+        new.cores = Some(3);
+        new.memory_gb = None;
+        new.own_price = Price::from_micros(1);
+        new.provider = "p2".into();
+        assert_eq!(new.changed_fields(Some(&old)), by_text(&new));
+        assert_eq!(new.changed_fields(None), new.to_fields());
     }
 
     #[test]

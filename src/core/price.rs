@@ -86,6 +86,21 @@ impl fmt::Display for Price {
         if fraction == 0 {
             return write!(f, "{whole}");
         }
+        if fraction > 0 {
+            // The six fraction digits without trailing zeros, without a temporary String.
+            let mut digits = [b'0'; 6];
+            let mut rest = fraction;
+            for digit in digits.iter_mut().rev() {
+                *digit = b'0' + (rest % 10) as u8;
+                rest /= 10;
+            }
+            let len = digits.iter().rposition(|d| *d != b'0').map_or(0, |i| i + 1);
+            let text = digits
+                .get(..len)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .unwrap_or_default();
+            return write!(f, "{whole}.{text}");
+        }
         let digits = format!("{fraction:06}");
         write!(f, "{whole}.{}", digits.trim_end_matches('0'))
     }
@@ -131,6 +146,20 @@ mod tests {
             "١",
         ] {
             assert!(p(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn display_matches_the_zero_padded_format() {
+        let extremes = [0, 1, 10, 999_999, 1_000_000, 1_000_001, i64::MAX, i64::MIN];
+        for micros in (-3_000_123..3_000_123).step_by(997).chain(extremes) {
+            let (whole, fraction) = (micros / 1_000_000, micros % 1_000_000);
+            let expected = if fraction == 0 {
+                format!("{whole}")
+            } else {
+                format!("{whole}.{}", format!("{fraction:06}").trim_end_matches('0'))
+            };
+            assert_eq!(Price::from_micros(micros).to_string(), expected, "{micros}");
         }
     }
 
