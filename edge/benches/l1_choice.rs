@@ -20,6 +20,14 @@ trait Candidate: Send + Sync {
     fn name(&self) -> &'static str;
     fn get(&self, key: &Query) -> Option<u64>;
     fn insert(&self, key: Query, value: u64);
+    /// One read as an application makes it: true on a hit, else the value is loaded and kept.
+    fn read(&self, key: &Query, value: u64) -> bool {
+        if self.get(key).is_some() {
+            return true;
+        }
+        self.insert(key.clone(), value);
+        false
+    }
 }
 
 struct Moka(moka::sync::Cache<Query, u64>, &'static str);
@@ -128,11 +136,7 @@ fn shifting_trace(rng: &mut fastrand::Rng) -> Vec<usize> {
 fn hit_ratio(cache: &dyn Candidate, keys: &[Query], trace: &[usize]) -> f64 {
     let mut hits = 0usize;
     for &i in trace {
-        if cache.get(&keys[i]).is_some() {
-            hits += 1;
-        } else {
-            cache.insert(keys[i].clone(), i as u64);
-        }
+        hits += usize::from(cache.read(&keys[i], i as u64));
     }
     hits as f64 / trace.len() as f64
 }
