@@ -165,3 +165,40 @@ fn no_input_panics_or_half_applies() {
     }
     assert!(executed.get() >= cases);
 }
+
+/// Index scores the module never writes, edited in by hand: reads must answer (in some order)
+/// and the server must stay up.
+#[test]
+fn hand_edited_index_scores_never_crash_reads() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    for (key, score) in [
+        ("gpucache:{eu}:avail-score:A100", "-inf"),
+        ("gpucache:{eu}:avail-score:A100", "+inf"),
+        ("gpucache:{eu}:avail-score:H100", "-1e300"),
+        ("gpucache:{eu}:avail-own:A100", "-inf"),
+        ("gpucache:{eu}:avail-own:H100", "1e300"),
+    ] {
+        for gpu in ["g1", "g4"] {
+            redis::cmd("ZADD")
+                .arg(key)
+                .arg(score)
+                .arg(gpu)
+                .query::<()>(&mut con)
+                .unwrap();
+        }
+        for args in [
+            &["GPUCACHE.AVAILABLE", "eu", "SORT", "SCORE"][..],
+            &["GPUCACHE.AVAILABLE", "eu", "SORT", "PRICE"],
+            &["GPUCACHE.AVAILABLE", "eu", "TYPE", "A100", "SORT", "SCORE"],
+            &["GPUCACHE.ORDERBOOK", "eu", "A100"],
+            &["GPUCACHE.ORDERBOOK", "eu", "H100"],
+            &["GPUCACHE.STATS", "eu"],
+        ] {
+            let _ = run(&mut con, args);
+            let pong: String = redis::cmd("PING").query(&mut con).expect("server up");
+            assert_eq!(pong, "PONG", "after {args:?} with {key} = {score}");
+        }
+    }
+}

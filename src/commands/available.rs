@@ -147,8 +147,9 @@ impl Source {
                 i128::from(demand::apply(base, multiplier).micros())
             }
             Ranking::TypePrice { shown } => i128::from(shown.micros()),
-            // Scores are finite and at most 10^12: micro-units of score fit easily.
-            Ranking::Score => -((score * 1e6).round() as i128),
+            // The module writes finite scores of at most 10^12; a hand-edited -inf (or NaN)
+            // saturates instead of overflowing the negation.
+            Ranking::Score => ((score * 1e6).round() as i128).saturating_neg(),
         };
         Ok(Some((rank, gpu_id)))
     }
