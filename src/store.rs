@@ -764,7 +764,9 @@ unsafe extern "C" fn scan_callback(
 ) {
     let visit = &mut *privdata.cast::<&mut dyn FnMut(&[u8], &[u8])>();
     if let (Some(field), Some(value)) = (string_bytes(field), string_bytes(value)) {
-        visit(field, value);
+        // Unwinding out of a function Redis called aborts the server; today's visitors
+        // cannot panic, and a future one that does loses only the rest of this scan.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| visit(field, value)));
     }
 }
 
