@@ -530,3 +530,48 @@ fn stats_of_all_regions_survive_an_rdb_restart() {
         ("2", "2")
     );
 }
+
+#[test]
+fn crowded_price_levels_are_counted_whole() {
+    // Levels larger than the walk's limit are counted with ZCOUNT and the walk resumes after
+    // them; small levels in between are walked.
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    let layout = [("1.25", 9), ("1.5", 1), ("2", 70), ("2.5", 5), ("3", 2)];
+    let mut n = 0;
+    for (price, count) in layout {
+        for _ in 0..count {
+            n += 1;
+            let id = format!("g{n}");
+            run(
+                &mut con,
+                &[
+                    "GPUCACHE.REGISTER",
+                    "eu",
+                    &id,
+                    "PROVIDER",
+                    "p",
+                    "TYPE",
+                    "A100",
+                    "PRICE",
+                    price,
+                ],
+            )
+            .unwrap();
+        }
+    }
+    // Every GPU is listed, so the demand multiplier is 1 and shown prices are base prices.
+    let book = run(
+        &mut con,
+        &["GPUCACHE.ORDERBOOK", "eu", "A100", "DEPTH", "4"],
+    )
+    .unwrap();
+    let expected: Vec<(String, String)> = [("1.25", 9), ("1.5", 1), ("2", 70), ("2.5", 5)]
+        .iter()
+        .map(|(p, c)| (p.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(asks(&book), expected);
+    let book = run(&mut con, &["GPUCACHE.ORDERBOOK", "eu", "A100"]).unwrap();
+    assert_eq!(asks(&book).len(), 5);
+    assert_eq!(asks(&book)[4], ("3".to_string(), "2".to_string()));
+}
