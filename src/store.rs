@@ -14,6 +14,7 @@ use redis_module::{
     raw, CallOptions, CallOptionsBuilder, CallResult, Context, KeyType, NotifyEvent, RedisValue,
 };
 use std::cell::{OnceCell, RefCell};
+use std::marker::PhantomData;
 use std::os::raw::{c_char, c_int};
 
 pub struct Store<'a> {
@@ -217,7 +218,7 @@ impl<'a> Store<'a> {
         key: &str,
         (min, max): (f64, f64),
         descending: bool,
-    ) -> MarketResult<ZCursor> {
+    ) -> MarketResult<ZCursor<'a>> {
         let opened = self.open_read(key);
         let active = match opened.key_type() {
             KeyType::Empty => false,
@@ -228,6 +229,7 @@ impl<'a> Store<'a> {
             key: opened,
             descending,
             active,
+            context: PhantomData,
         })
     }
 
@@ -645,15 +647,17 @@ impl ReadKey {
     }
 }
 
-/// A walk over a sorted set opened by `Store::zcursor`; the key stays open until it is dropped.
-pub struct ZCursor {
+/// A walk over a sorted set opened by `Store::zcursor`; the key stays open until it is dropped,
+/// which the lifetime keeps within the command (its context) that opened it.
+pub struct ZCursor<'a> {
     key: ReadKey,
     descending: bool,
     /// The range iterator is started and not at its end.
     active: bool,
+    context: PhantomData<&'a Context>,
 }
 
-impl ZCursor {
+impl ZCursor<'_> {
     /// The next member (as text) and its score. A member that is not UTF-8 (written by hand;
     /// GPU ids are ASCII) is skipped.
     pub fn next_member(&mut self) -> Option<(String, f64)> {
@@ -672,7 +676,7 @@ impl ZCursor {
     }
 }
 
-impl Drop for ZCursor {
+impl Drop for ZCursor<'_> {
     fn drop(&mut self) {
         self.key.zset_stop();
     }

@@ -110,18 +110,18 @@ enum Ranking {
 }
 
 /// One index walked lazily, one entry at a time, cheapest (or best) entry first.
-struct Source {
+struct Source<'a> {
     key: String,
     range: (f64, f64),
     descending: bool,
     ranking: Ranking,
     /// Opened at the first `next`; `None` after that only if the walk could not start.
-    cursor: Option<ZCursor>,
+    cursor: Option<ZCursor<'a>>,
     opened: bool,
 }
 
-impl Source {
-    fn new(key: String, range: (f64, f64), ranking: Ranking) -> Source {
+impl<'a> Source<'a> {
+    fn new(key: String, range: (f64, f64), ranking: Ranking) -> Source<'a> {
         Source {
             key,
             range,
@@ -133,7 +133,7 @@ impl Source {
     }
 
     /// The next entry and its rank (smaller ranks first), read lazily from the index.
-    fn next(&mut self, store: &Store) -> MarketResult<Option<(i128, String)>> {
+    fn next(&mut self, store: &Store<'a>) -> MarketResult<Option<(i128, String)>> {
         if !self.opened {
             self.opened = true;
             self.cursor = Some(store.zcursor(&self.key, self.range, self.descending)?);
@@ -166,7 +166,7 @@ fn sources_of_type(
     query: &Query,
     gpu_type: &str,
     context: &TypeContext,
-    sources: &mut Vec<Source>,
+    sources: &mut Vec<Source<'_>>,
 ) {
     match query.sort {
         SortBy::Price => {
@@ -205,11 +205,11 @@ fn sources_of_type(
 /// Merges every source in rank order and loads records only for the entries that come out on
 /// top, until `LIMIT` offers pass the filters: O(types x log n) to open the walk plus a record
 /// read per entry taken, instead of `LIMIT` record reads per type.
-fn merged_offers(
-    region: &Region,
+fn merged_offers<'c>(
+    region: &Region<'_, 'c>,
     query: &Query,
     contexts: &HashMap<String, TypeContext>,
-    mut sources: Vec<Source>,
+    mut sources: Vec<Source<'c>>,
 ) -> MarketResult<Vec<Offer>> {
     let store = region.store;
     let mut heap = BinaryHeap::new();
