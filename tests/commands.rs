@@ -329,21 +329,7 @@ fn a_type_price_applies_until_a_gpu_registers_its_own_price() {
         Vec::<String>::new()
     );
 
-    run(
-        &mut con,
-        &[
-            "GPUCACHE.REGISTER",
-            "eu",
-            "g3",
-            "PROVIDER",
-            "p2",
-            "TYPE",
-            "A100",
-            "PRICE",
-            "1",
-        ],
-    )
-    .unwrap();
+    register(&mut con, "eu", "g3", "p2", "A100", "1");
     let own = fields(&mut con, &["GPUCACHE.GET", "eu", "g3"]);
     assert_eq!(
         (own["price"].as_str(), own["price_source"].as_str()),
@@ -907,21 +893,7 @@ fn overflowing_or_garbage_counters_cannot_break_a_command() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    run(
-        &mut con,
-        &[
-            "GPUCACHE.REGISTER",
-            "us",
-            "u1",
-            "PROVIDER",
-            "p",
-            "TYPE",
-            "T",
-            "PRICE",
-            "1",
-        ],
-    )
-    .unwrap();
+    register(&mut con, "us", "u1", "p", "T", "1");
     let max = i64::MAX.to_string();
     redis::cmd("HSET")
         .arg("gpucache:{eu}:stats:market")

@@ -12,21 +12,7 @@ fn ttls_fall_inside_the_jitter_window_and_are_spread() {
     let mut ttls = Vec::new();
     for i in 0..50 {
         let id = format!("g{i}");
-        run(
-            &mut con,
-            &[
-                "GPUCACHE.REGISTER",
-                "eu",
-                &id,
-                "PROVIDER",
-                "p",
-                "TYPE",
-                "T",
-                "PRICE",
-                "1",
-            ],
-        )
-        .unwrap();
+        register(&mut con, "eu", &id, "p", "T", "1");
         let ttl: i64 = redis::cmd("PTTL")
             .arg(format!("gpucache:{{eu}}:gpu:{id}"))
             .query(&mut con)
@@ -236,21 +222,7 @@ fn re_registering_a_gpu_whose_record_just_expired_starts_clean() {
         .arg(0)
         .query::<()>(&mut con)
         .unwrap();
-    run(
-        &mut con,
-        &[
-            "GPUCACHE.REGISTER",
-            "eu",
-            "g1",
-            "PROVIDER",
-            "p1",
-            "TYPE",
-            "A100",
-            "PRICE",
-            "2",
-        ],
-    )
-    .unwrap();
+    register(&mut con, "eu", "g1", "p1", "A100", "2");
     let_time_pass(1200);
     let again = fields(
         &mut con,

@@ -218,21 +218,7 @@ fn the_order_book_lists_price_levels_from_the_index() {
         ("g5", "1.5"),
         ("g6", "2"),
     ] {
-        run(
-            &mut con,
-            &[
-                "GPUCACHE.REGISTER",
-                "eu",
-                id,
-                "PROVIDER",
-                "p",
-                "TYPE",
-                "A100",
-                "PRICE",
-                price,
-            ],
-        )
-        .unwrap();
+        register(&mut con, "eu", id, "p", "A100", price);
     }
     let book = run(&mut con, &["GPUCACHE.ORDERBOOK", "eu", "A100"]).unwrap();
     assert_eq!(
@@ -269,21 +255,7 @@ fn the_order_book_lists_price_levels_from_the_index() {
 
     // A type price gathers the type-priced GPUs on one level; a newer own price stays apart.
     run(&mut con, &["GPUCACHE.PRICE", "eu", "A100", "2.5"]).unwrap();
-    run(
-        &mut con,
-        &[
-            "GPUCACHE.REGISTER",
-            "eu",
-            "g4",
-            "PROVIDER",
-            "p",
-            "TYPE",
-            "A100",
-            "PRICE",
-            "2.5",
-        ],
-    )
-    .unwrap();
+    register(&mut con, "eu", "g4", "p", "A100", "2.5");
     let book = run(&mut con, &["GPUCACHE.ORDERBOOK", "eu", "A100"]).unwrap();
     assert_eq!(asks(&book), [("2.5".to_string(), "5".to_string())]);
     let empty = run(&mut con, &["GPUCACHE.ORDERBOOK", "eu", "Z9"]).unwrap();
@@ -388,21 +360,7 @@ fn stats_count_the_last_24_hours_and_sum_all_regions() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     ten_a100s(&mut con);
-    run(
-        &mut con,
-        &[
-            "GPUCACHE.REGISTER",
-            "us",
-            "u1",
-            "PROVIDER",
-            "p",
-            "TYPE",
-            "H100",
-            "PRICE",
-            "4",
-        ],
-    )
-    .unwrap();
+    register(&mut con, "us", "u1", "p", "H100", "4");
     run(&mut con, &["GPUCACHE.BOOK", "eu", "a0", "b0", "u", "7200"]).unwrap();
     run(&mut con, &["GPUCACHE.BOOK", "eu", "a1", "b1", "u", "1800"]).unwrap();
     run(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]).unwrap();
@@ -442,36 +400,8 @@ fn stats_count_the_last_24_hours_and_sum_all_regions() {
 fn stats_of_all_regions_survive_a_restart() {
     let server = Server::start(&[], &["--appendonly", "yes", "--appendfsync", "always"]);
     let mut con = server.connect();
-    run(
-        &mut con,
-        &[
-            "GPUCACHE.REGISTER",
-            "eu",
-            "g",
-            "PROVIDER",
-            "p",
-            "TYPE",
-            "T",
-            "PRICE",
-            "1",
-        ],
-    )
-    .unwrap();
-    run(
-        &mut con,
-        &[
-            "GPUCACHE.REGISTER",
-            "us",
-            "g",
-            "PROVIDER",
-            "p",
-            "TYPE",
-            "T",
-            "PRICE",
-            "1",
-        ],
-    )
-    .unwrap();
+    register(&mut con, "eu", "g", "p", "T", "1");
+    register(&mut con, "us", "g", "p", "T", "1");
     drop(con);
     let dir = server.stop();
     let restarted = Server::start_in(dir, free_port(), &[], &["--appendonly", "yes"]);
@@ -487,36 +417,8 @@ fn stats_of_all_regions_survive_a_restart() {
 fn stats_of_all_regions_survive_an_rdb_restart() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
-    run(
-        &mut con,
-        &[
-            "GPUCACHE.REGISTER",
-            "eu",
-            "g",
-            "PROVIDER",
-            "p",
-            "TYPE",
-            "T",
-            "PRICE",
-            "1",
-        ],
-    )
-    .unwrap();
-    run(
-        &mut con,
-        &[
-            "GPUCACHE.REGISTER",
-            "ap",
-            "g",
-            "PROVIDER",
-            "p",
-            "TYPE",
-            "T",
-            "PRICE",
-            "1",
-        ],
-    )
-    .unwrap();
+    register(&mut con, "eu", "g", "p", "T", "1");
+    register(&mut con, "ap", "g", "p", "T", "1");
     redis::cmd("SAVE").query::<()>(&mut con).unwrap();
     drop(con);
     let dir = server.stop();
@@ -543,21 +445,7 @@ fn crowded_price_levels_are_counted_whole() {
         for _ in 0..count {
             n += 1;
             let id = format!("g{n}");
-            run(
-                &mut con,
-                &[
-                    "GPUCACHE.REGISTER",
-                    "eu",
-                    &id,
-                    "PROVIDER",
-                    "p",
-                    "TYPE",
-                    "A100",
-                    "PRICE",
-                    price,
-                ],
-            )
-            .unwrap();
+            register(&mut con, "eu", &id, "p", "A100", price);
         }
     }
     // Every GPU is listed, so the demand multiplier is 1 and shown prices are base prices.

@@ -4,7 +4,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use common::{eventually, run, Server};
+use common::{eventually, register, run, Server};
 use gpucache_edge::{Edge, EdgeConfig, EdgeError, LinkConfig, Query};
 use redis::Connection;
 use serde_json::Value;
@@ -24,24 +24,6 @@ fn edge(server: &Server, link: LinkConfig) -> Edge {
     let edge = Edge::start(config).expect("edge starts");
     assert!(edge.wait_connected(DEADLINE), "edge links come up");
     edge
-}
-
-fn register(con: &mut Connection, gpu: &str, gpu_type: &str, price: &str) {
-    run(
-        con,
-        &[
-            "GPUCACHE.REGISTER",
-            "eu",
-            gpu,
-            "PROVIDER",
-            "p1",
-            "TYPE",
-            gpu_type,
-            "PRICE",
-            price,
-        ],
-    )
-    .expect("register");
 }
 
 /// True once `edge` no longer serves `query` from L1 as `old` (it is gone, or was reloaded
@@ -93,12 +75,14 @@ fn every_write_stops_both_l1s_serving_the_old_value() {
     for i in 0..4 {
         register(
             &mut writer,
+            "eu",
             &format!("g{i}"),
+            "p1",
             "A100",
             &format!("{}.5", i + 1),
         );
     }
-    register(&mut writer, "h1", "H100", "4");
+    register(&mut writer, "eu", "h1", "p1", "H100", "4");
     // Two ordinary L1s, and one that follows the event stream alone (so the stream path —
     // versions, the skip of records already as new — is checked without notifications).
     let edges = [
@@ -179,7 +163,7 @@ fn every_write_stops_both_l1s_serving_the_old_value() {
 fn manual_invalidation_drops_an_unchanged_entry() {
     let server = server();
     let mut writer = server.connect();
-    register(&mut writer, "g1", "A100", "2");
+    register(&mut writer, "eu", "g1", "p1", "A100", "2");
     let edge = edge(&server, LinkConfig::default());
     let q = Query::gpu("eu", "g1");
     loaded(&edge, &q);
@@ -235,7 +219,7 @@ fn after_a_killed_connection_changed_entries_are_gone_and_unchanged_ones_kept() 
     let server = server();
     let mut writer = server.connect();
     for i in 0..20 {
-        register(&mut writer, &format!("g{i}"), "A100", "2");
+        register(&mut writer, "eu", &format!("g{i}"), "p1", "A100", "2");
     }
     let edge = edge(&server, slow_reconnect());
     let queries: Vec<Query> = (0..20)
@@ -295,7 +279,7 @@ fn a_stream_trimmed_past_the_last_applied_event_drops_the_region() {
     );
     let mut writer = server.connect();
     for i in 0..5 {
-        register(&mut writer, &format!("g{i}"), "A100", "2");
+        register(&mut writer, "eu", &format!("g{i}"), "p1", "A100", "2");
     }
     let edge = edge(&server, slow_reconnect());
     let queries: Vec<Query> = (0..5).map(|i| Query::gpu("eu", &format!("g{i}"))).collect();
@@ -307,21 +291,7 @@ fn a_stream_trimmed_past_the_last_applied_event_drops_the_region() {
         edge.stats().connection == "disconnected"
     });
     // Far more events than MAXLEN ~ 10 keeps, none touching g1..g4.
-    run(
-        &mut writer,
-        &[
-            "GPUCACHE.REGISTER",
-            "eu",
-            "x",
-            "PROVIDER",
-            "p9",
-            "TYPE",
-            "T4",
-            "PRICE",
-            "1",
-        ],
-    )
-    .unwrap();
+    register(&mut writer, "eu", "x", "p9", "T4", "1");
     for i in 0..150 {
         let status = if i % 2 == 0 { "offline" } else { "available" };
         run(&mut writer, &["GPUCACHE.STATUS", "eu", "x", status]).unwrap();
@@ -351,7 +321,7 @@ fn calls_of(con: &mut Connection, command: &str) -> u64 {
 fn a_hundred_concurrent_misses_make_one_load() {
     let server = server();
     let mut writer = server.connect();
-    register(&mut writer, "g1", "A100", "2");
+    register(&mut writer, "eu", "g1", "p1", "A100", "2");
     let edge = Arc::new(edge(&server, LinkConfig::default()));
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -426,7 +396,7 @@ fn write_and_wait_applied(edge: &Edge, writer: &mut Connection, write: &[&str]) 
 fn a_load_that_started_before_a_write_never_puts_the_old_value_back() {
     let server = server();
     let mut writer = server.connect();
-    register(&mut writer, "g1", "A100", "2");
+    register(&mut writer, "eu", "g1", "p1", "A100", "2");
     let edge = Arc::new(edge(&server, LinkConfig::default()));
     let q = Query::gpu("eu", "g1");
 
@@ -464,7 +434,7 @@ fn load_errors_reach_the_caller() {
 fn the_example_configs_read_only_edge_user_runs_an_edge() {
     let server = Server::start_with_config(include_str!("../../redis.conf.example"), &[]);
     let mut writer = server.connect();
-    register(&mut writer, "g1", "A100", "2");
+    register(&mut writer, "eu", "g1", "p1", "A100", "2");
     let url = format!("redis://edge:CHANGE-ME-edge@127.0.0.1:{}/", server.port);
     let edge = Edge::start(EdgeConfig::new(&url, &["eu"])).expect("edge starts");
     assert!(
@@ -484,21 +454,7 @@ fn the_example_configs_read_only_edge_user_runs_an_edge() {
 fn reads_of_a_region_the_edge_does_not_follow_are_never_cached() {
     let server = server();
     let mut writer = server.connect();
-    run(
-        &mut writer,
-        &[
-            "GPUCACHE.REGISTER",
-            "us",
-            "g1",
-            "PROVIDER",
-            "p",
-            "TYPE",
-            "A100",
-            "PRICE",
-            "1",
-        ],
-    )
-    .unwrap();
+    register(&mut writer, "us", "g1", "p", "A100", "1");
     let edge = edge(&server, LinkConfig::default());
     let q = Query::gpu("us", "g1");
     assert_eq!(loaded(&edge, &q)["gpu_id"], "g1");
@@ -511,7 +467,7 @@ fn reads_of_a_region_the_edge_does_not_follow_are_never_cached() {
 fn a_reader_arriving_after_a_write_never_gets_a_value_loaded_before_it() {
     let server = server();
     let mut writer = server.connect();
-    register(&mut writer, "g1", "A100", "2");
+    register(&mut writer, "eu", "g1", "p1", "A100", "2");
     let edge = Arc::new(edge(&server, LinkConfig::default()));
     let q = Query::gpu("eu", "g1");
     let slow = SlowLoad::start(&edge, &q);
@@ -542,8 +498,8 @@ fn a_stream_trimmed_under_a_live_but_slow_reader_drops_the_region() {
         &["--notify-keyspace-events", "Kd"],
     );
     let mut writer = server.connect();
-    register(&mut writer, "g0", "A100", "2");
-    register(&mut writer, "x", "T4", "1");
+    register(&mut writer, "eu", "g0", "p1", "A100", "2");
+    register(&mut writer, "eu", "x", "p1", "T4", "1");
     // The hook stalls the stream thread on its next invalidation while `stall` is set: a
     // consumer that falls behind.
     let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -590,8 +546,8 @@ fn a_restart_that_lost_writes_drops_the_region() {
     let server = server();
     let port = server.port;
     let mut writer = server.connect();
-    register(&mut writer, "g0", "A100", "2");
-    register(&mut writer, "g1", "A100", "2");
+    register(&mut writer, "eu", "g0", "p1", "A100", "2");
+    register(&mut writer, "eu", "g1", "p1", "A100", "2");
     let edge = edge(&server, LinkConfig::default());
     let _: () = redis::cmd("SAVE").query(&mut writer).unwrap();
     for gpu in ["g0", "g1"] {
@@ -627,7 +583,7 @@ fn a_restart_that_lost_writes_drops_the_region() {
 fn a_panicking_hook_does_not_stop_invalidation() {
     let server = server();
     let mut writer = server.connect();
-    register(&mut writer, "g1", "A100", "2");
+    register(&mut writer, "eu", "g1", "p1", "A100", "2");
     let hook: gpucache_edge::InvalidationHook = Arc::new(|_: &str, _| panic!("hook bug"));
     let edge = Edge::start_with_hook(EdgeConfig::new(&server.url(), &["eu"]), Some(hook)).unwrap();
     assert!(edge.wait_connected(DEADLINE));
@@ -647,7 +603,7 @@ fn a_panicking_hook_does_not_stop_invalidation() {
 fn a_load_that_times_out_fails_and_its_late_reply_is_never_read_as_another_answer() {
     let server = server();
     let mut writer = server.connect();
-    register(&mut writer, "g1", "A100", "2");
+    register(&mut writer, "eu", "g1", "p1", "A100", "2");
     let mut config = EdgeConfig::new(&server.url(), &["eu"]);
     config.loader_connections = 1; // every load reuses the one connection
     config.loader_timeout = Duration::from_millis(300);

@@ -300,54 +300,37 @@ pub fn assert_same_state(
 }
 
 /// A small marketplace: region `eu`, providers p1/p2, A100s and an H100.
+/// Registers a GPU with only its provider, type and price (the shape most tests need).
+pub fn register(
+    con: &mut Connection,
+    region: &str,
+    gpu_id: &str,
+    provider: &str,
+    gpu_type: &str,
+    price: &str,
+) {
+    let args = [
+        "GPUCACHE.REGISTER",
+        region,
+        gpu_id,
+        "PROVIDER",
+        provider,
+        "TYPE",
+        gpu_type,
+        "PRICE",
+        price,
+    ];
+    run(con, &args).expect("register");
+}
+
 pub fn seed(con: &mut Connection) {
-    for args in [
-        [
-            "GPUCACHE.REGISTER",
-            "eu",
-            "g1",
-            "PROVIDER",
-            "p1",
-            "TYPE",
-            "A100",
-            "PRICE",
-            "2.5",
-        ],
-        [
-            "GPUCACHE.REGISTER",
-            "eu",
-            "g2",
-            "PROVIDER",
-            "p1",
-            "TYPE",
-            "A100",
-            "PRICE",
-            "1.5",
-        ],
-        [
-            "GPUCACHE.REGISTER",
-            "eu",
-            "g3",
-            "PROVIDER",
-            "p2",
-            "TYPE",
-            "A100",
-            "PRICE",
-            "2.0",
-        ],
-        [
-            "GPUCACHE.REGISTER",
-            "eu",
-            "g4",
-            "PROVIDER",
-            "p2",
-            "TYPE",
-            "H100",
-            "PRICE",
-            "4.0",
-        ],
+    for (gpu_id, provider, gpu_type, price) in [
+        ("g1", "p1", "A100", "2.5"),
+        ("g2", "p1", "A100", "1.5"),
+        ("g3", "p2", "A100", "2.0"),
+        ("g4", "p2", "H100", "4.0"),
     ] {
-        run(con, &args).expect("seed");
+        register(con, "eu", gpu_id, provider, gpu_type, price);
     }
 }
 
