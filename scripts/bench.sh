@@ -65,16 +65,8 @@ cargo build --release --example loadgen --quiet
 echo "module: $MODULE (work tree $(git describe --always --dirty 2>/dev/null || echo '?'))"
 LOADGEN="$PWD/target/release/examples/loadgen"
 
-# A free loopback port: nothing accepts a connection on it.
-PORT=""
-for _ in $(seq 1 100); do
-  candidate=$((20000 + RANDOM % 40000))
-  if ! (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null; then
-    PORT=$candidate
-    break
-  fi
-done
-[ -n "$PORT" ] || { echo "no free port" >&2; exit 1; }
+. scripts/lib.sh
+PORT="$(free_port)"
 
 DIR="$(mktemp -d)"
 SERVER_PID=""

@@ -18,7 +18,8 @@ HITS="${HITS:-2000000}"
 scripts/deps.sh
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(redis-server --version | cut -d' ' -f3)"
 cargo build --release --quiet -p gpucache -p gpucache-edge
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+. scripts/lib.sh
+port="$(free_port)"
 dir="$(mktemp -d)"
 redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save "" --appendonly no \
   --loadmodule "$PWD/target/release/libgpucache.so" >"$dir/redis.log" 2>&1 &

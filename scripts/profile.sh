@@ -33,15 +33,8 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 OUT="$(realpath "$OUT")"
 cp "$MODULE" "$OUT/libgpucache.so"
-PORT=""
-for _ in $(seq 1 100); do
-  candidate=$((20000 + RANDOM % 40000))
-  if ! (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null; then
-    PORT=$candidate
-    break
-  fi
-done
-[ -n "$PORT" ] || { echo "no free port" >&2; exit 1; }
+. scripts/lib.sh
+PORT="$(free_port)"
 
 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" --compress-strings=no \
   --compress-pos=no redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no \

@@ -6,12 +6,8 @@ cd "$(dirname "$0")/.."
 MODULE="${MODULE:-$PWD/target/debug/libgpucache.so}"
 [ -f "$MODULE" ] || { echo "module not built: $MODULE (run cargo build)" >&2; exit 1; }
 
-PORT=""
-for _ in $(seq 1 50); do
-  candidate=$((20000 + RANDOM % 40000))
-  if ! redis-cli -p "$candidate" ping >/dev/null 2>&1; then PORT=$candidate; break; fi
-done
-[ -n "$PORT" ] || { echo "no free port" >&2; exit 1; }
+. scripts/lib.sh
+PORT="$(free_port)" || exit 1
 DIR="$(mktemp -d)"
 redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" \
   --daemonize yes --logfile "$DIR/redis.log" --notify-keyspace-events Kd \
