@@ -103,13 +103,33 @@ impl Backoff {
     }
 }
 
-/// Runs one connection's session; a panic in it (a bug, or a caller's hook) ends the session
-/// like a connection error, so the link is marked down and reconnects instead of dying marked
-/// up.
-fn guarded(session: impl FnOnce() -> RedisResult<()>) -> Result<(), ()> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(session)) {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
+/// Runs `session` on a fresh connection until it returns `Ok` (asked to stop), reconnecting
+/// with backoff after each failure; `mark_down` runs after every session. A panic in a session
+/// (a bug, or a caller's hook) ends it like a connection error would, so the link is marked
+/// down and reconnects instead of dying marked up.
+fn run_link(
+    client: &redis::Client,
+    l1: &L1,
+    config: &LinkConfig,
+    stop: &AtomicBool,
+    mut session: impl FnMut(&mut Connection, &mut Backoff) -> RedisResult<()>,
+    mark_down: impl Fn(),
+) {
+    let mut backoff = Backoff::new(config);
+    while !stop.load(Ordering::Acquire) {
+        if let Ok(mut con) = client.get_connection() {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                session(&mut con, &mut backoff)
+            }));
+            mark_down();
+            if matches!(outcome, Ok(Ok(()))) {
+                return; // stopped
+            }
+        }
+        add(&l1.counters.reconnects, 1);
+        if !backoff.wait(stop) {
+            return;
+        }
     }
 }
 
@@ -122,21 +142,14 @@ pub(crate) fn run_notifications(
     config: LinkConfig,
     stop: Arc<AtomicBool>,
 ) {
-    let mut backoff = Backoff::new(&config);
-    while !stop.load(Ordering::Acquire) {
-        if let Ok(mut con) = client.get_connection() {
-            let result =
-                guarded(|| listen(&mut con, db, &regions, &l1, &config, &stop, &mut backoff));
-            l1.counters.notifications_up.store(false, Ordering::Release);
-            if result.is_ok() {
-                return; // stopped
-            }
-        }
-        add(&l1.counters.reconnects, 1);
-        if !backoff.wait(&stop) {
-            return;
-        }
-    }
+    run_link(
+        &client,
+        &l1,
+        &config,
+        &stop,
+        |con, backoff| listen(con, db, &regions, &l1, &config, &stop, backoff),
+        || l1.counters.notifications_up.store(false, Ordering::Release),
+    );
 }
 
 fn listen(
@@ -260,21 +273,14 @@ pub(crate) fn run_stream(
             last: None,
         })
         .collect();
-    let mut backoff = Backoff::new(&config);
-    while !stop.load(Ordering::Acquire) {
-        if let Ok(mut con) = client.get_connection() {
-            let result =
-                guarded(|| follow(&mut con, &mut cursors, &l1, &config, &stop, &mut backoff));
-            l1.set_link(false);
-            if result.is_ok() {
-                return; // stopped
-            }
-        }
-        add(&l1.counters.reconnects, 1);
-        if !backoff.wait(&stop) {
-            return;
-        }
-    }
+    run_link(
+        &client,
+        &l1,
+        &config,
+        &stop,
+        |con, backoff| follow(con, &mut cursors, &l1, &config, &stop, backoff),
+        || l1.set_link(false),
+    );
 }
 
 fn follow(

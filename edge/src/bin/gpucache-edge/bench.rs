@@ -114,14 +114,18 @@ pub fn follow(args: &FollowArgs) -> AnyResult {
     std::process::exit(0);
 }
 
-struct Write_ {
+struct TimedWrite {
     series: &'static str,
     key: String,
     sent: i128,
     replied: i128,
 }
 
-fn paced<F: FnMut(usize) -> Option<Write_>>(count: usize, rate: u64, mut op: F) -> Vec<Write_> {
+fn paced<F: FnMut(usize) -> Option<TimedWrite>>(
+    count: usize,
+    rate: u64,
+    mut op: F,
+) -> Vec<TimedWrite> {
     let start = Instant::now();
     let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
     let mut writes = Vec::with_capacity(count);
@@ -137,11 +141,11 @@ fn paced<F: FnMut(usize) -> Option<Write_>>(count: usize, rate: u64, mut op: F) 
     writes
 }
 
-fn timed(con: &mut Connection, series: &'static str, key: String, cmd: &redis::Cmd) -> Write_ {
+fn timed(con: &mut Connection, series: &'static str, key: String, cmd: &redis::Cmd) -> TimedWrite {
     let sent = now_ns();
     let ok = cmd.query::<redis::Value>(con).is_ok();
     let replied = now_ns();
-    Write_ {
+    TimedWrite {
         series: if ok { series } else { "error" },
         key,
         sent,
@@ -275,7 +279,7 @@ pub fn run(args: &BenchArgs) -> AnyResult {
 
 /// For each write, the first report of its key after it was sent and before the key's next
 /// write was sent.
-fn print_propagation(writes: &[Write_], reports: &[(String, i128, String)]) {
+fn print_propagation(writes: &[TimedWrite], reports: &[(String, i128, String)]) {
     let mut by_key: HashMap<&str, Vec<(i128, &str)>> = HashMap::new();
     for (key, when, source) in reports {
         by_key.entry(key).or_default().push((*when, source));
