@@ -71,6 +71,9 @@ pub struct Region<'s, 'c> {
     /// Counters (fields of the counters hash) this command changed, with their new values, in
     /// first-change order: written with one `HSET` by `flush_counters` instead of one per change.
     counters: RefCell<Vec<(String, i64)>>,
+    /// Counter fields as stored (`None`: absent), each read from the counters hash at most once
+    /// per command; `prefetch_counters` reads several with one lookup.
+    stored_counters: RefCell<Vec<(String, Option<Vec<u8>>)>>,
     /// The region-wide keys passed `check_key_types` in this command.
     base_checked: Cell<bool>,
 }
@@ -89,6 +92,7 @@ impl<'s, 'c> Region<'s, 'c> {
             demand_before: RefCell::new(BTreeMap::new()),
             books_changed: RefCell::new(BTreeSet::new()),
             counters: RefCell::new(Vec::new()),
+            stored_counters: RefCell::new(Vec::new()),
             base_checked: Cell::new(false),
         }
     }
@@ -100,6 +104,70 @@ impl<'s, 'c> Region<'s, 'c> {
             .iter()
             .find(|(f, _)| f == field)
             .map(|(_, v)| *v)
+    }
+
+    /// A counter field as stored in the counters hash before this command's pending changes.
+    fn stored_counter(&self, field: &str) -> MarketResult<Option<Vec<u8>>> {
+        if let Some((_, value)) = self
+            .stored_counters
+            .borrow()
+            .iter()
+            .find(|(f, _)| f == field)
+        {
+            return Ok(value.clone());
+        }
+        let value = self.store.hget(&self.keys.stats(), field)?;
+        self.stored_counters
+            .borrow_mut()
+            .push((field.to_owned(), value.clone()));
+        Ok(value)
+    }
+
+    /// Reads the counters a command is about to use with one hash lookup instead of one each
+    /// (the counters hash is a listpack of a few dozen fields, opened once here).
+    pub fn prefetch_counters(&self, fields: &[&str]) -> MarketResult<()> {
+        let missing: Vec<&str> = {
+            let stored = self.stored_counters.borrow();
+            fields
+                .iter()
+                .copied()
+                .filter(|f| !stored.iter().any(|(s, _)| s == f))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let values = self.store.hmget(&self.keys.stats(), &missing)?;
+        let mut stored = self.stored_counters.borrow_mut();
+        for (field, value) in missing.into_iter().zip(values) {
+            if !stored.iter().any(|(s, _)| s == field) {
+                stored.push((field.to_owned(), value));
+            }
+        }
+        Ok(())
+    }
+
+    /// `prefetch_counters` for a status change of a GPU of `gpu_type` (the sequence, the
+    /// type's figures, both status counts) plus `extra`.
+    pub fn prefetch_status_change(
+        &self,
+        gpu_type: &str,
+        from: GpuStatus,
+        to: GpuStatus,
+        extra: &[&str],
+    ) -> MarketResult<()> {
+        let (total, own_sum) = (stat::type_total(gpu_type), stat::own_price_sum(gpu_type));
+        let (was, now) = (stat::gpus_with_status(from), stat::gpus_with_status(to));
+        let mut fields = vec![stat::SEQ, &total, &own_sum, &was, &now];
+        fields.extend_from_slice(extra);
+        self.prefetch_counters(&fields)
+    }
+
+    /// Forgets what was read of a counter field another write just changed.
+    pub fn forget_counter(&self, field: &str) {
+        self.stored_counters
+            .borrow_mut()
+            .retain(|(f, _)| f != field);
     }
 
     /// Sets a counter for `flush_counters` to write; the counters hash counts as written now.
@@ -124,6 +192,15 @@ impl<'s, 'c> Region<'s, 'c> {
             .map(|(field, value)| (field.as_str(), value.to_string()))
             .collect();
         self.store.hset(&self.keys.stats(), &fields);
+        // What was read is now what was written.
+        let mut stored = self.stored_counters.borrow_mut();
+        for (field, value) in fields {
+            let value = Some(value.into_bytes());
+            match stored.iter_mut().find(|(f, _)| f == field) {
+                Some(entry) => entry.1 = value,
+                None => stored.push((field.to_owned(), value)),
+            }
+        }
     }
 
     /// Listed and registered GPUs of a type.
@@ -132,7 +209,7 @@ impl<'s, 'c> Region<'s, 'c> {
         let field = stat::type_total(gpu_type);
         let total = match self.pending_counter(&field) {
             Some(total) => total,
-            None => parse_int(self.store.hget(&self.keys.stats(), &field)?.as_deref()).unwrap_or(0),
+            None => parse_int(self.stored_counter(&field)?.as_deref()).unwrap_or(0),
         };
         Ok((listed, total))
     }
@@ -208,14 +285,26 @@ impl<'s, 'c> Region<'s, 'c> {
     }
 
     pub fn load_gpu(&self, gpu_id: &str) -> MarketResult<Option<GpuRecord>> {
+        Ok(self.load_gpu_with_ttl(gpu_id)?.map(|(gpu, _)| gpu))
+    }
+
+    /// A GPU record and its remaining time to live (one key lookup for both).
+    pub fn load_gpu_with_ttl(
+        &self,
+        gpu_id: &str,
+    ) -> MarketResult<Option<(GpuRecord, Option<i64>)>> {
         let key = self.keys.gpu(gpu_id);
         let mut fields = GpuFields::default();
-        self.store
-            .scan_hash(&key, |name, value| fields.add(name, value))?;
+        let ttl = self
+            .store
+            .scan_hash_ttl(&key, |name, value| fields.add(name, value))?;
         if !fields.any() {
             return Ok(None);
         }
-        fields.build().map(Some).ok_or(MarketError::Corrupt(key))
+        match fields.build() {
+            Some(gpu) => Ok(Some((gpu, ttl))),
+            None => Err(MarketError::Corrupt(key)),
+        }
     }
 
     pub fn require_gpu(&self, gpu_id: &str) -> MarketResult<GpuRecord> {
@@ -325,13 +414,12 @@ impl<'s, 'c> Region<'s, 'c> {
         // restarted, which would let an old type price beat every later own price.
         let current = match self.pending_counter(stat::SEQ) {
             Some(current) => current,
-            None => {
-                let key = self.keys.stats();
-                match self.store.hget(&key, stat::SEQ)? {
-                    None => 0,
-                    Some(text) => parse_int(Some(&text)).ok_or(MarketError::Corrupt(key))?,
+            None => match self.stored_counter(stat::SEQ)? {
+                None => 0,
+                Some(text) => {
+                    parse_int(Some(&text)).ok_or_else(|| MarketError::Corrupt(self.keys.stats()))?
                 }
-            }
+            },
         };
         let next = current.saturating_add(1);
         self.set_counter(stat::SEQ, next);
@@ -351,8 +439,7 @@ impl<'s, 'c> Region<'s, 'c> {
             return;
         }
         let current = self.pending_counter(field).unwrap_or_else(|| {
-            self.store
-                .hget(&self.keys.stats(), field)
+            self.stored_counter(field)
                 .ok()
                 .flatten()
                 .and_then(|v| parse_int(Some(&v)))
@@ -629,7 +716,7 @@ impl<'s, 'c> Region<'s, 'c> {
         if let Some(value) = self.pending_counter(&field) {
             return Ok(value);
         }
-        let value = self.store.hget(&self.keys.stats(), &field)?;
+        let value = self.stored_counter(&field)?;
         Ok(parse_int(value.as_deref()).unwrap_or(0))
     }
 }

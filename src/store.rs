@@ -142,13 +142,23 @@ impl<'a> Store<'a> {
     /// Visits every field of a hash with `RedisModule_ScanKey`: one pass over the hash instead
     /// of a lookup per field (a small hash is a listpack, searched linearly for each field). A
     /// missing key has no fields; another type is refused.
-    pub fn scan_hash(&self, key: &str, mut visit: impl FnMut(&[u8], &[u8])) -> MarketResult<()> {
+    pub fn scan_hash(&self, key: &str, visit: impl FnMut(&[u8], &[u8])) -> MarketResult<()> {
+        self.scan_hash_ttl(key, visit).map(|_| ())
+    }
+
+    /// `scan_hash`, also returning the key's remaining time to live (milliseconds, `None` without
+    /// one) from the same lookup.
+    pub fn scan_hash_ttl(
+        &self,
+        key: &str,
+        mut visit: impl FnMut(&[u8], &[u8]),
+    ) -> MarketResult<Option<i64>> {
         let opened = self.open_read(key);
         match opened.key_type() {
-            KeyType::Empty => Ok(()),
+            KeyType::Empty => Ok(None),
             KeyType::Hash => {
                 opened.scan(&mut visit);
-                Ok(())
+                Ok(opened.ttl_ms())
             }
             _ => Err(MarketError::WrongType(key.to_owned())),
         }
@@ -297,10 +307,6 @@ impl<'a> Store<'a> {
     }
 
     /// Milliseconds left before `key` expires; `None` when it has no expiry or does not exist.
-    pub fn pttl(&self, key: &str) -> MarketResult<Option<i64>> {
-        Ok(self.open_read(key).ttl_ms())
-    }
-
     fn write_options(&self) -> &CallOptions {
         self.replicated.get_or_init(|| {
             CallOptionsBuilder::new()

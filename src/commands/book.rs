@@ -55,6 +55,12 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let old = region.require_gpu(&gpu_id)?;
     let provider_status = region.provider_status(&old.provider)?;
     check_bookable(&gpu_id, old.status, provider_status)?;
+    region.prefetch_status_change(
+        &old.gpu_type,
+        old.status,
+        GpuStatus::Busy,
+        &[stat::BOOKINGS_CREATED],
+    )?;
     region.check_gpu_key_types(&gpu_id, &old.gpu_type, &old.provider)?;
     let type_price = region.load_type_price(&old.gpu_type)?;
     // The booking is charged what the GPU shows at this moment, demand multiplier included
@@ -121,6 +127,15 @@ pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     region.check_key_types(&[])?;
     // The GPU is released only if this booking is the one holding it.
     let held = region.held_gpu(&booking.gpu_id, &booking_id)?;
+    match &held {
+        Some(held) => region.prefetch_status_change(
+            &held.gpu.gpu_type,
+            held.gpu.status,
+            GpuStatus::Available,
+            &[stat::BOOKINGS_CANCELLED],
+        )?,
+        None => region.prefetch_counters(&[stat::BOOKINGS_CANCELLED])?,
+    }
 
     let now = store.now_ms();
     // The sequence is read (and refused if corrupt) before the first write.

@@ -2,7 +2,7 @@
 
 use super::{Args, Out, Reply};
 use crate::core::demand::format_hundredths;
-use crate::core::error::MarketResult;
+use crate::core::error::{MarketError, MarketResult};
 use crate::core::gpu::GpuRecord;
 use crate::core::status::is_listed;
 use crate::market::Region;
@@ -10,7 +10,13 @@ use crate::store::Store;
 use redis_module::RedisString;
 
 /// The full record of one GPU as clients see it: effective price, provider status, booking.
-pub fn gpu_reply(region: &Region, gpu_id: &str, gpu: &GpuRecord) -> MarketResult<Out> {
+/// `ttl` is the record's remaining time to live, read with it.
+pub fn gpu_reply(
+    region: &Region,
+    gpu_id: &str,
+    gpu: &GpuRecord,
+    ttl: Option<i64>,
+) -> MarketResult<Out> {
     let provider_status = region.provider_status(&gpu.provider)?;
     let shown = region.shown_price(gpu)?;
     let booking = gpu
@@ -19,7 +25,6 @@ pub fn gpu_reply(region: &Region, gpu_id: &str, gpu: &GpuRecord) -> MarketResult
         .map(|id| region.load_booking(id))
         .transpose()?
         .flatten();
-    let ttl = region.store.pttl(&region.keys.gpu(gpu_id))?;
     // Fields are added in name order: `Reply::build` sorts them anyway, and sorted input costs
     // it one comparison per field.
     let mut reply = Reply::new().text("base_price", shown.base.to_string());
@@ -67,6 +72,8 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 2, 2)?;
     let region = Region::new(store, args.region()?);
     let gpu_id = args.id("gpu id")?;
-    let gpu = region.require_gpu(&gpu_id)?;
-    gpu_reply(&region, &gpu_id, &gpu)
+    let (gpu, ttl) = region
+        .load_gpu_with_ttl(&gpu_id)?
+        .ok_or_else(|| MarketError::NoGpu(gpu_id.clone()))?;
+    gpu_reply(&region, &gpu_id, &gpu, ttl)
 }

@@ -70,13 +70,12 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
         // The sum goes with the index; counters changed so far are written first, so the
         // deferred `HSET` cannot bring the field back.
         region.flush_counters();
+        let own_sum = stat::own_price_sum(&gpu_type);
         store.write(
             "HDEL",
-            &[
-                region.keys.stats().as_bytes(),
-                stat::own_price_sum(&gpu_type).as_bytes(),
-            ],
+            &[region.keys.stats().as_bytes(), own_sum.as_bytes()],
         );
+        region.forget_counter(&own_sum);
     }
 
     let mut event = Event::new(EventKind::PricingUpdated, &region.name, now);

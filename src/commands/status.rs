@@ -25,6 +25,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
             .build());
     }
     region.check_gpu_key_types(&gpu_id, &old.gpu_type, &old.provider)?;
+    region.prefetch_status_change(&old.gpu_type, old.status, target, &[])?;
     let provider_status = region.provider_status(&old.provider)?;
     let type_price = region.load_type_price(&old.gpu_type)?;
 
