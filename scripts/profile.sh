@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Instruction counts per command: runs redis-server with the release module under
 # `valgrind --tool=callgrind`, loads a marketplace with examples/loadgen.rs, then for each
-# operation zeroes the counters, runs it (pipelined) and dumps a profile. Prints
-# `<op> calls=<n> Ir=<instructions> Ir/call=<instructions per command>` per operation.
+# operation (module command, its Lua equivalent from scripts/lua/, and the HSET/HGETALL floors)
+# zeroes the counters, runs it (pipelined) and dumps a profile. Prints
+# `<op> calls=<n> Ir=<instructions> Ir/call=<instructions per command>` per operation, then a
+# table of instructions per command with the ratios bench.sh shows as throughput: lua/mod > 1
+# means the module does less work than the script; mod/floor is the floor's share of the
+# module's work (the throughput ratio a server-bound run would approach).
 #
 # Instruction counts hardly move with the load of other processes, unlike the wall-clock
 # figures of scripts/bench.sh, so this is the tool for before/after comparisons of a change.
@@ -51,21 +55,53 @@ calls() {
     BEGIN { n = split(names, w, " "); for (i = 1; i <= n; i++) want["cmdstat_" w[i]] = 1 }
     ($1 in want) { c += $3 } END { print c + 0 }'
 }
-for spec in "get:gpucache.get" "status:gpucache.status" \
-  "book_cancel:gpucache.book gpucache.cancel" "available:gpucache.available" \
-  "orderbook:gpucache.orderbook" "hgetall:hgetall" "hset:hset"; do
-  op=${spec%%:*}
-  cmds=${spec#*:}
-  n=$N
-  [ "$op" = available ] && n=$((N / 5))
+# Instructions per call of one operation, pipelined: zero the counters, run, dump, divide.
+profile_op() {
+  local op="$1" n="$2"
+  shift 2
   cli CONFIG RESETSTAT >/dev/null
   callgrind_control -z "$VPID" >/dev/null 2>&1
   "$LOADGEN" run --port "$PORT" --op "$op" --requests "$n" --pipeline 16 --connections 1 \
     --gpus "$GPUS" --regions 4 --types 8 >/dev/null
   callgrind_control -d "$op" "$VPID" >/dev/null 2>&1
-  c=$(calls $cmds)
+  local c dump ir
+  c=$(calls "$@")
   dump=$(ls -t "$OUT"/callgrind.out.* | head -1)
   mv "$dump" "$OUT/$op.cg"
   ir=$(awk '/^summary:/ { print $2; exit }' "$OUT/$op.cg")
-  echo "$op calls=$c Ir=$ir Ir/call=$((ir / c))"
+  echo "$op calls=$c Ir=$ir Ir/call=$((ir / c))" >&2
+  echo $((ir / c))
+}
+
+declare -A IR
+IR[hset]=$(profile_op hset "$N" hset)
+IR[hgetall]=$(profile_op hgetall "$N" hgetall)
+ROWS=()
+for op in get status book_cancel available orderbook price; do
+  case $op in
+    book_cancel) cmds="gpucache.book gpucache.cancel"; floor=hset ;;
+    price | status) cmds="gpucache.$op"; floor=hset ;;
+    *) cmds="gpucache.$op"; floor=hgetall ;;
+  esac
+  n=$N
+  [ "$op" = available ] && n=$((N / 5))
+  if [ "$op" = price ]; then
+    # As in bench.sh: the one-time move of each type's GPUs to its type-price index is in
+    # neither side's figures.
+    for r in 0 1 2 3; do for t in 0 1 2 3 4 5 6 7; do
+      cli GPUCACHE.PRICE "r$r" "t$t" 1 >/dev/null
+    done; done
+  fi
+  mod=$(profile_op "$op" "$n" $cmds)
+  lua=$(profile_op "lua_$op" "$n" evalsha)
+  ROWS+=("$op $mod $lua $floor ${IR[$floor]}")
+done
+
+echo
+echo "instructions per command inside redis-server (GPUS=$GPUS, pipelined), module vs Lua vs floor"
+printf '%-12s %10s %10s %8s %8s %10s %10s\n' op module lua lua/mod floor floor_ir mod/floor
+for row in "${ROWS[@]}"; do
+  read -r op mod lua floor fir <<<"$row"
+  awk -v op="$op" -v m="$mod" -v l="$lua" -v f="$floor" -v fi="$fir" 'BEGIN {
+    printf "%-12s %10d %10d %8.2f %8s %10d %10.3f\n", op, m, l, l / m, f, fi, fi / m }'
 done

@@ -452,8 +452,17 @@ impl<'s, 'c> Region<'s, 'c> {
     pub fn record_booking(&self, now_ms: i64, cost_micros: i64) -> MarketResult<()> {
         let key = self.keys.window_24h();
         let bucket = window::bucket_of(now_ms);
+        // Both figures of the bucket, the hash's size and its expiry: one lookup.
+        let (count_field, volume_field) =
+            (window::count_field(bucket), window::volume_field(bucket));
+        let (current, meta) =
+            self.store
+                .with_hash_meta(&key, &[&count_field, &volume_field], |values, meta| {
+                    let value = |i: usize| parse_int(values.get(i).copied().flatten()).unwrap_or(0);
+                    ((value(0), value(1)), meta)
+                })?;
         // Two fields per bucket; a few spare buckets before pruning keeps pruning rare.
-        let prune = self.store.hlen(&key)? > 2 * (window::BUCKETS + 8);
+        let prune = meta.len > 2 * (window::BUCKETS + 8) as usize;
         let stale: Vec<String> = if prune {
             self.store
                 .members("HKEYS", &key)?
@@ -463,16 +472,7 @@ impl<'s, 'c> Region<'s, 'c> {
         } else {
             Vec::new()
         };
-        // Both figures of the bucket: one read, one write (garbage counts as 0, sums saturate).
-        let (count_field, volume_field) =
-            (window::count_field(bucket), window::volume_field(bucket));
-        let current = self
-            .store
-            .with_hash(&key, &[&count_field, &volume_field], |values| {
-                let value = |i: usize| parse_int(values.get(i).copied().flatten()).unwrap_or(0);
-                (value(0), value(1))
-            })
-            .unwrap_or((0, 0));
+        // Garbage counts as 0, sums saturate.
         let mut bucket_fields = vec![(
             count_field.as_str(),
             current.0.saturating_add(1).to_string(),
@@ -489,11 +489,15 @@ impl<'s, 'c> Region<'s, 'c> {
             args.extend(stale.iter().map(|f| f.as_bytes()));
             self.store.write("HDEL", &args);
         }
-        // A region without bookings for a whole window needs none of it.
-        self.store.pexpire_at(
-            &key,
-            now_ms.saturating_add(window::WINDOW_MS + window::BUCKET_MS),
-        );
+        // A region without bookings for a whole window needs none of it: the hash lives a window
+        // (and a bucket) past its latest booking. Pushed forward once a bucket rather than on
+        // every booking: only when less than a window is left.
+        if meta.ttl_ms.is_none_or(|ttl| ttl < window::WINDOW_MS) {
+            self.store.pexpire_at(
+                &key,
+                now_ms.saturating_add(window::WINDOW_MS + window::BUCKET_MS),
+            );
+        }
         Ok(())
     }
 

@@ -118,25 +118,42 @@ impl<'a> Store<'a> {
         fields: &[&str],
         use_values: impl FnOnce(&[Option<&[u8]>]) -> T,
     ) -> MarketResult<T> {
+        self.with_hash_meta(key, fields, |values, _| use_values(values))
+    }
+
+    /// `with_hash`, also handing over the hash's length and time to live from the same lookup.
+    pub fn with_hash_meta<T>(
+        &self,
+        key: &str,
+        fields: &[&str],
+        use_values: impl FnOnce(&[Option<&[u8]>], HashMeta) -> T,
+    ) -> MarketResult<T> {
         let opened = self.open_read(key);
         match opened.key_type() {
             KeyType::Empty | KeyType::Hash => {}
             _ => return Err(MarketError::WrongType(key.to_owned())),
         }
+        let meta = HashMeta {
+            len: opened.value_length(),
+            ttl_ms: opened.ttl_ms(),
+        };
         if fields.len() <= HASH_GET_BATCH {
             let values = opened.hash_get(fields);
             let mut slices: [Option<&[u8]>; HASH_GET_BATCH] = [None; HASH_GET_BATCH];
             for (slot, value) in slices.iter_mut().zip(values.iter()) {
                 *slot = value;
             }
-            return Ok(use_values(slices.get(..fields.len()).unwrap_or_default()));
+            return Ok(use_values(
+                slices.get(..fields.len()).unwrap_or_default(),
+                meta,
+            ));
         }
         let batches: Vec<FieldValues> = fields
             .chunks(HASH_GET_BATCH)
             .map(|chunk| opened.hash_get(chunk))
             .collect();
         let slices: Vec<Option<&[u8]>> = batches.iter().flat_map(FieldValues::iter).collect();
-        Ok(use_values(&slices))
+        Ok(use_values(&slices, meta))
     }
 
     /// Visits every field of a hash with `RedisModule_ScanKey`: one pass over the hash instead
@@ -200,7 +217,9 @@ impl<'a> Store<'a> {
     }
 
     pub fn hlen(&self, key: &str) -> MarketResult<i64> {
-        self.integer("HLEN", &[key.as_bytes()])
+        self.with_hash_meta(key, &[], |_, meta| {
+            i64::try_from(meta.len).unwrap_or(i64::MAX)
+        })
     }
 
     pub fn integer(&self, command: &str, args: &[&[u8]]) -> MarketResult<i64> {
@@ -367,11 +386,46 @@ impl<'a> Store<'a> {
         self.write("PEXPIREAT", &[key.as_bytes(), at_ms.to_string().as_bytes()]);
     }
 
+    /// Fires a module keyspace event (class `d`) on `key`.
     pub fn notify(&self, event: &str, key: &str) {
-        let name = self.ctx.create_string(key);
-        let _ = self
-            .ctx
-            .notify_keyspace_event(NotifyEvent::MODULE, event, &name);
+        // Event names are short constants: a NUL-terminated copy on the stack and a raw key
+        // string, instead of the crate's CString and RedisString per call (~1.3k instructions,
+        // eight or more times per write command).
+        let mut name = [0u8; 48];
+        if event.len() >= name.len() || event.as_bytes().contains(&0) {
+            let key = self.ctx.create_string(key);
+            let _ = self
+                .ctx
+                .notify_keyspace_event(NotifyEvent::MODULE, event, &key);
+            return;
+        }
+        let Some(slot) = name.get_mut(..event.len()) else {
+            return;
+        };
+        slot.copy_from_slice(event.as_bytes());
+        let ctx = self.ctx.get_raw();
+        // SAFETY: plain module API calls on the command's context: `name` is NUL-terminated,
+        // the key string is created, passed and freed here.
+        unsafe {
+            let (Some(create), Some(notify), Some(free)) = (
+                raw::RedisModule_CreateString,
+                raw::RedisModule_NotifyKeyspaceEvent,
+                raw::RedisModule_FreeString,
+            ) else {
+                return;
+            };
+            let keyname = create(ctx, key.as_ptr().cast::<c_char>(), key.len());
+            if keyname.is_null() {
+                return;
+            }
+            notify(
+                ctx,
+                NotifyEvent::MODULE.bits(),
+                name.as_ptr().cast::<c_char>(),
+                keyname,
+            );
+            free(ctx, keyname);
+        }
     }
 }
 
@@ -394,6 +448,15 @@ pub fn select_db(ctx: &Context, db: i32) -> bool {
             .map(|f| f(ctx.get_raw(), db) == redis_module::raw::REDISMODULE_OK as i32)
             .unwrap_or(false)
     }
+}
+
+/// What `with_hash_meta` reports of a hash besides its fields.
+#[derive(Debug, Clone, Copy)]
+pub struct HashMeta {
+    /// Number of fields (0 for a missing key).
+    pub len: usize,
+    /// Remaining time to live in milliseconds, `None` without one (or without the key).
+    pub ttl_ms: Option<i64>,
 }
 
 /// How many fields one `RedisModule_HashGet` call reads (its variadic call below has this many

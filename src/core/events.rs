@@ -107,8 +107,14 @@ impl Event {
     }
 
     pub fn to_json(&self) -> String {
-        // Serialising plain strings, numbers and maps cannot fail.
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+        // Sized for a typical event with its key list, so the buffer is not grown while writing.
+        let keys: usize = self.keys.iter().map(|k| k.len() + 3).sum();
+        let mut out = Vec::with_capacity(256 + keys);
+        // Serialising plain strings, numbers and maps cannot fail; serde_json writes UTF-8.
+        match serde_json::to_writer(&mut out, self) {
+            Ok(()) => String::from_utf8(out).unwrap_or_else(|_| String::from("{}")),
+            Err(_) => String::from("{}"),
+        }
     }
 }
 
