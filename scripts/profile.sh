@@ -20,6 +20,8 @@
 # Needs valgrind (apt-get install valgrind). Counts include Redis's own work per command
 # (parsing, replying); HSET and HGETALL are measured as floors.
 set -euo pipefail
+# profile_op runs in $(...): without this its failures would not stop the script.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 
 GPUS="${GPUS:-2000}"
@@ -69,10 +71,18 @@ profile_op() {
   dump=$(ls -t "$OUT"/callgrind.out.* | head -1)
   mv "$dump" "$OUT/$op.cg"
   ir=$(awk '/^summary:/ { print $2; exit }' "$OUT/$op.cg")
+  if [ "${c:-0}" -eq 0 ] || [ -z "$ir" ]; then
+    echo "profile of $op: no calls counted or no profile written" >&2
+    exit 1
+  fi
   echo "$op calls=$c Ir=$ir Ir/call=$((ir / c))" >&2
   echo $((ir / c))
 }
 
+# loadgen loads (compiles) the Lua scripts when it starts: once here, so that no measured
+# operation pays for it.
+"$LOADGEN" run --port "$PORT" --op lua_get --requests 16 --pipeline 1 --connections 1 \
+  --gpus "$GPUS" --regions 4 --types 8 >/dev/null
 declare -A IR
 IR[hset]=$(profile_op hset "$N" hset)
 IR[hgetall]=$(profile_op hgetall "$N" hgetall)

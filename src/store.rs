@@ -325,7 +325,6 @@ impl<'a> Store<'a> {
         self.members_of(command, &[key.as_bytes()])
     }
 
-    /// Milliseconds left before `key` expires; `None` when it has no expiry or does not exist.
     fn write_options(&self) -> &CallOptions {
         self.replicated.get_or_init(|| {
             CallOptionsBuilder::new()
@@ -392,7 +391,11 @@ impl<'a> Store<'a> {
         // string, instead of the crate's CString and RedisString per call (~1.3k instructions,
         // eight or more times per write command).
         let mut name = [0u8; 48];
-        if event.len() >= name.len() || event.as_bytes().contains(&0) {
+        if event.as_bytes().contains(&0) {
+            // Not a valid event name (and the crate's path would panic on it).
+            return;
+        }
+        if event.len() >= name.len() {
             let key = self.ctx.create_string(key);
             let _ = self
                 .ctx

@@ -55,6 +55,8 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let old = region.require_gpu(&gpu_id)?;
     let provider_status = region.provider_status(&old.provider)?;
     check_bookable(&gpu_id, old.status, provider_status)?;
+    // After `settle_vanished`, which may change the counters: what is read here stays valid
+    // for the rest of the command.
     region.prefetch_status_change(
         &old.gpu_type,
         old.status,
