@@ -108,19 +108,13 @@ impl<'s, 'c> Region<'s, 'c> {
 
     /// A counter field as stored in the counters hash before this command's pending changes.
     fn stored_counter(&self, field: &str) -> MarketResult<Option<Vec<u8>>> {
-        if let Some((_, value)) = self
+        self.prefetch_counters(&[field])?;
+        Ok(self
             .stored_counters
             .borrow()
             .iter()
             .find(|(f, _)| f == field)
-        {
-            return Ok(value.clone());
-        }
-        let value = self.store.hget(&self.keys.stats(), field)?;
-        self.stored_counters
-            .borrow_mut()
-            .push((field.to_owned(), value.clone()));
-        Ok(value)
+            .and_then(|(_, value)| value.clone()))
     }
 
     /// Reads the counters a command is about to use with one hash lookup instead of one each
@@ -455,14 +449,14 @@ impl<'s, 'c> Region<'s, 'c> {
         // Both figures of the bucket, the hash's size and its expiry: one lookup.
         let (count_field, volume_field) =
             (window::count_field(bucket), window::volume_field(bucket));
-        let (current, meta) =
+        let (current, len, ttl_ms) =
             self.store
                 .with_hash_meta(&key, &[&count_field, &volume_field], |values, meta| {
                     let value = |i: usize| parse_int(values.get(i).copied().flatten()).unwrap_or(0);
-                    ((value(0), value(1)), meta)
+                    ((value(0), value(1)), meta.field_count(), meta.ttl_ms())
                 })?;
         // Two fields per bucket; a few spare buckets before pruning keeps pruning rare.
-        let prune = meta.len > 2 * (window::BUCKETS + 8) as usize;
+        let prune = len > 2 * (window::BUCKETS + 8) as usize;
         let stale: Vec<String> = if prune {
             self.store
                 .members("HKEYS", &key)?
@@ -492,7 +486,7 @@ impl<'s, 'c> Region<'s, 'c> {
         // A region without bookings for a whole window needs none of it: the hash lives a window
         // (and a bucket) past its latest booking. Pushed forward once a bucket rather than on
         // every booking: only when less than a window is left.
-        if meta.ttl_ms.is_none_or(|ttl| ttl < window::WINDOW_MS) {
+        if ttl_ms.is_none_or(|ttl| ttl < window::WINDOW_MS) {
             self.store.pexpire_at(
                 &key,
                 now_ms.saturating_add(window::WINDOW_MS + window::BUCKET_MS),

@@ -121,7 +121,8 @@ impl<'a> Store<'a> {
         self.with_hash_meta(key, fields, |values, _| use_values(values))
     }
 
-    /// `with_hash`, also handing over the hash's length and time to live from the same lookup.
+    /// `with_hash`, also handing over the open hash's length and time to live (read only if
+    /// asked for).
     pub fn with_hash_meta<T>(
         &self,
         key: &str,
@@ -133,10 +134,7 @@ impl<'a> Store<'a> {
             KeyType::Empty | KeyType::Hash => {}
             _ => return Err(MarketError::WrongType(key.to_owned())),
         }
-        let meta = HashMeta {
-            len: opened.value_length(),
-            ttl_ms: opened.ttl_ms(),
-        };
+        let meta = HashMeta(&opened);
         if fields.len() <= HASH_GET_BATCH {
             let values = opened.hash_get(fields);
             let mut slices: [Option<&[u8]>; HASH_GET_BATCH] = [None; HASH_GET_BATCH];
@@ -160,7 +158,7 @@ impl<'a> Store<'a> {
     /// of a lookup per field (a small hash is a listpack, searched linearly for each field). A
     /// missing key has no fields; another type is refused.
     pub fn scan_hash(&self, key: &str, visit: impl FnMut(&[u8], &[u8])) -> MarketResult<()> {
-        self.scan_hash_ttl(key, visit).map(|_| ())
+        self.scan_hash_then(key, visit, |_| ()).map(|_| ())
     }
 
     /// `scan_hash`, also returning the key's remaining time to live (milliseconds, `None` without
@@ -168,14 +166,25 @@ impl<'a> Store<'a> {
     pub fn scan_hash_ttl(
         &self,
         key: &str,
-        mut visit: impl FnMut(&[u8], &[u8]),
+        visit: impl FnMut(&[u8], &[u8]),
     ) -> MarketResult<Option<i64>> {
+        self.scan_hash_then(key, visit, ReadKey::ttl_ms)
+            .map(Option::flatten)
+    }
+
+    /// `scan_hash`, then `then` on the open key (`None` for a missing key).
+    fn scan_hash_then<T>(
+        &self,
+        key: &str,
+        mut visit: impl FnMut(&[u8], &[u8]),
+        then: impl FnOnce(&ReadKey) -> T,
+    ) -> MarketResult<Option<T>> {
         let opened = self.open_read(key);
         match opened.key_type() {
             KeyType::Empty => Ok(None),
             KeyType::Hash => {
                 opened.scan(&mut visit);
-                Ok(opened.ttl_ms())
+                Ok(Some(then(&opened)))
             }
             _ => Err(MarketError::WrongType(key.to_owned())),
         }
@@ -218,7 +227,7 @@ impl<'a> Store<'a> {
 
     pub fn hlen(&self, key: &str) -> MarketResult<i64> {
         self.with_hash_meta(key, &[], |_, meta| {
-            i64::try_from(meta.len).unwrap_or(i64::MAX)
+            i64::try_from(meta.field_count()).unwrap_or(i64::MAX)
         })
     }
 
@@ -453,13 +462,19 @@ pub fn select_db(ctx: &Context, db: i32) -> bool {
     }
 }
 
-/// What `with_hash_meta` reports of a hash besides its fields.
-#[derive(Debug, Clone, Copy)]
-pub struct HashMeta {
+/// What `with_hash_meta` can tell of the open hash besides its fields, read when asked for.
+pub struct HashMeta<'k>(&'k ReadKey);
+
+impl HashMeta<'_> {
     /// Number of fields (0 for a missing key).
-    pub len: usize,
+    pub fn field_count(&self) -> usize {
+        self.0.value_length()
+    }
+
     /// Remaining time to live in milliseconds, `None` without one (or without the key).
-    pub ttl_ms: Option<i64>,
+    pub fn ttl_ms(&self) -> Option<i64> {
+        self.0.ttl_ms()
+    }
 }
 
 /// How many fields one `RedisModule_HashGet` call reads (its variadic call below has this many
