@@ -449,12 +449,15 @@ impl<'s, 'c> Region<'s, 'c> {
         // Both figures of the bucket, the hash's size and its expiry: one lookup.
         let (count_field, volume_field) =
             (window::count_field(bucket), window::volume_field(bucket));
-        let (current, len, ttl_ms) =
-            self.store
-                .with_hash_meta(&key, &[&count_field, &volume_field], |values, meta| {
-                    let value = |i: usize| parse_int(values.get(i).copied().flatten()).unwrap_or(0);
-                    ((value(0), value(1)), meta.field_count(), meta.ttl_ms())
-                })?;
+        let (current, len, ttl_ms) = self
+            .store
+            .with_hash_meta(&key, &[&count_field, &volume_field], |values, meta| {
+                let value = |i: usize| parse_int(values.get(i).copied().flatten()).unwrap_or(0);
+                ((value(0), value(1)), meta.field_count(), meta.ttl_ms())
+            })
+            // The command checked this key's type before its first write: nothing to refuse
+            // here, where refusing would leave the booking half-recorded.
+            .unwrap_or(((0, 0), 0, None));
         // Two fields per bucket; a few spare buckets before pruning keeps pruning rare.
         let prune = len > 2 * (window::BUCKETS + 8) as usize;
         let stale: Vec<String> = if prune {
