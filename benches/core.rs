@@ -43,6 +43,7 @@ fn rules(c: &mut Criterion) {
         score: Some(9.5),
         status: GpuStatus::Available,
         booking: None,
+        booking_terms: None,
         version: 12,
         updated_ms: 1_700_000_000_000,
     }

@@ -4,13 +4,16 @@
 use crate::core::demand::DemandTiers;
 use redis_module::configuration::{ConfigurationContext, ConfigurationValue};
 use redis_module::{RedisError, RedisString};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 pub static AVAILABILITY_TTL: AtomicI64 = AtomicI64::new(300);
 pub static PRICING_TTL: AtomicI64 = AtomicI64::new(600);
 pub static JITTER_PERCENT: AtomicI64 = AtomicI64::new(10);
 pub static STREAM_MAXLEN: AtomicI64 = AtomicI64::new(10_000);
+/// `gpucache.accept-eviction-risk` (load argument `ACCEPT_EVICTION_RISK yes|no`): lets `BOOK`
+/// run under an `allkeys-*` eviction policy, which can evict bookings (see `eviction.rs`).
+pub static ACCEPT_EVICTION_RISK: AtomicBool = AtomicBool::new(false);
 
 /// One tunable: its `CONFIG` name, load-argument name, default and accepted range.
 pub struct Setting {
@@ -112,6 +115,19 @@ pub fn apply_load_args(args: &[&[u8]]) -> Result<(), String> {
     for pair in args.chunks_exact(2) {
         let (name, raw) = (pair[0], pair[1]);
         let name_text = crate::core::input::shown(name, 64);
+        if name.eq_ignore_ascii_case(b"ACCEPT_EVICTION_RISK")
+            || name.eq_ignore_ascii_case(b"accept-eviction-risk")
+        {
+            let accept = if raw.eq_ignore_ascii_case(b"yes") {
+                true
+            } else if raw.eq_ignore_ascii_case(b"no") {
+                false
+            } else {
+                return Err("module argument ACCEPT_EVICTION_RISK must be yes or no".to_owned());
+            };
+            ACCEPT_EVICTION_RISK.store(accept, Ordering::Relaxed);
+            continue;
+        }
         if name.eq_ignore_ascii_case(b"DEMAND_TIERS") || name.eq_ignore_ascii_case(b"demand-tiers")
         {
             let text =
@@ -129,7 +145,7 @@ pub fn apply_load_args(args: &[&[u8]]) -> Result<(), String> {
             })
             .ok_or_else(|| {
                 let mut known: Vec<&str> = SETTINGS.iter().map(|s| s.load_arg).collect();
-                known.push("DEMAND_TIERS");
+                known.extend(["DEMAND_TIERS", "ACCEPT_EVICTION_RISK"]);
                 format!(
                     "unknown module argument '{name_text}' (known: {})",
                     known.join(", ")
@@ -173,6 +189,15 @@ mod tests {
             "a bad value keeps the old"
         );
         DEMAND_TIERS.replace(DEFAULT_DEMAND_TIERS).unwrap();
+    }
+
+    #[test]
+    fn the_eviction_risk_is_accepted_only_by_yes_or_no() {
+        assert!(apply_load_args(&[b"ACCEPT_EVICTION_RISK", b"maybe"]).is_err());
+        assert!(apply_load_args(&[b"accept-eviction-risk", b"YES"]).is_ok());
+        assert!(ACCEPT_EVICTION_RISK.load(Ordering::Relaxed));
+        assert!(apply_load_args(&[b"ACCEPT_EVICTION_RISK", b"no"]).is_ok());
+        assert!(!ACCEPT_EVICTION_RISK.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Index healing after a record disappears on its own (TTL expiry or eviction).
+//! Healing after a record disappears on its own (TTL expiry or eviction), and the queue that
+//! makes sure no repair is ever dropped.
 //!
 //! Redis reports the deletion through a keyspace event, but writing from inside that callback
 //! is unsafe on Redis 7.0, so the callback only queues the key and arms a 1 ms timer; the
@@ -6,75 +7,303 @@
 //! publishes the usual events. Only the primary heals: a replica receives the primary's repairs
 //! through replication. Until the repair runs, reads already skip index entries whose record is
 //! gone, so no read ever returns an expired GPU.
+//!
+//! A repair Redis refuses to write (the cluster is down, the region's slot is not served here,
+//! the server is loading) stays queued and is retried with a growing delay until it succeeds;
+//! one whose writes failed half-way becomes a repair of its whole region (`repair.rs`), which
+//! recounts rather than replays, so retrying it is always safe. Each timer call works for at
+//! most a few milliseconds and leaves the rest for the next.
 
+use crate::core::booking::{Booking, BookingTerms};
 use crate::core::error::MarketResult;
 use crate::core::events::{notify, Event, EventKind};
-use crate::core::gpu::RegistryEntry;
+use crate::core::gpu::{GpuRecord, RegistryEntry};
 use crate::core::price::Price;
+use crate::core::status::GpuStatus;
 use crate::keys::RegionKeys;
-use crate::market::{stat, Region};
+use crate::market::{stat, BookingEnd, Region};
 use crate::store::{select_db, selected_db, Store};
 use redis_module::logging::RedisLogLevel;
-use redis_module::server_events::{LoadingSubevent, ServerRole};
 use redis_module::{Context, ContextFlags, NotifyEvent};
-use redis_module_macros::{loading_event_handler, role_changed_event_handler};
-use std::cell::RefCell;
-use std::time::Duration;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-thread_local! {
-    // Keyspace events and timers both run on Redis's main thread.
-    static PENDING: RefCell<Vec<(i32, String)>> = const { RefCell::new(Vec::new()) };
-    static TIMER_ARMED: RefCell<bool> = const { RefCell::new(false) };
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// A record that expired or was evicted: repair what it left behind.
+    Key(String),
+    /// Repair (recount, rebuild) a whole region.
+    Region(String),
 }
 
-/// Upper bound on queued keys; beyond it further expiries are left to `GPUCACHE.REPAIR` (and
-/// logged), so a mass expiry cannot grow the queue without bound.
-const MAX_PENDING: usize = 1_000_000;
+#[derive(Debug, Clone)]
+struct Job {
+    db: i32,
+    target: Target,
+    attempts: u32,
+    not_before_ms: i64,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Regions with a whole-region repair queued (each is queued once).
+    regions: BTreeSet<(i32, String)>,
+    timer_armed: bool,
+    retries: u64,
+    healed: u64,
+    region_repairs: u64,
+}
+
+static QUEUE: LazyLock<Mutex<Queue>> = LazyLock::new(|| Mutex::new(Queue::default()));
+
+fn queue() -> MutexGuard<'static, Queue> {
+    QUEUE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Keys queued one by one; beyond this a mass expiry is handled as repairs of whole regions
+/// (one job per region), so the queue stays bounded and nothing is dropped.
+const MAX_KEY_JOBS: usize = 1_000_000;
+/// Time one timer call may spend repairing before it yields to clients.
+const BUDGET: Duration = Duration::from_millis(2);
+/// Retry delays double from the first to the last.
+const FIRST_RETRY_MS: i64 = 100;
+const LAST_RETRY_MS: i64 = 5_000;
+
+/// What `INFO gpucache` shows of healing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HealFigures {
+    pub queued: usize,
+    pub retrying: usize,
+    pub retries: u64,
+    pub healed: u64,
+    pub region_repairs: u64,
+}
+
+pub fn figures() -> HealFigures {
+    let queue = queue();
+    HealFigures {
+        queued: queue.jobs.len(),
+        retrying: queue.jobs.iter().filter(|j| j.attempts > 0).count(),
+        retries: queue.retries,
+        healed: queue.healed,
+        region_repairs: queue.region_repairs,
+    }
+}
+
+/// Whether a key name is one of gpucache's records that healing follows. Names gpucache's
+/// parsers would refuse (another client's keys under the prefix) are ignored.
+fn healable(key: &str) -> bool {
+    let Some((region, entity, id)) = RegionKeys::parse(key) else {
+        return false;
+    };
+    matches!(entity, "gpu" | "booking" | "price")
+        && crate::core::input::region(region.as_bytes()).is_ok()
+        && crate::core::input::id("id", id.as_bytes()).is_ok()
+}
 
 /// Keyspace-event handler for `expired` and `evicted`.
 pub fn on_key_gone(ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &[u8]) {
     let Ok(key) = std::str::from_utf8(key) else {
         return;
     };
-    let Some((_, entity, _)) = RegionKeys::parse(key) else {
-        return;
-    };
-    if !matches!(entity, "gpu" | "booking" | "price") {
+    if !healable(key) {
         return;
     }
-    PENDING.with(|pending| {
-        let mut pending = pending.borrow_mut();
-        if pending.len() < MAX_PENDING {
-            pending.push((selected_db(ctx), key.to_owned()));
+    let db = selected_db(ctx);
+    let overflow = {
+        let mut queue = queue();
+        if queue.jobs.len() < MAX_KEY_JOBS {
+            queue.jobs.push_back(Job {
+                db,
+                target: Target::Key(key.to_owned()),
+                attempts: 0,
+                not_before_ms: 0,
+            });
+            false
         } else {
-            crate::log(
-                ctx,
-                RedisLogLevel::Warning,
-                &format!("gpucache: heal queue full, {key} left for GPUCACHE.REPAIR"),
-            );
+            true
         }
-    });
-    let must_arm = TIMER_ARMED.with(|armed| !armed.replace(true));
+    };
+    if overflow {
+        if let Some((region, _, _)) = RegionKeys::parse(key) {
+            queue_region_repair(ctx, region);
+        }
+    }
+    arm(ctx, 1);
+}
+
+/// Queues a repair of a whole region (once: a region already queued is not queued again).
+pub fn queue_region_repair(ctx: &Context, region: &str) {
+    queue_region_repair_in(ctx, selected_db(ctx), region);
+}
+
+fn queue_region_repair_in(ctx: &Context, db: i32, region: &str) {
+    {
+        let mut queue = queue();
+        if !queue.regions.insert((db, region.to_owned())) {
+            return;
+        }
+        queue.jobs.push_back(Job {
+            db,
+            target: Target::Region(region.to_owned()),
+            attempts: 0,
+            not_before_ms: 0,
+        });
+    }
+    arm(ctx, 1);
+}
+
+/// Queues a repair of every region this server holds: after a load (records whose time
+/// passed while the server was down are not loaded, and nothing announces them) and after a
+/// promotion (repairs the old primary had queued). One job per region, worked through within
+/// the timer's budget like any other.
+pub fn queue_every_region(ctx: &Context) {
+    for (db, region) in crate::regions::known_everywhere() {
+        queue_region_repair_in(ctx, db, &region);
+    }
+}
+
+fn arm(ctx: &Context, delay_ms: i64) {
+    let must_arm = !std::mem::replace(&mut queue().timer_armed, true);
     if must_arm {
-        ctx.create_timer(Duration::from_millis(1), drain, ());
+        let delay = u64::try_from(delay_ms.clamp(1, LAST_RETRY_MS)).unwrap_or(1);
+        ctx.create_timer(Duration::from_millis(delay), drain, ());
     }
 }
 
 fn drain(ctx: &Context, _: ()) {
-    TIMER_ARMED.with(|armed| armed.replace(false));
-    let keys = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
+    queue().timer_armed = false;
     let flags = ctx.get_flags();
-    if flags.contains(ContextFlags::SLAVE) || flags.contains(ContextFlags::LOADING) {
+    if flags.contains(ContextFlags::SLAVE) {
+        // The primary repairs; its writes arrive by replication. A promotion queues every
+        // region again.
+        let mut queue = queue();
+        queue.jobs.clear();
+        queue.regions.clear();
         return;
     }
+    if flags.contains(ContextFlags::LOADING) {
+        arm(ctx, FIRST_RETRY_MS);
+        return;
+    }
+    let deadline = Instant::now() + BUDGET;
     let original = selected_db(ctx);
-    for (db, key) in keys {
-        // The key expired in the db its event came from; heal there.
-        if select_db(ctx, db) {
-            heal_key(ctx, &key);
+    let mut deferred: Vec<Job> = Vec::new();
+    while Instant::now() < deadline {
+        let now = Store::new(ctx).now_ms();
+        let Some(job) = next_job(now) else {
+            break;
+        };
+        if let Some(retry) = run(ctx, job, now) {
+            deferred.push(retry);
         }
     }
     select_db(ctx, original);
+    let next_delay = {
+        let mut queue = queue();
+        for job in deferred {
+            queue.retries += 1;
+            queue.jobs.push_back(job);
+        }
+        let now = Store::new(ctx).now_ms();
+        queue
+            .jobs
+            .iter()
+            .map(|j| j.not_before_ms.saturating_sub(now))
+            .min()
+    };
+    if let Some(delay) = next_delay {
+        arm(ctx, delay);
+    }
+}
+
+/// The first job that may run now.
+fn next_job(now_ms: i64) -> Option<Job> {
+    let mut queue = queue();
+    let index = queue.jobs.iter().position(|j| j.not_before_ms <= now_ms)?;
+    let job = queue.jobs.remove(index)?;
+    if let Target::Region(region) = &job.target {
+        queue.regions.remove(&(job.db, region.clone()));
+    }
+    Some(job)
+}
+
+/// Runs one job; returns it again (with its next attempt's time) when it must be retried.
+fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
+    if !select_db(ctx, job.db) {
+        return None;
+    }
+    let (region, outcome) = match &job.target {
+        Target::Key(key) => {
+            let region = RegionKeys::parse(key).map(|(r, _, _)| r.to_owned())?;
+            let store = Store::new(ctx);
+            if !store.accepts_writes_to(key) {
+                (
+                    region,
+                    Err("Redis does not accept writes to the region now".to_owned()),
+                )
+            } else {
+                let failed = heal_key(ctx, key);
+                if failed {
+                    // Half-applied: recount the whole region instead of replaying.
+                    queue_region_repair(ctx, &region);
+                }
+                queue().healed += 1;
+                (region, Ok(()))
+            }
+        }
+        Target::Region(region) => {
+            let store = Store::new(ctx);
+            if !store.accepts_writes_to(&RegionKeys::new(region).stats()) {
+                (
+                    region.clone(),
+                    Err("Redis does not accept writes to the region now".to_owned()),
+                )
+            } else {
+                queue().region_repairs += 1;
+                match crate::repair::repair_region(ctx, region) {
+                    Ok(report) if report.failed_writes == 0 => (region.clone(), Ok(())),
+                    Ok(_) => (
+                        region.clone(),
+                        Err("some repair writes were refused".to_owned()),
+                    ),
+                    Err(e) => (region.clone(), Err(e.to_string())),
+                }
+            }
+        }
+    };
+    let Err(reason) = outcome else {
+        return None;
+    };
+    let attempts = job.attempts.saturating_add(1);
+    let delay = FIRST_RETRY_MS
+        .saturating_mul(1i64 << attempts.min(10).saturating_sub(1))
+        .min(LAST_RETRY_MS);
+    if attempts == 1 || attempts.is_multiple_of(10) {
+        let what = match &job.target {
+            Target::Key(key) => format!("healing after {key}"),
+            Target::Region(_) => format!("repairing region {region}"),
+        };
+        crate::log(
+            ctx,
+            RedisLogLevel::Warning,
+            &format!(
+                "gpucache: {what} failed ({reason}); attempt {attempts}, retrying in {delay} ms"
+            ),
+        );
+    }
+    if let Target::Region(region) = &job.target {
+        queue().regions.insert((job.db, region.clone()));
+    }
+    Some(Job {
+        attempts,
+        not_before_ms: now_ms.saturating_add(delay),
+        ..job
+    })
 }
 
 /// Completes a pending repair inside a write command that is about to create `key` anew.
@@ -96,11 +325,14 @@ pub fn settle_vanished(ctx: &Context, key: &str) {
     // Cheap test first: a repair is pending only while the registry still lists the id.
     let store = Store::new(ctx);
     if let Ok(Some(_)) = store.hget(&registry, id) {
-        heal_key(ctx, key);
+        if heal_key(ctx, key) {
+            queue_region_repair(ctx, region);
+        }
     }
 }
 
-/// Repairs what one vanished record left behind. Returns whether anything was repaired.
+/// Repairs what one vanished record left behind. Returns whether some of its writes were
+/// refused (the region then needs a whole repair).
 fn heal_key(ctx: &Context, key: &str) -> bool {
     let Some((region, entity, id)) = RegionKeys::parse(key) else {
         return false;
@@ -110,12 +342,13 @@ fn heal_key(ctx: &Context, key: &str) -> bool {
     if store.key_type(key) != redis_module::KeyType::Empty {
         return false; // written again since it expired
     }
-    if region.check_key_types(&[]).is_err() {
+    if let Err(e) = region.check_key_types(&[]) {
         crate::log(
             ctx,
             RedisLogLevel::Warning,
-            &format!("gpucache: cannot heal after {key}: foreign key types"),
+            &format!("gpucache: cannot heal after {key} ({e}): repairing the region instead"),
         );
+        queue_region_repair(ctx, &region.name);
         return false;
     }
     let outcome = match entity {
@@ -124,121 +357,40 @@ fn heal_key(ctx: &Context, key: &str) -> bool {
         "price" => heal_type_price(&region, id),
         _ => Ok(false),
     };
-    outcome.unwrap_or_else(|e| {
+    if let Err(e) = outcome {
         crate::log(
             ctx,
             RedisLogLevel::Warning,
-            &format!("gpucache: healing after {key} failed: {e}"),
+            &format!("gpucache: healing after {key} failed ({e}): repairing the region instead"),
         );
-        false
-    })
+        queue_region_repair(ctx, &region.name);
+    }
+    store.failed_writes() > 0
 }
 
-/// What a sweep repaired.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Swept {
-    pub gpus: i64,
-    pub bookings: i64,
-    pub type_prices: i64,
-    pub provider_members: i64,
-}
-
-/// Finds and repairs what records that vanished without an `expired`/`evicted` event left
-/// behind: keys whose time passed while the server was down are not loaded from RDB/AOF, and
-/// no event announces them. Runs after loading and on `GPUCACHE.REPAIR`. O(GPUs + bookings).
-pub fn sweep_region(ctx: &Context, region_name: &str) -> MarketResult<Swept> {
-    let store = Store::new(ctx);
-    let region = Region::new(&store, region_name.to_owned());
-    region.check_key_types(&[])?;
-    let keys = &region.keys;
-    let mut swept = Swept::default();
-    for gpu_id in store.members("HKEYS", &keys.gpu_registry())? {
-        let key = keys.gpu(&gpu_id);
-        if store.key_type(&key) == redis_module::KeyType::Empty && heal_key(ctx, &key) {
-            swept.gpus += 1;
-        }
-    }
-    for booking_id in store.members("HKEYS", &keys.booking_registry())? {
-        let key = keys.booking(&booking_id);
-        if store.key_type(&key) == redis_module::KeyType::Empty && heal_key(ctx, &key) {
-            swept.bookings += 1;
-        }
-    }
-    // Provider sets may keep a GPU that moved to another provider while its old record had
-    // vanished; drop members the registry does not give to that provider.
-    for provider in store.members("SMEMBERS", &keys.providers())? {
-        let members_key = keys.provider_gpus(&provider);
-        for gpu_id in store.members("SMEMBERS", &members_key)? {
-            let owner = store
-                .hget(&keys.gpu_registry(), &gpu_id)?
-                .and_then(|e| RegistryEntry::parse(&String::from_utf8_lossy(&e)))
-                .map(|e| e.provider);
-            if owner.as_deref() != Some(provider.as_str()) {
-                store.write("SREM", &[members_key.as_bytes(), gpu_id.as_bytes()]);
-                swept.provider_members += 1;
-            }
-        }
-    }
-    for gpu_type in store.members("SMEMBERS", &keys.types())? {
-        let key = keys.type_price(&gpu_type);
-        let typed = store.zcard(&keys.available_typed(&gpu_type))?;
-        if typed > 0 && store.key_type(&key) == redis_module::KeyType::Empty && heal_key(ctx, &key)
-        {
-            swept.type_prices += 1;
-        }
-    }
-    Ok(swept)
-}
-
-/// After an RDB/AOF load, sweep every region this server holds (on the primary; a replica gets
-/// the primary's repairs through replication).
-#[loading_event_handler]
-fn after_loading(ctx: &Context, event: LoadingSubevent) {
-    if event == LoadingSubevent::Ended {
-        ctx.create_timer(Duration::from_millis(1), sweep_all, ());
+/// After an RDB/AOF load, repair every region this server holds (on the primary; a replica
+/// gets the primary's repairs through replication), and let the booking clock look at all.
+#[redis_module_macros::loading_event_handler]
+fn after_loading(ctx: &Context, event: redis_module::server_events::LoadingSubevent) {
+    if event == redis_module::server_events::LoadingSubevent::Ended {
+        crate::booking_clock::look_again();
+        queue_every_region(ctx);
     }
 }
 
-/// A replica promoted to primary takes over healing: sweep for repairs the old primary had
-/// queued but not yet run when it failed.
-#[role_changed_event_handler]
-fn after_promotion(ctx: &Context, role: ServerRole) {
-    if role == ServerRole::Primary {
-        ctx.create_timer(Duration::from_millis(1), sweep_all, ());
+/// A replica promoted to primary takes over healing and the booking clock.
+#[redis_module_macros::role_changed_event_handler]
+fn after_promotion(ctx: &Context, role: redis_module::server_events::ServerRole) {
+    if role == redis_module::server_events::ServerRole::Primary {
+        crate::booking_clock::look_again();
+        queue_every_region(ctx);
     }
 }
 
-fn sweep_all(ctx: &Context, _: ()) {
-    if ctx.get_flags().contains(ContextFlags::SLAVE) {
-        return;
-    }
-    let original = selected_db(ctx);
-    for (db, region) in crate::regions::known_everywhere() {
-        if !select_db(ctx, db) {
-            continue;
-        }
-        match sweep_region(ctx, &region) {
-            Ok(s) if s.gpus + s.bookings + s.type_prices + s.provider_members > 0 => crate::log(
-                ctx,
-                RedisLogLevel::Notice,
-                &format!(
-                    "gpucache: region {region}: repaired {} GPUs, {} bookings, {} type prices, {} provider set members",
-                    s.gpus, s.bookings, s.type_prices, s.provider_members
-                ),
-            ),
-            Ok(_) => {}
-            Err(e) => crate::log(
-                ctx,
-                RedisLogLevel::Warning,
-                &format!("gpucache: sweeping region {region} failed: {e}"),
-            ),
-        }
-    }
-    select_db(ctx, original);
-}
-
-/// A GPU record expired: drop it from every index using the registry entry kept for it.
-fn heal_gpu(region: &Region, gpu_id: &str) -> MarketResult<bool> {
+/// A GPU record vanished. A booked GPU's record is market state and comes back, rebuilt from
+/// its registry entry and its booking (it only vanishes by hand or under an `allkeys-*`
+/// policy); an idle GPU is dropped from every index using the registry entry kept for it.
+pub(crate) fn heal_gpu(region: &Region, gpu_id: &str) -> MarketResult<bool> {
     let store = region.store;
     let registry = region.keys.gpu_registry();
     let Some(entry) = store.hget(&registry, gpu_id)? else {
@@ -250,8 +402,17 @@ fn heal_gpu(region: &Region, gpu_id: &str) -> MarketResult<bool> {
     };
     let (gpu_type, provider) = (entry.gpu_type.as_str(), entry.provider.as_str());
     region.check_gpu_key_types(gpu_id, gpu_type, provider)?;
-    // A booking the vanished GPU held cannot be served any more: it goes with it.
     let booking_registry = region.keys.booking_registry();
+    if let Some(booking_id) = &entry.booking {
+        if let Some(booking) = region
+            .load_booking(booking_id)?
+            .filter(|b| b.gpu_id == gpu_id)
+        {
+            rebuild_booked_gpu(region, gpu_id, &entry, booking_id, &booking)?;
+            return Ok(true);
+        }
+    }
+    // A booking registry entry for a booking whose record is gone too goes with the GPU.
     let orphan = match &entry.booking {
         Some(booking_id) => store
             .hget(&booking_registry, booking_id)?
@@ -279,6 +440,10 @@ fn heal_gpu(region: &Region, gpu_id: &str) -> MarketResult<bool> {
             "HDEL",
             &[booking_registry.as_bytes(), booking_id.as_bytes()],
         );
+        store.write(
+            "ZREM",
+            &[region.keys.booking_ends().as_bytes(), booking_id.as_bytes()],
+        );
         region.add_to_counter(stat::BOOKINGS_ENDED, 1);
     }
 
@@ -297,7 +462,84 @@ fn heal_gpu(region: &Region, gpu_id: &str) -> MarketResult<bool> {
     Ok(true)
 }
 
-/// A booking reached its end: the GPU it held becomes available again.
+/// Writes back the record of a GPU a booking holds, from its registry entry (type, provider)
+/// and the booking (who holds it, until when, at what price). What only the lost record knew —
+/// its own price and attributes — is not known: it shows the booking's hourly price as its own
+/// (older than any type price) until the GPU is registered again.
+pub(crate) fn rebuild_booked_gpu(
+    region: &Region,
+    gpu_id: &str,
+    entry: &RegistryEntry,
+    booking_id: &str,
+    booking: &Booking,
+) -> MarketResult<GpuRecord> {
+    let store = region.store;
+    let now = store.now_ms();
+    let held = RegistryEntry {
+        status: GpuStatus::Busy,
+        gpu_type: entry.gpu_type.clone(),
+        provider: entry.provider.clone(),
+        booking: Some(booking_id.to_owned()),
+    };
+    if entry.status != GpuStatus::Busy {
+        region.prefetch_status_change(&entry.gpu_type, entry.status, GpuStatus::Busy, &[])?;
+    }
+    let version = region.next_seq()?;
+    let record = GpuRecord {
+        provider: entry.provider.clone(),
+        gpu_type: entry.gpu_type.clone(),
+        own_price: booking.price,
+        price_seq: 0,
+        memory_gb: None,
+        cores: None,
+        score: None,
+        status: GpuStatus::Busy,
+        booking: Some(booking_id.to_owned()),
+        booking_terms: Some(booking.terms()),
+        version,
+        updated_ms: now,
+    };
+    let key = region.keys.gpu(gpu_id);
+    store.hset(&key, &record.to_fields());
+    if *entry != held {
+        region.unlist(gpu_id, &entry.gpu_type)?;
+        let text = held.to_string();
+        store.write(
+            "HSET",
+            &[
+                region.keys.gpu_registry().as_bytes(),
+                gpu_id.as_bytes(),
+                text.as_bytes(),
+            ],
+        );
+        region.add_to_counter(&stat::gpus_with_status(entry.status), -1);
+        region.add_to_counter(&stat::gpus_with_status(GpuStatus::Busy), 1);
+    }
+    crate::log(
+        store.ctx(),
+        RedisLogLevel::Warning,
+        &format!(
+            "gpucache: region {}: the record of {gpu_id}, held by booking {booking_id}, was lost \
+             and is rebuilt from its booking; its own price and attributes are placeholders \
+             until it is registered again",
+            region.name
+        ),
+    );
+    let mut event = Event::new(EventKind::GpuAvailabilityChanged, &region.name, now);
+    event.reason = Some("rebuilt");
+    event.gpu_id = Some(gpu_id.to_owned());
+    event.gpu_type = Some(record.gpu_type.clone());
+    event.provider_id = Some(record.provider.clone());
+    event.booking_id = Some(booking_id.to_owned());
+    event.version = Some(version);
+    event.changed("status", serde_json::Value::Null, GpuStatus::Busy.as_str());
+    region.publish(notify::REPAIRED, event)?;
+    Ok(record)
+}
+
+/// A booking's record vanished. A booking whose time is not up comes back, rebuilt from the
+/// copy of its terms on the GPU it holds; one whose time is up (or that no GPU vouches for)
+/// ends, and the GPU it held becomes available again.
 fn heal_booking(region: &Region, booking_id: &str) -> MarketResult<bool> {
     let store = region.store;
     let registry = region.keys.booking_registry();
@@ -305,14 +547,32 @@ fn heal_booking(region: &Region, booking_id: &str) -> MarketResult<bool> {
         return Ok(false);
     };
     let gpu_id = String::from_utf8_lossy(&gpu_id).into_owned();
-    let held = region.held_gpu(&gpu_id, booking_id)?;
-
     let now = store.now_ms();
+    let holder = region
+        .load_gpu(&gpu_id)?
+        .filter(|g| g.booking.as_deref() == Some(booking_id));
+    if let Some(gpu) = &holder {
+        if let Some(terms) = &gpu.booking_terms {
+            let booking = Booking::from_terms(&gpu_id, terms).holding(&gpu.gpu_type, &gpu.provider);
+            if booking.has_ended(now) {
+                region.close_booking(booking_id, &booking, BookingEnd::Ended)?;
+            } else {
+                rebuild_booking(region, booking_id, &booking, terms)?;
+            }
+            return Ok(true);
+        }
+    }
+    // No copy of its terms (written by an earlier version): it cannot be rebuilt.
+    let held = region.held_gpu(&gpu_id, booking_id)?;
     let version = match held {
         Some(_) => Some(region.next_seq()?),
         None => None,
     };
     store.write("HDEL", &[registry.as_bytes(), booking_id.as_bytes()]);
+    store.write(
+        "ZREM",
+        &[region.keys.booking_ends().as_bytes(), booking_id.as_bytes()],
+    );
     store.mark_written(&region.keys.booking(booking_id));
     region.add_to_counter(stat::BOOKINGS_ENDED, 1);
     let mut event = Event::new(EventKind::BookingCancelled, &region.name, now);
@@ -324,6 +584,44 @@ fn heal_booking(region: &Region, booking_id: &str) -> MarketResult<bool> {
     }
     region.publish(notify::CANCELLED, event)?;
     Ok(true)
+}
+
+/// Writes back a booking's record (and its place on the booking clock) from its terms.
+pub(crate) fn rebuild_booking(
+    region: &Region,
+    booking_id: &str,
+    booking: &Booking,
+    terms: &BookingTerms,
+) -> MarketResult<()> {
+    let store = region.store;
+    store.hset(&region.keys.booking(booking_id), &booking.to_fields());
+    let end = terms.end_ms.to_string();
+    store.write(
+        "ZADD",
+        &[
+            region.keys.booking_ends().as_bytes(),
+            end.as_bytes(),
+            booking_id.as_bytes(),
+        ],
+    );
+    crate::log(
+        store.ctx(),
+        RedisLogLevel::Warning,
+        &format!(
+            "gpucache: region {}: the record of booking {booking_id} was lost and is rebuilt \
+             from the GPU {} that holds it",
+            region.name, booking.gpu_id
+        ),
+    );
+    let mut event = Event::new(EventKind::BookingCreated, &region.name, store.now_ms());
+    event.reason = Some("rebuilt");
+    event.gpu_id = Some(booking.gpu_id.clone());
+    event.booking_id = Some(booking_id.to_owned());
+    event.user_id = Some(booking.user_id.clone());
+    event.new.insert("end_ms".into(), terms.end_ms.into());
+    region.publish(notify::REPAIRED, event)?;
+    crate::booking_clock::booked(store.ctx(), &region.name, terms.end_ms);
+    Ok(())
 }
 
 /// A type price expired: its GPUs show their own prices again, so they move back to the

@@ -112,6 +112,11 @@ impl RegionKeys {
         self.key("index", "bookings")
     }
 
+    /// Sorted set: active booking ids scored by their end (ms): what the booking clock ends.
+    pub fn booking_ends(&self) -> String {
+        self.key("index", "booking-ends")
+    }
+
     /// Hash: market counters (GPUs per status, bookings, price sums, sequence number).
     pub fn stats(&self) -> String {
         self.key("stats", "market")

@@ -3,14 +3,19 @@
 //! This file only registers commands, configuration and event handlers. Commands live in
 //! `commands/`, marketplace rules in `core/`, the key scheme in `keys.rs`.
 
+pub mod booking_clock;
 pub mod commands;
 pub mod config;
 pub mod core;
+pub mod eviction;
 pub mod heal;
+mod info;
 pub mod keys;
 pub mod market;
 mod regions;
+pub mod repair;
 pub mod store;
+mod ticker;
 
 use redis_module::configuration::ConfigurationFlags;
 use redis_module::logging::RedisLogLevel;
@@ -85,6 +90,8 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             config::DEMAND_TIERS.current(),
         ),
     );
+    eviction::refresh(ctx);
+    ticker::start(ctx);
     Status::Ok
 }
 
@@ -127,7 +134,9 @@ redis_module! {
         string: [
             ["demand-tiers", &config::DEMAND_TIERS, config::DEFAULT_DEMAND_TIERS, ConfigurationFlags::DEFAULT, None],
         ],
-        bool: [],
+        bool: [
+            ["accept-eviction-risk", &config::ACCEPT_EVICTION_RISK, false, ConfigurationFlags::DEFAULT, None],
+        ],
         enum: [],
         // Load arguments are parsed in `init` (case-insensitive, range-checked).
         module_args_as_configuration: false,

@@ -366,6 +366,7 @@ impl<'s, 'c> Region<'s, 'c> {
                 ("index", "gpus", KeyType::Hash),
                 ("index", "types", KeyType::Set),
                 ("index", "bookings", KeyType::Hash),
+                ("index", "booking-ends", KeyType::ZSet),
                 ("stats", "market", KeyType::Hash),
             ] {
                 self.keys.key_into(&mut key, entity, id);
@@ -373,6 +374,7 @@ impl<'s, 'c> Region<'s, 'c> {
             }
             self.store
                 .expect_types(&[(self.keys.events().as_str(), KeyType::Stream)])?;
+            self.check_counters_present()?;
             self.base_checked.set(true);
         }
         self.store.expect_types(extra)
@@ -409,7 +411,7 @@ impl<'s, 'c> Region<'s, 'c> {
         let current = match self.pending_counter(stat::SEQ) {
             Some(current) => current,
             None => match self.stored_counter(stat::SEQ)? {
-                None => 0,
+                None => self.lost_seq_floor()?,
                 Some(text) => {
                     parse_int(Some(&text)).ok_or_else(|| MarketError::Corrupt(self.keys.stats()))?
                 }
@@ -418,6 +420,67 @@ impl<'s, 'c> Region<'s, 'c> {
         let next = current.saturating_add(1);
         self.set_counter(stat::SEQ, next);
         Ok(next)
+    }
+
+    /// The sequence as it stands (after this command's draws), if it is known.
+    pub fn current_seq(&self) -> Option<i64> {
+        self.pending_counter(stat::SEQ).or_else(|| {
+            self.stored_counter(stat::SEQ)
+                .ok()
+                .flatten()
+                .and_then(|text| parse_int(Some(&text)))
+        })
+    }
+
+    /// Where a missing sequence resumes. A new region starts at 0. A region that has state lost
+    /// its sequence (a hand `HDEL`, or `DEL` of the counters hash): it resumes at the value its
+    /// event stream recorded with its last event, which no version issued so far exceeds, so
+    /// versions never go backwards; without that record the write is refused until
+    /// `GPUCACHE.REPAIR` restores the sequence from every version still visible.
+    fn lost_seq_floor(&self) -> MarketResult<i64> {
+        if let Some(seq) = self.store.last_recorded_seq(&self.keys.events())? {
+            return Ok(seq);
+        }
+        if self.has_market_state() {
+            crate::heal::queue_region_repair(self.store.ctx(), &self.name);
+            return Err(MarketError::Damaged(format!(
+                "the sequence of region '{}' is lost ({} has no 'seq' and the event stream \
+                 records none); a repair is queued, or run GPUCACHE.REPAIR {}",
+                self.name,
+                self.keys.stats(),
+                self.name
+            )));
+        }
+        Ok(0)
+    }
+
+    /// Whether the region holds GPUs, bookings, types or providers (its indexes exist).
+    pub fn has_market_state(&self) -> bool {
+        [
+            self.keys.gpu_registry(),
+            self.keys.booking_registry(),
+            self.keys.types(),
+            self.keys.providers(),
+        ]
+        .iter()
+        .any(|key| self.store.key_type(key) != KeyType::Empty)
+    }
+
+    /// Refuses to write on top of lost market counters: the GPU counts behind the demand
+    /// multiplier (and so every price shown or charged) would restart from zero. A region with
+    /// state and no counters hash is repaired from a recount first (queued here, or by hand).
+    fn check_counters_present(&self) -> MarketResult<()> {
+        if self.store.key_type(&self.keys.stats()) != KeyType::Empty || !self.has_market_state() {
+            return Ok(());
+        }
+        crate::heal::queue_region_repair(self.store.ctx(), &self.name);
+        Err(MarketError::Damaged(format!(
+            "the market counters of region '{}' are gone ({}); a repair is queued, or run \
+             GPUCACHE.REPAIR {}",
+            self.name,
+            self.keys.stats(),
+            self.name
+        )))
     }
 
     /// Adds `delta` to a counter of the region's counters hash.
@@ -486,14 +549,10 @@ impl<'s, 'c> Region<'s, 'c> {
             args.extend(stale.iter().map(|f| f.as_bytes()));
             self.store.write("HDEL", &args);
         }
-        // A region without bookings for a whole window needs none of it: the hash lives a window
-        // (and a bucket) past its latest booking. Pushed forward once a bucket rather than on
-        // every booking: only when less than a window is left.
-        if ttl_ms.is_none_or(|ttl| ttl < window::WINDOW_MS) {
-            self.store.pexpire_at(
-                &key,
-                now_ms.saturating_add(window::WINDOW_MS + window::BUCKET_MS),
-            );
+        // Market state carries no TTL (a volatile-* policy must not evict it); a window written
+        // by an earlier version still has one.
+        if ttl_ms.is_some() {
+            self.store.write("PERSIST", &[key.as_bytes()]);
         }
         Ok(())
     }
@@ -564,18 +623,19 @@ impl<'s, 'c> Region<'s, 'c> {
         Ok(())
     }
 
-    /// When a GPU record should expire: a jittered availability TTL from now, or from the end of
-    /// the booking it holds if that is later (a booked GPU must not vanish under its booking).
-    pub fn gpu_expire_at(&self, now_ms: i64, booking_end_ms: Option<i64>) -> i64 {
+    /// When a GPU record should expire: a jittered availability TTL from now for a cached
+    /// record; never (`None`) while a booking holds it, since a booked GPU's record decides who
+    /// holds it and must not be evicted or expire under its booking.
+    pub fn gpu_expiry(&self, now_ms: i64, held: bool) -> Option<i64> {
+        if held {
+            return None;
+        }
         let ttl = jittered_ttl_ms(
             config::get(&config::AVAILABILITY_TTL),
             config::get(&config::JITTER_PERCENT),
             fastrand::f64(),
         );
-        let at = now_ms.saturating_add(ttl);
-        // A full TTL past the booking's end: the booking record expires (and releases the GPU,
-        // re-drawing its TTL) well before the GPU record could.
-        booking_end_ms.map_or(at, |end| at.max(end.saturating_add(ttl)))
+        Some(now_ms.saturating_add(ttl))
     }
 
     pub fn pricing_expire_at(&self, now_ms: i64) -> i64 {
@@ -609,14 +669,19 @@ impl<'s, 'c> Region<'s, 'c> {
             self.store.hset(&key, &fields);
         }
         if let Some(old) = old {
-            let dropped = old.dropped_attributes(new);
+            let dropped = old.dropped_fields(new);
             if !dropped.is_empty() {
                 let mut args: Vec<&[u8]> = vec![key.as_bytes()];
                 args.extend(dropped.iter().map(|f| f.as_bytes()));
                 self.store.write("HDEL", &args);
             }
         }
-        self.store.pexpire_at(&key, expire_at_ms);
+        match expire_at_ms {
+            Some(at) => self.store.pexpire_at(&key, at),
+            // A record that existed may carry a TTL from when it was idle.
+            None if old.is_some() => self.store.write("PERSIST", &[key.as_bytes()]),
+            None => {}
+        }
 
         let change = old.map_or(GpuChange::all(), |o| GpuChange::between(o, new));
         if change.alters_registry() {
@@ -686,23 +751,28 @@ impl<'s, 'c> Region<'s, 'c> {
     }
 
     /// Appends one JSON event to the region's stream, trimmed to about `stream-maxlen` entries.
+    /// Each entry also records the region's sequence as it stands after the command (`seq`),
+    /// so a lost sequence resumes above every version issued (see `lost_seq_floor`).
     pub fn append_event(&self, event: &Event) {
         let maxlen = config::get(&config::STREAM_MAXLEN).to_string();
         let json = event.to_json();
-        self.store.write(
-            "XADD",
-            &[
-                self.keys.events().as_bytes(),
-                b"MAXLEN",
-                b"~",
-                maxlen.as_bytes(),
-                b"*",
-                b"type",
-                event.kind.as_str().as_bytes(),
-                b"payload",
-                json.as_bytes(),
-            ],
-        );
+        let events = self.keys.events();
+        let mut args: Vec<&[u8]> = vec![
+            events.as_bytes(),
+            b"MAXLEN",
+            b"~",
+            maxlen.as_bytes(),
+            b"*",
+            b"type",
+            event.kind.as_str().as_bytes(),
+        ];
+        // Left out while the sequence is unreadable: a wrong record would be worse than none.
+        let seq = self.current_seq().map(|seq| seq.to_string());
+        if let Some(seq) = &seq {
+            args.extend_from_slice(&[b"seq", seq.as_bytes()]);
+        }
+        args.extend_from_slice(&[b"payload", json.as_bytes()]);
+        self.store.write("XADD", &args);
     }
 
     /// The price a GPU shows now.
@@ -726,6 +796,93 @@ impl Drop for Region<'_, '_> {
     fn drop(&mut self) {
         // Counters changed on a path that did not publish (none should) are still written.
         self.flush_counters();
+    }
+}
+
+/// How a booking comes to an end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BookingEnd {
+    /// `GPUCACHE.CANCEL`.
+    Cancelled,
+    /// Its time is up: the booking clock, or a command that met it first.
+    Ended,
+    /// `GPUCACHE.REPAIR` found its GPU held by another booking, which keeps it.
+    Conflict,
+}
+
+impl BookingEnd {
+    /// The `reason` of its `booking_cancelled` event.
+    pub fn reason(self) -> &'static str {
+        match self {
+            BookingEnd::Cancelled => "cancelled",
+            BookingEnd::Ended => "ended",
+            BookingEnd::Conflict => "conflict",
+        }
+    }
+
+    fn counter(self) -> &'static str {
+        match self {
+            BookingEnd::Cancelled | BookingEnd::Conflict => stat::BOOKINGS_CANCELLED,
+            BookingEnd::Ended => stat::BOOKINGS_ENDED,
+        }
+    }
+}
+
+impl Region<'_, '_> {
+    /// Ends an active booking: its record, its registry entry and its place on the booking
+    /// clock go, and the GPU it holds — if this booking is the one holding it — becomes
+    /// available again. Everything is read and checked before the first write; one
+    /// `booking_cancelled` event (with `end`'s reason) is appended. Returns the released GPU.
+    pub fn close_booking(
+        &self,
+        booking_id: &str,
+        booking: &Booking,
+        end: BookingEnd,
+    ) -> MarketResult<Option<GpuRecord>> {
+        let booking_key = self.keys.booking(booking_id);
+        self.check_key_types(&[(booking_key.as_str(), KeyType::Hash)])?;
+        let held = self.held_gpu(&booking.gpu_id, booking_id)?;
+        match &held {
+            Some(held) => self.prefetch_status_change(
+                &held.gpu.gpu_type,
+                held.gpu.status,
+                GpuStatus::Available,
+                &[end.counter()],
+            )?,
+            None => self.prefetch_counters(&[end.counter()])?,
+        }
+        let now = self.store.now_ms();
+        // The sequence is read (and refused if corrupt) before the first write.
+        let version = match held {
+            Some(_) => Some(self.next_seq()?),
+            None => None,
+        };
+        self.store.write("DEL", &[booking_key.as_bytes()]);
+        self.store.write(
+            "HDEL",
+            &[
+                self.keys.booking_registry().as_bytes(),
+                booking_id.as_bytes(),
+            ],
+        );
+        self.store.write(
+            "ZREM",
+            &[self.keys.booking_ends().as_bytes(), booking_id.as_bytes()],
+        );
+        let mut event = Event::new(EventKind::BookingCancelled, &self.name, now);
+        event.reason = Some(end.reason());
+        event.gpu_id = Some(booking.gpu_id.clone());
+        event.booking_id = Some(booking_id.to_owned());
+        event.user_id = Some(booking.user_id.clone());
+        let released = match (&held, version) {
+            (Some(held), Some(version)) => {
+                Some(self.release(&booking.gpu_id, held, version, now, &mut event)?)
+            }
+            _ => None,
+        };
+        self.add_to_counter(end.counter(), 1);
+        self.publish(crate::core::events::notify::CANCELLED, event)?;
+        Ok(released)
     }
 }
 
@@ -767,6 +924,7 @@ impl Region<'_, '_> {
         let mut new = held.gpu.clone();
         new.status = GpuStatus::Available;
         new.booking = None;
+        new.booking_terms = None;
         new.version = version;
         new.updated_ms = now_ms;
         self.store_gpu(GpuWrite {
@@ -776,7 +934,7 @@ impl Region<'_, '_> {
             old_provider_status: held.provider_status,
             new_provider_status: held.provider_status,
             type_price: held.type_price.as_ref(),
-            expire_at_ms: self.gpu_expire_at(now_ms, None),
+            expire_at_ms: self.gpu_expiry(now_ms, false),
         })?;
         event.gpu_type = Some(new.gpu_type.clone());
         event.provider_id = Some(new.provider.clone());
@@ -822,7 +980,8 @@ pub struct GpuWrite<'a> {
     pub old_provider_status: ProviderStatus,
     pub new_provider_status: ProviderStatus,
     pub type_price: Option<&'a TypePrice>,
-    pub expire_at_ms: i64,
+    /// `None`: the record keeps no TTL (it is held by a booking).
+    pub expire_at_ms: Option<i64>,
 }
 
 impl Region<'_, '_> {
@@ -840,6 +999,7 @@ impl Region<'_, '_> {
             self.keys.types(),
             self.keys.providers(),
             self.keys.booking_registry(),
+            self.keys.booking_ends(),
             self.keys.window_24h(),
         ];
         let written = self.store.written_keys();

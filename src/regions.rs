@@ -1,4 +1,5 @@
-//! The regions this server holds, for `GPUCACHE.STATS` without a region.
+//! The regions this server holds, for `GPUCACHE.STATS` without a region and for the work that
+//! visits every region (the booking clock, the sweep after a load).
 //!
 //! Kept in memory from keyspace events instead of a shared key: a key naming every region
 //! would live in one cluster slot while regions live in theirs. Every region has a counters
@@ -9,12 +10,17 @@
 use crate::keys::RegionKeys;
 use crate::store::selected_db;
 use redis_module::{Context, NotifyEvent};
-use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::sync::Mutex;
 
-thread_local! {
-    // Keyspace events and commands both run on Redis's main thread.
-    static KNOWN: RefCell<BTreeSet<(i32, String)>> = const { RefCell::new(BTreeSet::new()) };
+/// (db, region) pairs. A `Mutex`, not a thread-local: a keyspace event may be raised on any
+/// thread that holds the GIL (another module writing from a thread-safe context).
+static KNOWN: Mutex<BTreeSet<(i32, String)>> = Mutex::new(BTreeSet::new());
+
+fn known_set() -> std::sync::MutexGuard<'static, BTreeSet<(i32, String)>> {
+    KNOWN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Keyspace-event handler for hash writes and keys loaded from RDB.
@@ -26,29 +32,33 @@ pub fn on_counters_written(ctx: &Context, _event_type: NotifyEvent, _event: &str
         return;
     };
     if let Some((region, "stats", "market")) = RegionKeys::parse(key) {
+        if crate::core::input::region(region.as_bytes()).is_err() {
+            return; // not a name gpucache would give a region
+        }
         let entry = (selected_db(ctx), region.to_owned());
-        KNOWN.with(|known| {
-            if !known.borrow().contains(&entry) {
-                known.borrow_mut().insert(entry);
-            }
-        });
+        let mut known = known_set();
+        if !known.contains(&entry) {
+            known.insert(entry);
+        }
     }
 }
 
 /// The regions held in the db `ctx` works in.
 pub fn known(ctx: &Context) -> Vec<String> {
     let db = selected_db(ctx);
-    KNOWN.with(|known| {
-        known
-            .borrow()
-            .iter()
-            .filter(|(d, _)| *d == db)
-            .map(|(_, region)| region.clone())
-            .collect()
-    })
+    known_set()
+        .iter()
+        .filter(|(d, _)| *d == db)
+        .map(|(_, region)| region.clone())
+        .collect()
 }
 
 /// Every (db, region) this server holds.
 pub fn known_everywhere() -> Vec<(i32, String)> {
-    KNOWN.with(|known| known.borrow().iter().cloned().collect())
+    known_set().iter().cloned().collect()
+}
+
+/// How many regions this server holds (all dbs).
+pub fn count() -> usize {
+    known_set().len()
 }

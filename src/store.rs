@@ -22,6 +22,9 @@ pub struct Store<'a> {
     replicated: OnceCell<CallOptions>,
     /// Keys written so far, in first-write order: they receive this command's notification.
     written: RefCell<Vec<String>>,
+    /// Writes Redis refused (cluster down, slot moved, loading): the caller retries the whole
+    /// repair they belong to.
+    failed_writes: std::cell::Cell<u32>,
 }
 
 fn bytes(value: &RedisValue) -> Option<Vec<u8>> {
@@ -45,7 +48,57 @@ impl<'a> Store<'a> {
             ctx,
             replicated: OnceCell::new(),
             written: RefCell::new(Vec::new()),
+            failed_writes: std::cell::Cell::new(0),
         }
+    }
+
+    /// How many writes Redis refused so far.
+    pub fn failed_writes(&self) -> u32 {
+        self.failed_writes.get()
+    }
+
+    /// Whether Redis would accept a write to `key` now. Always so on a plain server; in a
+    /// cluster a module's write is refused while the cluster is down or the key's slot is not
+    /// served here, and a timer-driven repair must find that out before its first write rather
+    /// than half-way through. Probed with a read of the key through `RedisModule_Call`, which
+    /// applies the same cluster checks as a write.
+    pub fn accepts_writes_to(&self, key: &str) -> bool {
+        if !self
+            .ctx
+            .get_flags()
+            .contains(redis_module::ContextFlags::CLUSTER)
+        {
+            return true;
+        }
+        self.ctx.call("EXISTS", &[key.as_bytes()]).is_ok()
+    }
+
+    /// The region sequence recorded with the newest entry of an event stream (`seq` field), if
+    /// that entry has one.
+    pub fn last_recorded_seq(&self, events_key: &str) -> MarketResult<Option<i64>> {
+        if self.key_type(events_key) != KeyType::Stream {
+            return Ok(None);
+        }
+        let reply = self.read(
+            "XREVRANGE",
+            &[events_key.as_bytes(), b"+", b"-", b"COUNT", b"1"],
+        )?;
+        let RedisValue::Array(entries) = reply else {
+            return Ok(None);
+        };
+        let Some(RedisValue::Array(entry)) = entries.first() else {
+            return Ok(None);
+        };
+        let Some(RedisValue::Array(fields)) = entry.get(1) else {
+            return Ok(None);
+        };
+        let mut pairs = fields.chunks_exact(2);
+        Ok(pairs.find_map(|pair| match pair {
+            [name, value] if text(name).as_deref() == Some("seq") => {
+                text(value).and_then(|v| v.parse::<i64>().ok())
+            }
+            _ => None,
+        }))
     }
 
     pub fn ctx(&self) -> &Context {
@@ -293,6 +346,32 @@ impl<'a> Store<'a> {
         }
     }
 
+    /// Up to `limit` members of a sorted set with scores up to `max`, lowest first.
+    pub fn members_up_to(&self, key: &str, max: f64, limit: usize) -> MarketResult<Vec<String>> {
+        let mut members = Vec::new();
+        self.zwalk(key, (f64::NEG_INFINITY, false), max, false, |member, _| {
+            members.push(String::from_utf8_lossy(member).into_owned());
+            members.len() < limit
+        })?;
+        Ok(members)
+    }
+
+    /// The lowest score of a sorted set (`None` when it is empty or missing).
+    pub fn first_score(&self, key: &str) -> MarketResult<Option<f64>> {
+        let mut first = None;
+        self.zwalk(
+            key,
+            (f64::NEG_INFINITY, false),
+            f64::INFINITY,
+            false,
+            |_, score| {
+                first = Some(score);
+                false
+            },
+        )?;
+        Ok(first)
+    }
+
     /// The first member and score of a sorted set (its cheapest entry).
     pub fn zfirst(&self, key: &str) -> MarketResult<Option<(String, f64)>> {
         let reply = self.read("ZRANGE", &[key.as_bytes(), b"0", b"0", b"WITHSCORES"])?;
@@ -359,6 +438,8 @@ impl<'a> Store<'a> {
             }
         };
         if let Err(message) = outcome {
+            self.failed_writes
+                .set(self.failed_writes.get().saturating_add(1));
             crate::log(
                 self.ctx,
                 redis_module::logging::RedisLogLevel::Warning,

@@ -143,19 +143,21 @@ fn book_makes_the_gpu_busy_unlisted_and_records_the_booking() {
     assert_eq!(gpu["version"], "5");
     assert!(!available_ids(&mut con, &["eu"]).contains(&"g2".to_string()));
 
-    let expiry: i64 = redis::cmd("PEXPIRETIME")
-        .arg("gpucache:{eu}:booking:b1")
+    // Market state carries no TTL, so no volatile-* eviction policy can choose it: the booking
+    // clock ends the booking at `end_ms`.
+    for key in ["gpucache:{eu}:booking:b1", "gpucache:{eu}:gpu:g2"] {
+        let expiry: i64 = redis::cmd("PEXPIRETIME").arg(key).query(&mut con).unwrap();
+        assert_eq!(
+            expiry, -1,
+            "{key} must not expire while the booking holds it"
+        );
+    }
+    let clock: Option<i64> = redis::cmd("ZSCORE")
+        .arg("gpucache:{eu}:index:booking-ends")
+        .arg("b1")
         .query(&mut con)
         .unwrap();
-    assert_eq!(
-        expiry, end,
-        "the booking record expires when the booking ends"
-    );
-    let gpu_expiry: i64 = redis::cmd("PEXPIRETIME")
-        .arg("gpucache:{eu}:gpu:g2")
-        .query(&mut con)
-        .unwrap();
-    assert!(gpu_expiry > end, "a booked GPU outlives its booking");
+    assert_eq!(clock, Some(end), "the booking clock ends it at its end");
 
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
     assert_eq!(stats["gpus_busy"], "1");

@@ -170,36 +170,57 @@ fn an_expired_type_price_hands_gpus_back_their_own_prices() {
 }
 
 #[test]
-fn a_booked_gpu_that_vanishes_takes_its_booking_along() {
+fn a_booked_gpu_whose_record_vanishes_is_rebuilt_and_keeps_its_booking() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     seed(&mut con);
-    run(
+    let booked = fields(
         &mut con,
         &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "3600"],
-    )
-    .unwrap();
-    // As if evicted: the record goes before its booking ends.
+    );
+    // As if evicted under an allkeys-* policy: the record goes before its booking ends.
     redis::cmd("PEXPIRE")
         .arg("gpucache:{eu}:gpu:g1")
         .arg(1)
         .query::<()>(&mut con)
         .unwrap();
     eventually(
-        "GPU and its booking healed away",
+        "the booked GPU's record rebuilt from its booking",
         Duration::from_secs(10),
         || {
-            let n: i64 = redis::cmd("HLEN")
-                .arg("gpucache:{eu}:index:gpus")
-                .query(&mut con)
-                .unwrap();
-            n == 3
+            run(&mut con, &["GPUCACHE.GET", "eu", "g1"])
+                .is_ok_and(|r| text(&as_map(&r)["version"]) != booked["gpu_version"])
         },
     );
-    assert!(error(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]).starts_with("NOBOOKING"));
+    let gpu = fields(&mut con, &["GPUCACHE.GET", "eu", "g1"]);
+    assert_eq!(
+        (
+            gpu["status"].as_str(),
+            gpu["booking_id"].as_str(),
+            gpu["booking_user"].as_str(),
+            gpu["booking_end_ms"].as_str()
+        ),
+        ("busy", "b1", "alice", booked["end_ms"].as_str())
+    );
+    assert!(
+        !gpu.contains_key("ttl_ms"),
+        "a booked GPU's record keeps no TTL"
+    );
+    assert!(
+        error(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b2", "bob", "60"]).starts_with("GPUBUSY"),
+        "nobody else can book it"
+    );
+    assert_consistent(&mut con, "eu");
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
-    assert_eq!(stats["bookings_active"], "0");
-    assert_eq!(stats["gpus_busy"], "0");
+    assert_eq!(
+        (
+            stats["bookings_active"].as_str(),
+            stats["gpus_busy"].as_str()
+        ),
+        ("1", "1")
+    );
+    let cancelled = fields(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"]);
+    assert_eq!(cancelled["gpu_status"], "available");
     assert_consistent(&mut con, "eu");
 }
 

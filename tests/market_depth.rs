@@ -397,9 +397,7 @@ fn stats_count_the_last_24_hours_and_sum_all_regions() {
 }
 
 #[test]
-fn the_24_hour_window_outlives_its_latest_booking_by_a_window() {
-    const WINDOW_MS: i64 = 24 * 3600 * 1000;
-    const BUCKET_MS: i64 = 15 * 60 * 1000;
+fn the_24_hour_window_is_market_state_without_a_ttl() {
     let server = Server::start(&[], &[]);
     let mut con = server.connect();
     ten_a100s(&mut con);
@@ -407,38 +405,23 @@ fn the_24_hour_window_outlives_its_latest_booking_by_a_window() {
     let expire_time = |con: &mut redis::Connection| -> i64 {
         redis::cmd("PEXPIRETIME").arg(window).query(con).unwrap()
     };
-    let now = |con: &mut redis::Connection| -> i64 {
-        let (s, us): (i64, i64) = redis::cmd("TIME").query(con).unwrap();
-        s * 1000 + us / 1000
-    };
     run(&mut con, &["GPUCACHE.BOOK", "eu", "a0", "b0", "u", "60"]).unwrap();
-    let first = expire_time(&mut con);
-    let at = now(&mut con);
-    assert!(
-        first >= at + WINDOW_MS && first <= at + WINDOW_MS + BUCKET_MS,
-        "a window and a bucket past the booking: {first} vs now {at}"
+    assert_eq!(
+        expire_time(&mut con),
+        -1,
+        "no volatile-* policy may evict the window"
     );
-    // Later bookings leave the expiry alone while more than a window is left...
-    let kept = first + 1234;
-    redis::cmd("PEXPIREAT")
+    // A window written by an earlier version, with a TTL, loses it at the next booking.
+    redis::cmd("PEXPIRE")
         .arg(window)
-        .arg(kept)
+        .arg(3_600_000)
         .query::<i64>(&mut con)
         .unwrap();
     run(&mut con, &["GPUCACHE.BOOK", "eu", "a1", "b1", "u", "60"]).unwrap();
-    assert_eq!(expire_time(&mut con), kept);
-    // ...and push it forward once less than a window is left.
-    let short = now(&mut con) + WINDOW_MS - 60_000;
-    redis::cmd("PEXPIREAT")
-        .arg(window)
-        .arg(short)
-        .query::<i64>(&mut con)
-        .unwrap();
-    run(&mut con, &["GPUCACHE.BOOK", "eu", "a2", "b2", "u", "60"]).unwrap();
-    let pushed = expire_time(&mut con);
-    assert!(
-        pushed >= now(&mut con) + WINDOW_MS,
-        "pushed forward: {pushed}"
+    assert_eq!(expire_time(&mut con), -1);
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.STATS", "eu"])["bookings_24h"],
+        "2"
     );
     assert_consistent(&mut con, "eu");
 }

@@ -341,15 +341,24 @@ fn records_that_expire_while_the_server_is_down_are_repaired_after_loading() {
             text(&as_map(&report)["ok"]) == "1"
         },
     );
+    // The booking's time passed while the server was down: the booking clock ends it and its
+    // GPU comes back available (with a fresh TTL); the idle GPUs' records did not survive.
+    eventually(
+        "the booking clock ended b1",
+        Duration::from_secs(10),
+        || fields(&mut con, &["GPUCACHE.STATS", "eu"])["bookings_ended"] == "1",
+    );
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
     assert_eq!(
         (
             stats["gpus_total"].as_str(),
+            stats["gpus_available"].as_str(),
             stats["bookings_active"].as_str()
         ),
-        ("0", "0")
+        ("1", "1", "0")
     );
-    assert!(available_ids(&mut con, &["eu"]).is_empty());
+    assert_eq!(available_ids(&mut con, &["eu"]), ["g1"]);
+    assert_consistent(&mut con, "eu");
     let repaired = fields(&mut con, &["GPUCACHE.REPAIR", "eu"]);
     assert_eq!(repaired["gpus"], "0", "nothing left to repair");
 }

@@ -7,7 +7,7 @@ use crate::core::error::{MarketError, MarketResult};
 use crate::core::events::{notify, Event, EventKind};
 use crate::core::input;
 use crate::core::status::{check_bookable, GpuStatus};
-use crate::market::{stat, GpuWrite, Region, ShownPrice};
+use crate::market::{stat, BookingEnd, GpuWrite, Region, ShownPrice};
 use crate::store::Store;
 use redis_module::{KeyType, RedisString};
 
@@ -44,18 +44,32 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
 
     let booking_key = region.keys.booking(&booking_id);
     store.expect_types(&[(booking_key.as_str(), KeyType::Hash)])?;
-    if let Some(existing) = region.load_booking(&booking_id)? {
-        check_repeated_booking(&booking_id, &existing, &gpu_id, &user_id, duration_s)?;
+    let now = store.now_ms();
+    let existing = region.load_booking(&booking_id)?;
+    if let Some(existing) = existing.as_ref().filter(|b| !b.has_ended(now)) {
+        check_repeated_booking(&booking_id, existing, &gpu_id, &user_id, duration_s)?;
         let version = region.load_gpu(&gpu_id)?.map_or(0, |g| g.version);
-        return Ok(booking_reply(&booking_id, &existing, "existing", version));
+        return Ok(booking_reply(&booking_id, existing, "existing", version));
     }
-    // An ended booking with this id may still await its repair (releasing its GPU): finish it
-    // first, so the id can be reused.
-    crate::heal::settle_vanished(store.ctx(), &booking_key);
-    let old = region.require_gpu(&gpu_id)?;
+    crate::eviction::check_bookings_are_safe()?;
+    // A booking whose time is up but which the booking clock has not ended yet (it runs every
+    // 100 ms), or one written by an earlier version that expired and awaits its repair: end it
+    // first, so the id can be reused and the GPU it held is free.
+    match existing {
+        Some(_) => {
+            crate::booking_clock::settle_ended(store.ctx(), &region.name, &booking_id, now)?;
+        }
+        None => crate::heal::settle_vanished(store.ctx(), &booking_key),
+    }
+    let mut old = region.require_gpu(&gpu_id)?;
+    if let Some(holder) = old.booking.clone() {
+        if crate::booking_clock::settle_ended(store.ctx(), &region.name, &holder, now)? {
+            old = region.require_gpu(&gpu_id)?;
+        }
+    }
     let provider_status = region.provider_status(&old.provider)?;
     check_bookable(&gpu_id, old.status, provider_status)?;
-    // After `settle_vanished`, which may change the counters: what is read here stays valid
+    // After the settling above, which may change the counters: what is read here stays valid
     // for the rest of the command.
     region.prefetch_status_change(
         &old.gpu_type,
@@ -70,11 +84,11 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let multiplier = region.touch_type(&old.gpu_type, false)?;
     let price = ShownPrice::of(&old, type_price.as_ref(), multiplier).price;
 
-    let now = store.now_ms();
     let version = region.next_seq()?;
-    let booking = Booking::new(&gpu_id, &user_id, price, duration_s, now);
+    let booking = Booking::new(&gpu_id, &user_id, price, duration_s, now)
+        .holding(&old.gpu_type, &old.provider);
+    // Market state: no TTL. The booking clock ends it at `end_ms`.
     store.hset(&booking_key, &booking.to_fields());
-    store.pexpire_at(&booking_key, booking.end_ms);
     store.write(
         "HSET",
         &[
@@ -83,9 +97,19 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
             gpu_id.as_bytes(),
         ],
     );
+    let end = booking.end_ms.to_string();
+    store.write(
+        "ZADD",
+        &[
+            region.keys.booking_ends().as_bytes(),
+            end.as_bytes(),
+            booking_id.as_bytes(),
+        ],
+    );
     let mut new = old.clone();
     new.status = GpuStatus::Busy;
     new.booking = Some(booking_id.clone());
+    new.booking_terms = Some(booking.terms());
     new.version = version;
     new.updated_ms = now;
     region.store_gpu(GpuWrite {
@@ -95,7 +119,7 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
         old_provider_status: provider_status,
         new_provider_status: provider_status,
         type_price: type_price.as_ref(),
-        expire_at_ms: region.gpu_expire_at(now, Some(booking.end_ms)),
+        expire_at_ms: region.gpu_expiry(now, true),
     })?;
     region.add_to_counter(stat::BOOKINGS_CREATED, 1);
     region.record_booking(now, booking.cost_micros())?;
@@ -112,6 +136,7 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     event.new.insert("price".into(), price.to_string().into());
     event.new.insert("end_ms".into(), booking.end_ms.into());
     region.publish(notify::BOOKED, event)?;
+    crate::booking_clock::booked(store.ctx(), &region.name, booking.end_ms);
 
     Ok(booking_reply(&booking_id, &booking, "created", new.version))
 }
@@ -123,54 +148,20 @@ pub fn cancel(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
 
     let booking_key = region.keys.booking(&booking_id);
     store.expect_types(&[(booking_key.as_str(), KeyType::Hash)])?;
+    // A booking whose time is up is over, even in the moment before the booking clock ends it.
     let booking = region
         .load_booking(&booking_id)?
+        .filter(|b| !b.has_ended(store.now_ms()))
         .ok_or_else(|| MarketError::NoBooking(booking_id.clone()))?;
-    region.check_key_types(&[])?;
-    // The GPU is released only if this booking is the one holding it.
-    let held = region.held_gpu(&booking.gpu_id, &booking_id)?;
-    match &held {
-        Some(held) => region.prefetch_status_change(
-            &held.gpu.gpu_type,
-            held.gpu.status,
-            GpuStatus::Available,
-            &[stat::BOOKINGS_CANCELLED],
-        )?,
-        None => region.prefetch_counters(&[stat::BOOKINGS_CANCELLED])?,
-    }
-
-    let now = store.now_ms();
-    // The sequence is read (and refused if corrupt) before the first write.
-    let version = match held {
-        Some(_) => Some(region.next_seq()?),
-        None => None,
-    };
-    store.write("DEL", &[booking_key.as_bytes()]);
-    store.write(
-        "HDEL",
-        &[
-            region.keys.booking_registry().as_bytes(),
-            booking_id.as_bytes(),
-        ],
-    );
-    let mut event = Event::new(EventKind::BookingCancelled, &region.name, now);
-    event.reason = Some("cancelled");
-    event.gpu_id = Some(booking.gpu_id.clone());
-    event.booking_id = Some(booking_id.clone());
-    event.user_id = Some(booking.user_id.clone());
-    let mut reply = Reply::new()
+    let released = region.close_booking(&booking_id, &booking, BookingEnd::Cancelled)?;
+    let reply = Reply::new()
         .text("booking_id", booking_id.as_str())
         .text("gpu_id", booking.gpu_id.as_str());
-    match (&held, version) {
-        (Some(held), Some(version)) => {
-            let new = region.release(&booking.gpu_id, held, version, now, &mut event)?;
-            reply = reply
-                .text("gpu_status", new.status.as_str())
-                .int("gpu_version", new.version);
-        }
-        _ => reply = reply.value("gpu_status", Out::Null),
+    Ok(match released {
+        Some(gpu) => reply
+            .text("gpu_status", gpu.status.as_str())
+            .int("gpu_version", gpu.version),
+        None => reply.value("gpu_status", Out::Null),
     }
-    region.add_to_counter(stat::BOOKINGS_CANCELLED, 1);
-    region.publish(notify::CANCELLED, event)?;
-    Ok(reply.build())
+    .build())
 }

@@ -1,6 +1,7 @@
 //! `GPUCACHE.GET region gpu_id`
 
 use super::{Args, Out, Reply};
+use crate::core::booking::Booking;
 use crate::core::demand::format_hundredths;
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::gpu::GpuRecord;
@@ -19,12 +20,12 @@ pub fn gpu_reply(
 ) -> MarketResult<Out> {
     let provider_status = region.provider_status(&gpu.provider)?;
     let shown = region.shown_price(gpu)?;
-    let booking = gpu
-        .booking
-        .as_deref()
-        .map(|id| region.load_booking(id))
-        .transpose()?
-        .flatten();
+    // The record carries its booking's terms; one written before it did reads the booking.
+    let booking = match (&gpu.booking, &gpu.booking_terms) {
+        (Some(_), Some(terms)) => Some(Booking::from_terms(gpu_id, terms)),
+        (Some(id), None) => region.load_booking(id)?,
+        (None, _) => None,
+    };
     // Fields are added in name order: `Reply::build` sorts them anyway, and sorted input costs
     // it one comparison per field.
     let mut reply = Reply::new().text("base_price", shown.base.to_string());

@@ -81,12 +81,16 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let req = parse(&mut args)?;
     let region = Region::new(store, region_name);
 
-    let old = region.load_gpu(&req.gpu_id)?;
+    let mut old = region.load_gpu(&req.gpu_id)?;
+    if old.is_none() {
+        // An earlier record of this id may have just vanished, its repair still queued (which
+        // brings a booked GPU's record back, holding its booking).
+        crate::heal::settle_vanished(store.ctx(), &region.keys.gpu(&req.gpu_id));
+        old = region.load_gpu(&req.gpu_id)?;
+    }
     region.check_gpu_key_types(&req.gpu_id, &req.gpu_type, &req.provider)?;
-    match &old {
-        Some(old) => region.check_gpu_key_types(&req.gpu_id, &old.gpu_type, &old.provider)?,
-        // An earlier record of this id may have just expired, its repair still queued.
-        None => crate::heal::settle_vanished(store.ctx(), &region.keys.gpu(&req.gpu_id)),
+    if let Some(old) = &old {
+        region.check_gpu_key_types(&req.gpu_id, &old.gpu_type, &old.provider)?;
     }
     let old_provider_status = match &old {
         Some(o) => region.provider_status(&o.provider)?,
@@ -94,10 +98,6 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     };
     let new_provider_status = region.provider_status(&req.provider)?;
     let type_price = region.load_type_price(&req.gpu_type)?;
-    let booking_end = match old.as_ref().and_then(|o| o.booking.as_deref()) {
-        Some(booking_id) => region.load_booking(booking_id)?.map(|b| b.end_ms),
-        None => None,
-    };
 
     // Validation is over: from here on every step writes.
     let now = store.now_ms();
@@ -112,6 +112,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
         score: req.score,
         status: old.as_ref().map_or(GpuStatus::Available, |o| o.status),
         booking: old.as_ref().and_then(|o| o.booking.clone()),
+        booking_terms: old.as_ref().and_then(|o| o.booking_terms.clone()),
         version: seq,
         updated_ms: now,
     };
@@ -122,7 +123,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
         old_provider_status,
         new_provider_status,
         type_price: type_price.as_ref(),
-        expire_at_ms: region.gpu_expire_at(now, booking_end),
+        expire_at_ms: region.gpu_expiry(now, new.booking.is_some()),
     })?;
 
     let mut event = Event::new(EventKind::GpuAvailabilityChanged, &region.name, now);

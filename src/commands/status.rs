@@ -42,7 +42,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
         old_provider_status: provider_status,
         new_provider_status: provider_status,
         type_price: type_price.as_ref(),
-        expire_at_ms: region.gpu_expire_at(now, None),
+        expire_at_ms: region.gpu_expiry(now, new.booking.is_some()),
     })?;
 
     let mut event = Event::new(EventKind::GpuAvailabilityChanged, &region.name, now);

@@ -10,16 +10,37 @@ pub mod field {
     pub const DURATION_S: &str = "duration_s";
     pub const START_MS: &str = "start_ms";
     pub const END_MS: &str = "end_ms";
+    pub const GPU_TYPE: &str = "gpu_type";
+    pub const PROVIDER: &str = "provider";
 
     /// Every field, for reading a whole record.
-    pub const ALL: [&str; 6] = [GPU, USER, PRICE, DURATION_S, START_MS, END_MS];
+    pub const ALL: [&str; 8] = [
+        GPU, USER, PRICE, DURATION_S, START_MS, END_MS, GPU_TYPE, PROVIDER,
+    ];
 }
 
+/// A booking record. Bookings are market state: stored without a TTL, ended by the module's
+/// booking clock, and kept twice — in the booking's own hash and, as [`BookingTerms`], on the
+/// GPU record it holds — so either can be rebuilt from the other after a hand edit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Booking {
     pub gpu_id: String,
     pub user_id: String,
     /// Hourly price the GPU showed when it was booked.
+    pub price: Price,
+    pub duration_s: i64,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// Type and provider of the GPU when it was booked (absent in bookings written before they
+    /// were recorded): enough to rebuild a booked GPU's record if it is lost.
+    pub gpu_type: Option<String>,
+    pub provider: Option<String>,
+}
+
+/// What a booked GPU's record keeps of the booking that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BookingTerms {
+    pub user_id: String,
     pub price: Price,
     pub duration_s: i64,
     pub start_ms: i64,
@@ -35,7 +56,46 @@ impl Booking {
             duration_s,
             start_ms: now_ms,
             end_ms: now_ms.saturating_add(duration_s.saturating_mul(1000)),
+            gpu_type: None,
+            provider: None,
         }
+    }
+
+    /// The booking with the type and provider of the GPU it holds recorded.
+    pub fn holding(mut self, gpu_type: &str, provider: &str) -> Booking {
+        self.gpu_type = Some(gpu_type.to_owned());
+        self.provider = Some(provider.to_owned());
+        self
+    }
+
+    pub fn terms(&self) -> BookingTerms {
+        BookingTerms {
+            user_id: self.user_id.clone(),
+            price: self.price,
+            duration_s: self.duration_s,
+            start_ms: self.start_ms,
+            end_ms: self.end_ms,
+        }
+    }
+
+    /// The booking a GPU record's copy of its terms describes.
+    pub fn from_terms(gpu_id: &str, terms: &BookingTerms) -> Booking {
+        Booking {
+            gpu_id: gpu_id.to_owned(),
+            user_id: terms.user_id.clone(),
+            price: terms.price,
+            duration_s: terms.duration_s,
+            start_ms: terms.start_ms,
+            end_ms: terms.end_ms,
+            gpu_type: None,
+            provider: None,
+        }
+    }
+
+    /// Whether the booking's time is over at `now_ms` (its end is enforced by the booking clock,
+    /// and by any command that meets it first).
+    pub fn has_ended(&self, now_ms: i64) -> bool {
+        self.end_ms <= now_ms
     }
 
     /// Total cost in micro-units: hourly price times booked hours.
@@ -45,19 +105,27 @@ impl Booking {
     }
 
     pub fn to_fields(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut fields = vec![
             (field::GPU, self.gpu_id.clone()),
             (field::USER, self.user_id.clone()),
             (field::PRICE, self.price.to_string()),
             (field::DURATION_S, self.duration_s.to_string()),
             (field::START_MS, self.start_ms.to_string()),
             (field::END_MS, self.end_ms.to_string()),
-        ]
+        ];
+        if let Some(gpu_type) = &self.gpu_type {
+            fields.push((field::GPU_TYPE, gpu_type.clone()));
+        }
+        if let Some(provider) = &self.provider {
+            fields.push((field::PROVIDER, provider.clone()));
+        }
+        fields
     }
 
     pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Option<Self> {
         let (mut gpu, mut user, mut price) = (None, None, None);
         let (mut duration, mut start, mut end) = (None, None, None);
+        let (mut gpu_type, mut provider) = (None, None);
         let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_owned);
         let int = |v: &[u8]| {
             std::str::from_utf8(v)
@@ -72,6 +140,8 @@ impl Booking {
                 field::DURATION_S => duration = int(value),
                 field::START_MS => start = int(value),
                 field::END_MS => end = int(value),
+                field::GPU_TYPE => gpu_type = text(value).filter(|t| !t.is_empty()),
+                field::PROVIDER => provider = text(value).filter(|p| !p.is_empty()),
                 _ => {}
             }
         }
@@ -82,6 +152,8 @@ impl Booking {
             duration_s: duration?,
             start_ms: start?,
             end_ms: end?,
+            gpu_type,
+            provider,
         })
     }
 }
@@ -121,8 +193,15 @@ mod tests {
     }
 
     #[test]
-    fn fields_round_trip() {
+    fn terms_rebuild_the_booking() {
         let b = Booking::new("g", "u", Price::from_micros(1_500_000), 60, 5);
+        assert_eq!(Booking::from_terms("g", &b.terms()), b);
+        assert!(!b.has_ended(60_004) && b.has_ended(60_005));
+    }
+
+    #[test]
+    fn fields_round_trip() {
+        let b = Booking::new("g", "u", Price::from_micros(1_500_000), 60, 5).holding("A100", "p1");
         let fields: Vec<(String, String)> = b
             .to_fields()
             .into_iter()

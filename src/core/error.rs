@@ -25,6 +25,11 @@ pub enum MarketError {
     WrongType(String),
     /// A gpucache hash is missing fields this module always writes (edited by hand).
     Corrupt(String),
+    /// Market state the command depends on is lost or damaged (the message says what and how
+    /// it is repaired).
+    Damaged(String),
+    /// The server's eviction policy could evict the booking this command would take.
+    EvictionRisk(String),
 }
 
 impl MarketError {
@@ -51,6 +56,8 @@ impl fmt::Display for MarketError {
                 f,
                 "CORRUPT key '{key}' is not a record gpucache wrote (fields missing or malformed)"
             ),
+            MarketError::Damaged(m) => write!(f, "CORRUPT {m}"),
+            MarketError::EvictionRisk(m) => write!(f, "EVICTIONRISK {m}"),
         }
     }
 }
@@ -73,6 +80,8 @@ mod tests {
             MarketError::BookingExists("x".into()),
             MarketError::WrongType("k".into()),
             MarketError::Corrupt("k".into()),
+            MarketError::Damaged("x".into()),
+            MarketError::EvictionRisk("x".into()),
         ];
         for e in errors {
             let text = e.to_string();

@@ -45,6 +45,9 @@ pub mod notify {
     pub const INVALIDATE: &str = "gpucache.invalidate";
     pub const EXPIRED: &str = "gpucache.expired";
     pub const ORDER_BOOK: &str = "gpucache.orderbook";
+    /// A record or index entry put back by a repair (`GPUCACHE.REPAIR`, or healing that rebuilt
+    /// market state lost by hand or to an `allkeys-*` eviction).
+    pub const REPAIRED: &str = "gpucache.repaired";
 }
 
 /// One stream event. Optional ids are omitted from the JSON when they do not apply.

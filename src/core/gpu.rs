@@ -1,5 +1,6 @@
 //! The GPU record as stored in its hash, and how its effective price is resolved.
 
+use super::booking::BookingTerms;
 use super::price::Price;
 use super::status::GpuStatus;
 use bitflags::bitflags;
@@ -17,11 +18,19 @@ pub mod field {
     pub const BOOKING: &str = "booking";
     pub const VERSION: &str = "version";
     pub const UPDATED_MS: &str = "updated_ms";
+    /// The terms of the booking holding the GPU (present only while it is held).
+    pub const BOOKING_USER: &str = "booking_user";
+    pub const BOOKING_PRICE: &str = "booking_price";
+    pub const BOOKING_DURATION_S: &str = "booking_duration_s";
+    pub const BOOKING_START_MS: &str = "booking_start_ms";
+    pub const BOOKING_END_MS: &str = "booking_end_ms";
 
-    /// Every field, for reading a whole record.
-    pub const ALL: [&str; 11] = [
-        PROVIDER, TYPE, PRICE, PRICE_SEQ, MEMORY_GB, CORES, SCORE, STATUS, BOOKING, VERSION,
-        UPDATED_MS,
+    pub const BOOKING_TERMS: [&str; 5] = [
+        BOOKING_USER,
+        BOOKING_PRICE,
+        BOOKING_DURATION_S,
+        BOOKING_START_MS,
+        BOOKING_END_MS,
     ];
 }
 
@@ -39,6 +48,8 @@ pub struct GpuRecord {
     pub status: GpuStatus,
     /// The active booking holding this GPU, if any.
     pub booking: Option<String>,
+    /// A copy of that booking's terms (absent on records written before copies were kept).
+    pub booking_terms: Option<BookingTerms>,
     pub version: i64,
     pub updated_ms: i64,
 }
@@ -220,6 +231,9 @@ impl GpuRecord {
         if let Some(s) = self.score {
             fields.push((field::SCORE, s.to_string()));
         }
+        if let Some(terms) = &self.booking_terms {
+            fields.extend(terms_fields(terms));
+        }
         fields
     }
 
@@ -268,11 +282,18 @@ impl GpuRecord {
         {
             fields.push((field::SCORE, s.to_string()));
         }
+        if let Some(terms) = self
+            .booking_terms
+            .as_ref()
+            .filter(|t| old.booking_terms.as_ref() != Some(*t))
+        {
+            fields.extend(terms_fields(terms));
+        }
         fields
     }
 
-    /// Optional attributes that the new record no longer has, to be removed with `HDEL`.
-    pub fn dropped_attributes(&self, newer: &GpuRecord) -> Vec<&'static str> {
+    /// Optional fields that the new record no longer has, to be removed with `HDEL`.
+    pub fn dropped_fields(&self, newer: &GpuRecord) -> Vec<&'static str> {
         let mut dropped = Vec::new();
         if self.memory_gb.is_some() && newer.memory_gb.is_none() {
             dropped.push(field::MEMORY_GB);
@@ -283,8 +304,21 @@ impl GpuRecord {
         if self.score.is_some() && newer.score.is_none() {
             dropped.push(field::SCORE);
         }
+        if self.booking_terms.is_some() && newer.booking_terms.is_none() {
+            dropped.extend(field::BOOKING_TERMS);
+        }
         dropped
     }
+}
+
+fn terms_fields(terms: &BookingTerms) -> [(&'static str, String); 5] {
+    [
+        (field::BOOKING_USER, terms.user_id.clone()),
+        (field::BOOKING_PRICE, terms.price.to_string()),
+        (field::BOOKING_DURATION_S, terms.duration_s.to_string()),
+        (field::BOOKING_START_MS, terms.start_ms.to_string()),
+        (field::BOOKING_END_MS, terms.end_ms.to_string()),
+    ]
 }
 
 /// A GPU record read field by field (in any order, e.g. straight from a hash scan); `build`
@@ -300,6 +334,11 @@ pub struct GpuFields {
     score: Option<f64>,
     status: Option<GpuStatus>,
     booking: Option<String>,
+    booking_user: Option<String>,
+    booking_price: Option<Price>,
+    booking_duration_s: Option<i64>,
+    booking_start_ms: Option<i64>,
+    booking_end_ms: Option<i64>,
     version: i64,
     updated_ms: i64,
     /// A field that must be an integer is not one: the record is corrupt.
@@ -338,6 +377,11 @@ impl GpuFields {
             field::BOOKING => self.booking = text(value).filter(|b| !b.is_empty()),
             field::VERSION => required_int(&mut self.version, value),
             field::UPDATED_MS => required_int(&mut self.updated_ms, value),
+            field::BOOKING_USER => self.booking_user = text(value).filter(|u| !u.is_empty()),
+            field::BOOKING_PRICE => self.booking_price = Price::parse_stored(value),
+            field::BOOKING_DURATION_S => self.booking_duration_s = int(value),
+            field::BOOKING_START_MS => self.booking_start_ms = int(value),
+            field::BOOKING_END_MS => self.booking_end_ms = int(value),
             _ => return,
         }
         self.any = true;
@@ -352,6 +396,31 @@ impl GpuFields {
         if self.malformed {
             return None;
         }
+        // A copy of the booking's terms counts only whole and only beside the booking it copies.
+        let booking_terms = match (
+            &self.booking,
+            self.booking_user,
+            self.booking_price,
+            self.booking_duration_s,
+            self.booking_start_ms,
+            self.booking_end_ms,
+        ) {
+            (
+                Some(_),
+                Some(user_id),
+                Some(price),
+                Some(duration_s),
+                Some(start_ms),
+                Some(end_ms),
+            ) => Some(BookingTerms {
+                user_id,
+                price,
+                duration_s,
+                start_ms,
+                end_ms,
+            }),
+            _ => None,
+        };
         Some(GpuRecord {
             provider: self.provider?,
             gpu_type: self.gpu_type?,
@@ -362,6 +431,7 @@ impl GpuFields {
             score: self.score,
             status: self.status?,
             booking: self.booking,
+            booking_terms,
             version: self.version,
             updated_ms: self.updated_ms,
         })
@@ -383,21 +453,75 @@ mod tests {
             score: Some(9.5),
             status: GpuStatus::Available,
             booking: None,
+            booking_terms: None,
             version: 7,
             updated_ms: 1_700_000_000_000,
         }
     }
 
+    fn terms() -> BookingTerms {
+        BookingTerms {
+            user_id: "alice".into(),
+            price: Price::from_micros(2_000_000),
+            duration_s: 60,
+            start_ms: 1_700_000_000_000,
+            end_ms: 1_700_000_060_000,
+        }
+    }
+
     #[test]
     fn fields_round_trip() {
-        let gpu = sample();
-        let fields: Vec<(String, String)> = gpu
+        let mut booked = sample();
+        booked.status = GpuStatus::Busy;
+        booked.booking = Some("b-1".into());
+        booked.booking_terms = Some(terms());
+        for gpu in [sample(), booked] {
+            let fields: Vec<(String, String)> = gpu
+                .to_fields()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            let back =
+                GpuRecord::from_fields(fields.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+            assert_eq!(back, Some(gpu));
+        }
+    }
+
+    #[test]
+    fn booking_terms_count_only_whole_and_with_their_booking() {
+        let mut booked = sample();
+        booked.booking = Some("b-1".into());
+        booked.booking_terms = Some(terms());
+        let mut fields: Vec<(String, String)> = booked
             .to_fields()
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
+        fields.retain(|(k, _)| k != field::BOOKING_END_MS);
         let back = GpuRecord::from_fields(fields.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
-        assert_eq!(back, Some(gpu));
+        assert_eq!(back.map(|g| g.booking_terms), Some(None));
+    }
+
+    #[test]
+    fn releasing_a_booking_drops_its_terms() {
+        let mut booked = sample();
+        booked.booking = Some("b-1".into());
+        booked.booking_terms = Some(terms());
+        let mut released = booked.clone();
+        released.booking = None;
+        released.booking_terms = None;
+        assert_eq!(
+            booked.dropped_fields(&released),
+            field::BOOKING_TERMS.to_vec()
+        );
+        let changed = booked.changed_fields(Some(&sample()));
+        assert_eq!(
+            changed
+                .iter()
+                .filter(|(f, _)| f.starts_with("booking_"))
+                .count(),
+            5
+        );
     }
 
     #[test]
@@ -518,6 +642,6 @@ mod tests {
         let old = sample();
         let mut newer = sample();
         newer.memory_gb = None;
-        assert_eq!(old.dropped_attributes(&newer), vec![field::MEMORY_GB]);
+        assert_eq!(old.dropped_fields(&newer), vec![field::MEMORY_GB]);
     }
 }

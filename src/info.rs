@@ -1,0 +1,37 @@
+//! `INFO gpucache`: what an operator needs to see from outside.
+
+use redis_module::{InfoContext, RedisResult};
+use redis_module_macros::info_command_handler;
+
+#[info_command_handler]
+fn gpucache_info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
+    let heal = crate::heal::figures();
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    ctx.builder()
+        .add_section("")
+        .field("eviction_policy", crate::eviction::policy())?
+        .field(
+            "eviction_policy_safe",
+            i64::from(!crate::eviction::is_unsafe()),
+        )?
+        .field(
+            "accept_eviction_risk",
+            i64::from(
+                crate::config::ACCEPT_EVICTION_RISK.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        )?
+        .field("regions", count(crate::regions::count()))?
+        .field("heal_queue", count(heal.queued))?
+        .field("heal_retrying", count(heal.retrying))?
+        .field("heal_retries", big(heal.retries))?
+        .field("healed", big(heal.healed))?
+        .field("region_repairs", big(heal.region_repairs))?
+        .field(
+            "bookings_ended_by_clock",
+            big(crate::booking_clock::ended_count()),
+        )?
+        .build_section()?
+        .build_info()?;
+    Ok(())
+}
