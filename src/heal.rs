@@ -47,6 +47,13 @@ struct Job {
 
 #[derive(Default)]
 struct Queue {
+    /// Keys whose records vanished, packed back to back from `read` on, each as
+    /// `[db: i32][len: u32][key]`. Evictions are announced while Redis is freeing memory, and
+    /// whatever this queue allocates counts against `maxmemory`: a few bytes beyond the key
+    /// itself per entry keep healing from costing more evictions than it answers.
+    fresh: Vec<u8>,
+    read: usize,
+    /// Region repairs and retries (few): each with its attempt count and time.
     jobs: VecDeque<Job>,
     /// Regions with a whole-region repair queued (each is queued once).
     regions: BTreeSet<(i32, String)>,
@@ -54,6 +61,55 @@ struct Queue {
     retries: u64,
     healed: u64,
     region_repairs: u64,
+}
+
+impl Queue {
+    fn push_fresh(&mut self, db: i32, key: &str) -> bool {
+        if self.fresh.len() - self.read >= MAX_FRESH_BYTES {
+            return false;
+        }
+        let Ok(len) = u32::try_from(key.len()) else {
+            return false;
+        };
+        self.fresh.extend_from_slice(&db.to_le_bytes());
+        self.fresh.extend_from_slice(&len.to_le_bytes());
+        self.fresh.extend_from_slice(key.as_bytes());
+        true
+    }
+
+    fn pop_fresh(&mut self) -> Option<(i32, String)> {
+        let rest = self.fresh.get(self.read..)?;
+        let db = i32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+        let len = u32::from_le_bytes(rest.get(4..8)?.try_into().ok()?) as usize;
+        let key = String::from_utf8_lossy(rest.get(8..8 + len)?).into_owned();
+        self.read += 8 + len;
+        if self.read >= self.fresh.len() {
+            self.fresh.clear();
+            self.read = 0;
+            if self.fresh.capacity() > FRESH_RESERVE {
+                self.fresh = Vec::with_capacity(FRESH_RESERVE);
+            }
+        } else if self.read > 64 * 1024 && self.read * 2 > self.fresh.len() {
+            self.fresh.drain(..self.read);
+            self.read = 0;
+        }
+        Some((db, key))
+    }
+
+    fn fresh_count(&self) -> usize {
+        let mut count = 0;
+        let mut at = self.read;
+        while let Some(len) = self
+            .fresh
+            .get(at + 4..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+        {
+            count += 1;
+            at += 8 + len as usize;
+        }
+        count
+    }
 }
 
 static QUEUE: LazyLock<Mutex<Queue>> = LazyLock::new(|| Mutex::new(Queue::default()));
@@ -64,9 +120,9 @@ fn queue() -> MutexGuard<'static, Queue> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Keys queued one by one; beyond this a mass expiry is handled as repairs of whole regions
-/// (one job per region), so the queue stays bounded and nothing is dropped.
-const MAX_KEY_JOBS: usize = 1_000_000;
+/// Bytes of vanished keys queued one by one; beyond this a mass expiry is handled as repairs
+/// of whole regions (one job per region), so the queue stays bounded and nothing is dropped.
+const MAX_FRESH_BYTES: usize = 64 * 1024 * 1024;
 /// Time one timer call may spend repairing before it yields to clients.
 const BUDGET: Duration = Duration::from_millis(2);
 /// Retry delays double from the first to the last.
@@ -86,7 +142,7 @@ pub struct HealFigures {
 pub fn figures() -> HealFigures {
     let queue = queue();
     HealFigures {
-        queued: queue.jobs.len(),
+        queued: queue.jobs.len() + queue.fresh_count(),
         retrying: queue.jobs.iter().filter(|j| j.attempts > 0).count(),
         retries: queue.retries,
         healed: queue.healed,
@@ -105,6 +161,15 @@ fn healable(key: &str) -> bool {
         && crate::core::input::id("id", id.as_bytes()).is_ok()
 }
 
+/// Room for this many bytes of vanished keys is taken when the module loads, so a burst of
+/// evictions (about 2,000 keys) queues its repairs without allocating while Redis frees memory.
+const FRESH_RESERVE: usize = 64 * 1024;
+
+/// Takes the queue's room (from the module's load).
+pub fn reserve() {
+    queue().fresh.reserve(FRESH_RESERVE);
+}
+
 /// Keyspace-event handler for `expired` and `evicted`.
 pub fn on_key_gone(ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &[u8]) {
     let Ok(key) = std::str::from_utf8(key) else {
@@ -114,20 +179,7 @@ pub fn on_key_gone(ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &
         return;
     }
     let db = selected_db(ctx);
-    let overflow = {
-        let mut queue = queue();
-        if queue.jobs.len() < MAX_KEY_JOBS {
-            queue.jobs.push_back(Job {
-                db,
-                target: Target::Key(key.to_owned()),
-                attempts: 0,
-                not_before_ms: 0,
-            });
-            false
-        } else {
-            true
-        }
-    };
+    let overflow = !queue().push_fresh(db, key);
     if overflow {
         if let Some((region, _, _)) = RegionKeys::parse(key) {
             queue_region_repair(ctx, region);
@@ -184,6 +236,8 @@ fn drain(ctx: &Context, _: ()) {
         let mut queue = queue();
         queue.jobs.clear();
         queue.regions.clear();
+        queue.fresh.clear();
+        queue.read = 0;
         return;
     }
     if flags.contains(ContextFlags::LOADING) {
@@ -210,10 +264,12 @@ fn drain(ctx: &Context, _: ()) {
             queue.jobs.push_back(job);
         }
         let now = Store::new(ctx).now_ms();
+        let fresh = (queue.read < queue.fresh.len()).then_some(0);
         queue
             .jobs
             .iter()
             .map(|j| j.not_before_ms.saturating_sub(now))
+            .chain(fresh)
             .min()
     };
     if let Some(delay) = next_delay {
@@ -221,10 +277,18 @@ fn drain(ctx: &Context, _: ()) {
     }
 }
 
-/// The first job that may run now.
+/// The first job that may run now: a due region repair or retry, else the next vanished key.
 fn next_job(now_ms: i64) -> Option<Job> {
     let mut queue = queue();
-    let index = queue.jobs.iter().position(|j| j.not_before_ms <= now_ms)?;
+    let Some(index) = queue.jobs.iter().position(|j| j.not_before_ms <= now_ms) else {
+        let (db, key) = queue.pop_fresh()?;
+        return Some(Job {
+            db,
+            target: Target::Key(key),
+            attempts: 0,
+            not_before_ms: 0,
+        });
+    };
     let job = queue.jobs.remove(index)?;
     if let Target::Region(region) = &job.target {
         queue.regions.remove(&(job.db, region.clone()));

@@ -15,6 +15,7 @@ pub mod market;
 mod regions;
 pub mod repair;
 pub mod store;
+pub mod survey;
 mod ticker;
 
 use redis_module::configuration::ConfigurationFlags;
@@ -91,6 +92,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         ),
     );
     eviction::refresh(ctx);
+    heal::reserve();
     ticker::start(ctx);
     Status::Ok
 }

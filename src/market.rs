@@ -753,14 +753,24 @@ impl<'s, 'c> Region<'s, 'c> {
     /// Appends one JSON event to the region's stream, trimmed to about `stream-maxlen` entries.
     /// Each entry also records the region's sequence as it stands after the command (`seq`),
     /// so a lost sequence resumes above every version issued (see `lost_seq_floor`).
+    ///
+    /// Near `maxmemory` the stream stops growing: each entry trims the oldest (exactly), so
+    /// that healing evicted records — which appends an event each — frees memory rather than
+    /// taking more and making Redis evict further records.
     pub fn append_event(&self, event: &Event) {
-        let maxlen = config::get(&config::STREAM_MAXLEN).to_string();
-        let json = event.to_json();
         let events = self.keys.events();
+        let configured = config::get(&config::STREAM_MAXLEN);
+        let (approximate, maxlen): (&[u8], String) = if self.store.memory_is_tight() {
+            let current = i64::try_from(self.store.length(&events)).unwrap_or(i64::MAX);
+            (b"=", current.clamp(1, configured).to_string())
+        } else {
+            (b"~", configured.to_string())
+        };
+        let json = event.to_json();
         let mut args: Vec<&[u8]> = vec![
             events.as_bytes(),
             b"MAXLEN",
-            b"~",
+            approximate,
             maxlen.as_bytes(),
             b"*",
             b"type",

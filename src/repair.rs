@@ -1,54 +1,163 @@
-//! `GPUCACHE.REPAIR` and the repairs the module queues itself: put a region back in order.
+//! `GPUCACHE.REPAIR`, and every repair the module queues itself (after a load or a promotion,
+//! when a healing write was refused, when a command finds market state damaged): puts a region
+//! back in order by applying the fixes of its survey (`survey.rs`).
 //!
-//! (First step: the sweep of records that vanished silently; the full rebuild follows.)
+//! Every fix is a plain replicated write, so a repair reaches replicas and the AOF as the
+//! primary decided it. A repair recounts rather than replays: running it again is always safe.
 
+use crate::config;
 use crate::core::error::MarketResult;
-use crate::core::gpu::RegistryEntry;
-use crate::keys::RegionKeys;
-use crate::market::Region;
+use crate::core::events::{notify, Event, EventKind};
+use crate::core::ttl::jittered_ttl_ms;
+use crate::market::{stat, Region};
 use crate::store::Store;
-use redis_module::{Context, KeyType};
+use crate::survey::{survey, Fix};
+use redis_module::logging::RedisLogLevel;
+use redis_module::Context;
+
+/// Findings listed in `REPAIR`'s reply (the rest are only counted).
+const MAX_LISTED: usize = 100;
 
 /// What a repair did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct RepairReport {
+    /// GPUs whose record is gone, dropped from the registry and indexes.
     pub gpus: i64,
+    /// Bookings dropped: lost without a copy, or ended because another booking holds their GPU.
     pub bookings: i64,
+    /// Types whose type price is gone, their GPUs moved back to their own prices.
     pub type_prices: i64,
+    /// Provider set members that belonged to another provider's GPU (or to none).
     pub provider_members: i64,
+    /// GPU records rewritten: rebuilt, taken back by their booking, released, copies restored.
+    pub gpu_records: i64,
+    /// Booking records rebuilt from the copy of their terms.
+    pub booking_records: i64,
+    /// Findings that only could be reported.
+    pub unrecoverable: i64,
+    /// Every finding fixed (or reported).
+    pub fixed: i64,
+    /// The first findings, as sentences.
+    pub repairs: Vec<String>,
+    /// The region's sequence after the repair.
+    pub seq: i64,
     /// Writes Redis refused: the repair must run again.
     pub failed_writes: u32,
 }
 
 pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairReport> {
     let store = Store::new(ctx);
+    let found = survey(&store, region_name)?;
     let region = Region::new(&store, region_name.to_owned());
-    region.check_key_types(&[])?;
-    let keys: &RegionKeys = &region.keys;
-    let mut report = RepairReport::default();
-    for gpu_id in store.members("HKEYS", &keys.gpu_registry())? {
-        if store.key_type(&keys.gpu(&gpu_id)) == KeyType::Empty {
-            let inner = Store::new(ctx);
-            let r = Region::new(&inner, region_name.to_owned());
-            if crate::heal::heal_gpu(&r, &gpu_id)? {
-                report.gpus += 1;
+    let now = store.now_ms();
+    let mut report = RepairReport {
+        gpus: count(found.vanished_gpus),
+        bookings: count(found.dropped_bookings),
+        type_prices: count(found.repriced_types),
+        provider_members: count(found.stale_provider_members),
+        fixed: count(found.findings.len()),
+        seq: found.seq_floor,
+        ..RepairReport::default()
+    };
+    let mut counters: Vec<(String, String)> = Vec::new();
+    let mut version = found.seq_floor;
+    let mut closed = 0i64;
+    for finding in &found.findings {
+        if report.repairs.len() < MAX_LISTED {
+            report.repairs.push(finding.message.clone());
+        }
+        match &finding.fix {
+            Fix::Report => report.unrecoverable += 1,
+            Fix::Write(command, args) => {
+                let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+                store.write(command, &args);
             }
-            report.failed_writes += inner.failed_writes();
+            Fix::Gpu {
+                gpu_id,
+                record,
+                before,
+            } => {
+                version = version.saturating_add(1);
+                let mut record = (**record).clone();
+                record.version = version;
+                record.updated_ms = now;
+                let key = region.keys.gpu(gpu_id);
+                let fields = record.changed_fields(before.as_deref());
+                if !fields.is_empty() {
+                    store.hset(&key, &fields);
+                }
+                if let Some(before) = before {
+                    let dropped = before.dropped_fields(&record);
+                    if !dropped.is_empty() {
+                        let mut args: Vec<&[u8]> = vec![key.as_bytes()];
+                        args.extend(dropped.iter().map(|f| f.as_bytes()));
+                        store.write("HDEL", &args);
+                    }
+                }
+                // Held: market state, no TTL. Idle: a cached record with a fresh one.
+                if record.booking.is_some() {
+                    if before.is_some() {
+                        store.write("PERSIST", &[key.as_bytes()]);
+                    }
+                } else {
+                    let at = now.saturating_add(jittered_ttl_ms(
+                        config::get(&config::AVAILABILITY_TTL),
+                        config::get(&config::JITTER_PERCENT),
+                        fastrand::f64(),
+                    ));
+                    store.pexpire_at(&key, at);
+                }
+                report.gpu_records += 1;
+            }
+            Fix::Booking {
+                booking_id,
+                booking,
+            } => {
+                store.hset(&region.keys.booking(booking_id), &booking.to_fields());
+                report.booking_records += 1;
+            }
+            Fix::Close { booking_id } => {
+                store.write("DEL", &[region.keys.booking(booking_id).as_bytes()]);
+                closed += 1;
+            }
+            Fix::Counter(field, value) => counters.push((field.clone(), value.to_string())),
         }
     }
-    for provider in store.members("SMEMBERS", &keys.providers())? {
-        let members_key = keys.provider_gpus(&provider);
-        for gpu_id in store.members("SMEMBERS", &members_key)? {
-            let owner = store
-                .hget(&keys.gpu_registry(), &gpu_id)?
-                .and_then(|e| RegistryEntry::parse(&String::from_utf8_lossy(&e)))
-                .map(|e| e.provider);
-            if owner.as_deref() != Some(provider.as_str()) {
-                store.write("SREM", &[members_key.as_bytes(), gpu_id.as_bytes()]);
-                report.provider_members += 1;
-            }
-        }
+    if closed > 0 {
+        let cancelled = found.stored_cancelled.saturating_add(closed);
+        counters.retain(|(f, _)| f != stat::BOOKINGS_CANCELLED);
+        counters.push((stat::BOOKINGS_CANCELLED.to_owned(), cancelled.to_string()));
     }
-    report.failed_writes += store.failed_writes();
+    if version != found.seq_floor || found.stored_seq != Some(found.seq_floor) && version > 0 {
+        counters.retain(|(f, _)| f != stat::SEQ);
+        counters.push((stat::SEQ.to_owned(), version.to_string()));
+    }
+    report.seq = version;
+    if !counters.is_empty() {
+        let fields: Vec<(&str, String)> = counters
+            .iter()
+            .map(|(f, v)| (f.as_str(), v.clone()))
+            .collect();
+        store.hset(&region.keys.stats(), &fields);
+    }
+    if report.fixed > 0 {
+        crate::log(
+            ctx,
+            RedisLogLevel::Notice,
+            &format!(
+                "gpucache: region {region_name}: repaired {} findings (first: {})",
+                report.fixed,
+                report.repairs.first().map_or("", String::as_str)
+            ),
+        );
+        let mut event = Event::new(EventKind::ManualInvalidation, &region.name, now);
+        event.reason = Some("repaired");
+        region.publish(notify::REPAIRED, event)?;
+    }
+    report.failed_writes = store.failed_writes();
     Ok(report)
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -17,6 +17,9 @@ use std::cell::{OnceCell, RefCell};
 use std::marker::PhantomData;
 use std::os::raw::{c_char, c_int};
 
+/// A stream entry as read: its id and its (field, value) pairs.
+pub type StreamEntry = (String, Vec<(String, String)>);
+
 pub struct Store<'a> {
     ctx: &'a Context,
     replicated: OnceCell<CallOptions>,
@@ -71,6 +74,89 @@ impl<'a> Store<'a> {
             return true;
         }
         self.ctx.call("EXISTS", &[key.as_bytes()]).is_ok()
+    }
+
+    /// Whether the server is near `maxmemory` (95 % or more of it in use; never without a
+    /// limit).
+    pub fn memory_is_tight(&self) -> bool {
+        // SAFETY: RedisModule_GetUsedMemoryRatio takes no arguments and only reads counters.
+        let ratio = unsafe { raw::RedisModule_GetUsedMemoryRatio.map_or(0.0, |f| f()) };
+        ratio >= 0.95
+    }
+
+    /// Number of entries (stream), fields (hash) or members (set, sorted set) of a key; 0 for a
+    /// missing key.
+    pub fn length(&self, key: &str) -> usize {
+        self.open_read(key).value_length()
+    }
+
+    /// A key's remaining time to live in milliseconds (`None` without one, or without the key).
+    pub fn ttl_ms(&self, key: &str) -> Option<i64> {
+        self.open_read(key).ttl_ms()
+    }
+
+    /// Up to `count` entries of a stream from id `start` on (inclusive), oldest first, each as
+    /// (id, fields). Fields that are not text are left out.
+    pub fn stream_range(
+        &self,
+        key: &str,
+        start: &str,
+        count: usize,
+    ) -> MarketResult<Vec<StreamEntry>> {
+        let count = count.to_string();
+        let reply = self.read(
+            "XRANGE",
+            &[
+                key.as_bytes(),
+                start.as_bytes(),
+                b"+",
+                b"COUNT",
+                count.as_bytes(),
+            ],
+        )?;
+        let RedisValue::Array(entries) = reply else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .iter()
+            .filter_map(|entry| {
+                let RedisValue::Array(entry) = entry else {
+                    return None;
+                };
+                let id = text(entry.first()?)?;
+                let RedisValue::Array(fields) = entry.get(1)? else {
+                    return None;
+                };
+                let pairs = fields
+                    .chunks_exact(2)
+                    .filter_map(|pair| match pair {
+                        [name, value] => Some((text(name)?, text(value)?)),
+                        _ => None,
+                    })
+                    .collect();
+                Some((id, pairs))
+            })
+            .collect())
+    }
+
+    /// Whether entries were ever removed from a stream (trimmed or deleted): it then no longer
+    /// holds everything appended to it.
+    pub fn stream_lost_entries(&self, key: &str) -> MarketResult<bool> {
+        let RedisValue::Array(info) = self.read("XINFO", &[b"STREAM", key.as_bytes()])? else {
+            return Ok(true);
+        };
+        let field = |name: &str| {
+            info.chunks_exact(2).find_map(|pair| match pair {
+                [k, v] if text(k).as_deref() == Some(name) => {
+                    text(v).and_then(|v| v.parse::<i64>().ok())
+                }
+                _ => None,
+            })
+        };
+        Ok(match (field("entries-added"), field("length")) {
+            (Some(added), Some(length)) => added > length,
+            _ => true,
+        })
     }
 
     /// The region sequence recorded with the newest entry of an event stream (`seq` field), if

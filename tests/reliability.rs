@@ -307,14 +307,6 @@ fn evicted_records_heal_their_indexes() {
     assert!(total < 2000, "evicted GPUs left the registry: {total}");
 }
 
-fn info_field(con: &mut redis::Connection, name: &str) -> i64 {
-    let info: String = redis::cmd("INFO").query(con).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("INFO has no {name}"))
-}
-
 #[test]
 fn records_that_expire_while_the_server_is_down_are_repaired_after_loading() {
     let server = Server::start(&["AVAILABILITY_TTL", "2", "JITTER", "0"], &[]);

@@ -11,11 +11,18 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 1, 1)?;
     let region = args.region()?;
     let report = crate::repair::repair_region(store.ctx(), &region)?;
+    let repairs = report.repairs.iter().cloned().map(Out::Text).collect();
     Ok(Reply::new()
         .text("region", region)
         .int("gpus", report.gpus)
         .int("bookings", report.bookings)
         .int("type_prices", report.type_prices)
         .int("provider_members", report.provider_members)
+        .int("gpu_records", report.gpu_records)
+        .int("booking_records", report.booking_records)
+        .int("fixed", report.fixed)
+        .int("unrecoverable", report.unrecoverable)
+        .int("seq", report.seq)
+        .value("repairs", Out::Array(repairs))
         .build())
 }

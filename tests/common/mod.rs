@@ -358,3 +358,32 @@ pub fn assert_consistent(con: &mut Connection, region: &str) {
         report["violations"]
     );
 }
+
+/// A numeric field of `INFO` (any section).
+pub fn info_field(con: &mut Connection, name: &str) -> i64 {
+    let info: String = redis::cmd("INFO")
+        .arg("everything")
+        .query(con)
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("INFO has no numeric {name}"))
+}
+
+/// Polls `GPUCACHE.CHECK` until the region is consistent (healing runs in a timer just after
+/// the commands that need it).
+pub fn eventually_consistent(con: &mut Connection, region: &str) {
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let report = run(con, &["GPUCACHE.CHECK", region]).expect("CHECK");
+        let report = as_map(&report);
+        if text(&report["ok"]) == "1" {
+            return;
+        }
+        last = format!("{:?}", report["violations"]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("CHECK {region} never became clean: {last}");
+}

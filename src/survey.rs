@@ -1,0 +1,1207 @@
+//! A region surveyed against its own records: what `GPUCACHE.CHECK` reports and what
+//! `GPUCACHE.REPAIR` (and every repair the module queues itself) fixes, computed once.
+//!
+//! The survey reads everything the region holds, without writing, decides what the region
+//! should hold, and lists every difference as a [`Finding`]: a sentence for `CHECK` and the
+//! writes that fix it for `REPAIR`. Both commands use the same findings, so a repair leaves
+//! nothing for the next `CHECK` to report (`CHECK` after `REPAIR` is clean unless a finding
+//! could only be reported).
+//!
+//! What decides, when records disagree:
+//! - **Who holds a GPU**: the GPU record's booking, when that booking is known — from its own
+//!   record or from the copy of its terms the GPU record keeps. A booking whose GPU is held by
+//!   another booking ends (reason `conflict`); a booking whose GPU holds none takes it back.
+//! - **A booking's terms**: its own record; if that is gone, the copy on the GPU it holds.
+//! - **A booked GPU whose record is gone**: rebuilt from its registry entry (or the booking's
+//!   note of its type and provider) and the booking.
+//! - **Everything else** — the registry, provider sets, type and provider sets, availability
+//!   indexes, booking registry and clock, counters, the sequence — is derived from the records.
+//!   The all-time booking counters cannot be recounted: a lost or garbled one restarts at the
+//!   least it can be. The 24-hour window is checked against the event stream, as far back as
+//!   the stream reaches.
+
+use crate::config;
+use crate::core::booking::Booking;
+use crate::core::error::MarketResult;
+use crate::core::events::EventKind;
+use crate::core::gpu::{price_source, GpuRecord, PriceSource, RegistryEntry, TypePrice};
+use crate::core::price::Price;
+use crate::core::status::{is_listed, GpuStatus, ProviderStatus};
+use crate::core::ttl::jittered_ttl_ms;
+use crate::core::window;
+use crate::market::{stat, Region};
+use crate::store::Store;
+use redis_module::KeyType;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One difference between what the region holds and what it should hold.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub message: String,
+    pub fix: Fix,
+}
+
+/// What a repair writes for a finding.
+#[derive(Debug, Clone)]
+pub enum Fix {
+    /// Nothing a repair can write: reported only.
+    Report,
+    /// One replicated command, as (command, arguments).
+    Write(&'static str, Vec<String>),
+    /// A GPU record to write, with a fresh version drawn from the sequence when applied.
+    /// `before` is the record as stored (`None`: written whole).
+    Gpu {
+        gpu_id: String,
+        record: Box<GpuRecord>,
+        before: Option<Box<GpuRecord>>,
+    },
+    /// A booking record to write back.
+    Booking {
+        booking_id: String,
+        booking: Booking,
+    },
+    /// A booking that loses its GPU to another booking: its record goes (its index entries go
+    /// with the derived indexes) and it counts as cancelled.
+    Close { booking_id: String },
+    /// A field of the counters hash (all written with one `HSET`).
+    Counter(String, i64),
+}
+
+/// What kind of repair a finding is, for the counts `REPAIR` replies with.
+impl Finding {
+    fn new(message: String, fix: Fix) -> Finding {
+        Finding { message, fix }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Survey {
+    pub region: String,
+    pub gpus_checked: usize,
+    pub bookings_checked: usize,
+    pub findings: Vec<Finding>,
+    /// The sequence as stored (`None`: missing or unreadable).
+    pub stored_seq: Option<i64>,
+    /// Where the sequence must stand at least: above every version still visible.
+    pub seq_floor: i64,
+    /// `bookings:cancelled` as stored (a repair adds the bookings it closes).
+    pub stored_cancelled: i64,
+    /// Registry entries of GPUs whose record is gone and that nothing rebuilds.
+    pub vanished_gpus: usize,
+    /// Bookings that are dropped (lost, or closed for a conflict).
+    pub dropped_bookings: usize,
+    /// Types whose type-price GPUs move back to their own prices (the type price is gone).
+    pub repriced_types: usize,
+    /// Provider set members that belong to no GPU of that provider.
+    pub stale_provider_members: usize,
+}
+
+/// A key's content as read: present, absent, or present but unusable (another type, or fields
+/// gpucache never writes).
+enum Read<T> {
+    Present(T),
+    Missing,
+    Broken,
+}
+
+/// A provider's record as read.
+enum ProviderRead {
+    Known(ProviderStatus),
+    /// No record: online, unless its GPUs say otherwise.
+    Missing,
+    /// Another type, or a status gpucache never writes.
+    Broken,
+}
+
+/// Every gpucache key family and its Redis type, for the findings' wording.
+fn type_name(kind: KeyType) -> &'static str {
+    match kind {
+        KeyType::Empty => "nothing",
+        KeyType::String => "a string",
+        KeyType::List => "a list",
+        KeyType::Hash => "a hash",
+        KeyType::Set => "a set",
+        KeyType::ZSet => "a sorted set",
+        KeyType::Module => "a module value",
+        KeyType::Stream => "a stream",
+    }
+}
+
+struct Surveyor<'r, 's, 'c> {
+    region: &'r Region<'s, 'c>,
+    store: &'s Store<'c>,
+    now_ms: i64,
+    out: Survey,
+    /// Keys found holding a foreign type: they are replaced, and read as empty.
+    replaced: BTreeSet<String>,
+}
+
+pub fn survey(store: &Store, region_name: &str) -> MarketResult<Survey> {
+    let region = Region::new(store, region_name.to_owned());
+    let mut surveyor = Surveyor {
+        region: &region,
+        store,
+        now_ms: store.now_ms(),
+        out: Survey {
+            region: region_name.to_owned(),
+            ..Survey::default()
+        },
+        replaced: BTreeSet::new(),
+    };
+    surveyor.run()?;
+    Ok(surveyor.out)
+}
+
+fn int(text: &str) -> Option<i64> {
+    text.parse().ok()
+}
+
+impl Surveyor<'_, '_, '_> {
+    fn add(&mut self, message: String, fix: Fix) {
+        self.out.findings.push(Finding::new(message, fix));
+    }
+
+    fn write(command: &'static str, args: &[&str]) -> Fix {
+        Fix::Write(command, args.iter().map(|a| (*a).to_owned()).collect())
+    }
+
+    /// Checks a key's type; a foreign one is replaced (reported, deleted, read as empty).
+    /// Returns whether the key holds usable content of the wanted type.
+    fn usable(&mut self, key: &str, wanted: KeyType) -> bool {
+        if self.replaced.contains(key) {
+            return false;
+        }
+        let actual = self.store.key_type(key);
+        if actual == KeyType::Empty {
+            return false;
+        }
+        if actual != wanted {
+            self.add(
+                format!(
+                    "{key} holds {}, not {}: it is replaced",
+                    type_name(actual),
+                    type_name(wanted)
+                ),
+                Self::write("DEL", &[key]),
+            );
+            self.replaced.insert(key.to_owned());
+            return false;
+        }
+        true
+    }
+
+    /// Market state must never carry a TTL (a `volatile-*` policy could evict it).
+    fn no_ttl(&mut self, key: &str, what: &str) {
+        if !self.replaced.contains(key) && self.store.ttl_ms(key).is_some() {
+            self.add(
+                format!("{what} {key} carries a TTL, so an eviction policy may take it"),
+                Self::write("PERSIST", &[key]),
+            );
+        }
+    }
+
+    fn hash(&mut self, key: &str) -> MarketResult<BTreeMap<String, String>> {
+        if !self.usable(key, KeyType::Hash) {
+            return Ok(BTreeMap::new());
+        }
+        Ok(self
+            .store
+            .hgetall(key)?
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(&k).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                )
+            })
+            .collect())
+    }
+
+    fn set(&mut self, key: &str) -> MarketResult<BTreeSet<String>> {
+        if !self.usable(key, KeyType::Set) {
+            return Ok(BTreeSet::new());
+        }
+        Ok(self.store.members("SMEMBERS", key)?.into_iter().collect())
+    }
+
+    fn zset(&mut self, key: &str) -> MarketResult<BTreeMap<String, f64>> {
+        if !self.usable(key, KeyType::ZSet) {
+            return Ok(BTreeMap::new());
+        }
+        Ok(self
+            .store
+            .members_of_range_with_scores(key)?
+            .into_iter()
+            .collect())
+    }
+
+    fn gpu(&mut self, gpu_id: &str) -> Read<(GpuRecord, Option<i64>)> {
+        let key = self.region.keys.gpu(gpu_id);
+        if !self.usable(&key, KeyType::Hash) {
+            return if self.replaced.contains(&key) {
+                Read::Broken
+            } else {
+                Read::Missing
+            };
+        }
+        match self.region.load_gpu_with_ttl(gpu_id) {
+            Ok(Some(loaded)) => Read::Present(loaded),
+            Ok(None) => Read::Missing,
+            Err(_) => {
+                self.add(
+                    format!("record of {gpu_id} lacks fields gpucache writes: it is replaced"),
+                    Self::write("DEL", &[&key]),
+                );
+                self.replaced.insert(key);
+                Read::Broken
+            }
+        }
+    }
+
+    fn booking(&mut self, booking_id: &str) -> Read<Booking> {
+        let key = self.region.keys.booking(booking_id);
+        if !self.usable(&key, KeyType::Hash) {
+            return if self.replaced.contains(&key) {
+                Read::Broken
+            } else {
+                Read::Missing
+            };
+        }
+        match self.region.load_booking(booking_id) {
+            Ok(Some(booking)) => Read::Present(booking),
+            Ok(None) => Read::Missing,
+            Err(_) => {
+                self.add(
+                    format!("record of booking {booking_id} lacks fields gpucache writes: it is replaced"),
+                    Self::write("DEL", &[&key]),
+                );
+                self.replaced.insert(key);
+                Read::Broken
+            }
+        }
+    }
+
+    fn run(&mut self) -> MarketResult<()> {
+        let keys = self.region.keys.clone();
+        let now = self.now_ms;
+
+        // Region-wide keys, read whole.
+        let registry_raw = self.hash(&keys.gpu_registry())?;
+        let booking_registry = self.hash(&keys.booking_registry())?;
+        let booking_ends = self.zset(&keys.booking_ends())?;
+        let types_set = self.set(&keys.types())?;
+        let providers_set = self.set(&keys.providers())?;
+        let counters = self.hash(&keys.stats())?;
+        let window = self.hash(&keys.window_24h())?;
+        self.usable(&keys.events(), KeyType::Stream);
+        for (key, what) in [
+            (keys.gpu_registry(), "the GPU registry"),
+            (keys.booking_registry(), "the booking registry"),
+            (keys.booking_ends(), "the booking clock"),
+            (keys.types(), "the type set"),
+            (keys.providers(), "the provider set"),
+            (keys.stats(), "the market counters"),
+            (keys.window_24h(), "the 24-hour window"),
+            (keys.events(), "the event stream"),
+        ] {
+            self.no_ttl(&key, what);
+        }
+
+        let registry: BTreeMap<String, Option<RegistryEntry>> = registry_raw
+            .iter()
+            .map(|(id, text)| (id.clone(), RegistryEntry::parse(text)))
+            .collect();
+
+        // Everything the region mentions, read until nothing new turns up: records name their
+        // bookings, type and provider; bookings name their GPU; provider sets and indexes name
+        // GPUs.
+        let mut gpu_ids: BTreeSet<String> = registry.keys().cloned().collect();
+        gpu_ids.extend(booking_registry.values().cloned());
+        let mut booking_ids: BTreeSet<String> = booking_registry.keys().cloned().collect();
+        booking_ids.extend(booking_ends.keys().cloned());
+        let mut providers: BTreeSet<String> = providers_set.clone();
+        let mut types: BTreeSet<String> = types_set.clone();
+        for entry in registry.values().flatten() {
+            providers.insert(entry.provider.clone());
+            types.insert(entry.gpu_type.clone());
+            booking_ids.extend(entry.booking.clone());
+        }
+        let mut records: BTreeMap<String, Read<(GpuRecord, Option<i64>)>> = BTreeMap::new();
+        let mut bookings: BTreeMap<String, Read<Booking>> = BTreeMap::new();
+        let mut provider_members: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut provider_status: BTreeMap<String, ProviderRead> = BTreeMap::new();
+        let mut indexes: BTreeMap<String, [BTreeMap<String, f64>; 3]> = BTreeMap::new();
+        let mut type_prices: BTreeMap<String, Option<TypePrice>> = BTreeMap::new();
+        loop {
+            let mut found = false;
+            let unread: Vec<String> = gpu_ids
+                .iter()
+                .filter(|id| !records.contains_key(*id))
+                .cloned()
+                .collect();
+            for gpu_id in unread {
+                found = true;
+                let read = self.gpu(&gpu_id);
+                if let Read::Present((gpu, _)) = &read {
+                    booking_ids.extend(gpu.booking.clone());
+                    providers.insert(gpu.provider.clone());
+                    types.insert(gpu.gpu_type.clone());
+                }
+                records.insert(gpu_id, read);
+            }
+            let unread: Vec<String> = booking_ids
+                .iter()
+                .filter(|id| !bookings.contains_key(*id))
+                .cloned()
+                .collect();
+            for booking_id in unread {
+                found = true;
+                let read = self.booking(&booking_id);
+                if let Read::Present(booking) = &read {
+                    gpu_ids.insert(booking.gpu_id.clone());
+                }
+                bookings.insert(booking_id, read);
+            }
+            let unread: Vec<String> = providers
+                .iter()
+                .filter(|p| !provider_members.contains_key(*p))
+                .cloned()
+                .collect();
+            for provider in unread {
+                found = true;
+                let members_key = keys.provider_gpus(&provider);
+                let members = self.set(&members_key)?;
+                self.no_ttl(&members_key, "the GPU set of a provider");
+                gpu_ids.extend(members.iter().cloned());
+                provider_members.insert(provider.clone(), members);
+                let record_key = keys.provider(&provider);
+                let status = if self.usable(&record_key, KeyType::Hash) {
+                    self.no_ttl(&record_key, "the provider record");
+                    match self.region.provider_status(&provider) {
+                        Ok(status) => ProviderRead::Known(status),
+                        Err(_) => ProviderRead::Broken,
+                    }
+                } else if self.replaced.contains(&record_key) {
+                    ProviderRead::Broken
+                } else {
+                    ProviderRead::Missing
+                };
+                provider_status.insert(provider, status);
+            }
+            let unread: Vec<String> = types
+                .iter()
+                .filter(|t| !indexes.contains_key(*t))
+                .cloned()
+                .collect();
+            for gpu_type in unread {
+                found = true;
+                let mut sets: [BTreeMap<String, f64>; 3] = Default::default();
+                for (slot, key) in sets.iter_mut().zip([
+                    keys.available_own(&gpu_type),
+                    keys.available_typed(&gpu_type),
+                    keys.available_by_score(&gpu_type),
+                ]) {
+                    *slot = self.zset(&key)?;
+                    self.no_ttl(&key, "the availability index");
+                    gpu_ids.extend(slot.keys().cloned());
+                }
+                indexes.insert(gpu_type.clone(), sets);
+                let price_key = keys.type_price(&gpu_type);
+                let price = if self.usable(&price_key, KeyType::Hash) {
+                    match self.region.load_type_price(&gpu_type) {
+                        Ok(price) => price,
+                        Err(_) => {
+                            self.add(
+                                format!("type price {price_key} lacks fields gpucache writes: it is dropped (GPUs show their own prices)"),
+                                Self::write("DEL", &[&price_key]),
+                            );
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                type_prices.insert(gpu_type, price);
+            }
+            if !found {
+                break;
+            }
+        }
+
+        // The highest version anything still shows: the sequence must stand above it.
+        let mut seen_version = 0i64;
+        for read in records.values() {
+            if let Read::Present((gpu, _)) = read {
+                seen_version = seen_version.max(gpu.version).max(gpu.price_seq);
+            }
+        }
+        for price in type_prices.values().flatten() {
+            seen_version = seen_version.max(price.version).max(price.seq);
+        }
+        for provider in &providers {
+            if let Ok(Some(version)) = self
+                .store
+                .hget(
+                    &keys.provider(provider),
+                    crate::market::provider_field::VERSION,
+                )
+                .map(|v| v.and_then(|v| int(&String::from_utf8_lossy(&v))))
+            {
+                seen_version = seen_version.max(version);
+            }
+        }
+        let recorded_seq = if self.replaced.contains(&keys.events()) {
+            None
+        } else {
+            self.store.last_recorded_seq(&keys.events())?
+        };
+
+        // Who holds what: start from the records as stored.
+        let mut desired: BTreeMap<String, GpuRecord> = BTreeMap::new();
+        let mut before: BTreeMap<String, Option<GpuRecord>> = BTreeMap::new();
+        let mut reasons: BTreeMap<String, String> = BTreeMap::new();
+        for (gpu_id, read) in &records {
+            if let Read::Present((gpu, _)) = read {
+                desired.insert(gpu_id.clone(), gpu.clone());
+            }
+        }
+        let mut active: BTreeMap<String, Booking> = BTreeMap::new();
+        // Bookings their GPU record holds come first, so a conflict is decided for the holder.
+        let held_first: Vec<String> = {
+            let held: BTreeSet<&String> = desired
+                .values()
+                .filter_map(|g| g.booking.as_ref())
+                .collect();
+            let mut ordered: Vec<String> = booking_ids
+                .iter()
+                .filter(|b| held.contains(b))
+                .cloned()
+                .collect();
+            ordered.extend(booking_ids.iter().filter(|b| !held.contains(b)).cloned());
+            ordered
+        };
+        let mut changed = |gpu_id: &str,
+                           record: GpuRecord,
+                           reason: String,
+                           desired: &mut BTreeMap<String, GpuRecord>,
+                           before: &mut BTreeMap<String, Option<GpuRecord>>,
+                           stored: Option<&GpuRecord>| {
+            before
+                .entry(gpu_id.to_owned())
+                .or_insert_with(|| stored.cloned());
+            reasons
+                .entry(gpu_id.to_owned())
+                .and_modify(|r| {
+                    r.push_str("; ");
+                    r.push_str(&reason);
+                })
+                .or_insert(reason);
+            desired.insert(gpu_id.to_owned(), record);
+        };
+        for booking_id in &held_first {
+            self.out.bookings_checked += 1;
+            let stored = bookings.get(booking_id);
+            let claimant = desired
+                .iter()
+                .find(|(_, g)| g.booking.as_deref() == Some(booking_id.as_str()))
+                .map(|(id, _)| id.clone());
+            let stored_booking = match stored {
+                Some(Read::Present(b)) => Some(b.clone()),
+                _ => None,
+            };
+            let gpu_id = stored_booking
+                .as_ref()
+                .map(|b| b.gpu_id.clone())
+                .or_else(|| claimant.clone())
+                .or_else(|| booking_registry.get(booking_id).cloned())
+                .or_else(|| {
+                    registry
+                        .iter()
+                        .find(|(_, e)| {
+                            e.as_ref().and_then(|e| e.booking.as_deref())
+                                == Some(booking_id.as_str())
+                        })
+                        .map(|(id, _)| id.clone())
+                });
+            let copy = gpu_id.as_ref().and_then(|g| {
+                let gpu = desired.get(g)?;
+                let terms = gpu.booking_terms.as_ref()?;
+                (gpu.booking.as_deref() == Some(booking_id.as_str()))
+                    .then(|| Booking::from_terms(g, terms).holding(&gpu.gpu_type, &gpu.provider))
+            });
+            let Some((gpu_id, booking)) = gpu_id.zip(stored_booking.clone().or(copy)) else {
+                // Neither its record nor a copy of its terms remains: it cannot be served.
+                self.out.dropped_bookings += 1;
+                // Its GPU (if one holds it) is released below, and its index entries go.
+                continue;
+            };
+            match desired.get(&gpu_id).cloned() {
+                Some(gpu) if gpu.booking.as_deref() == Some(booking_id.as_str()) => {
+                    let mut held = gpu.clone();
+                    let mut why = Vec::new();
+                    if gpu.booking_terms.as_ref() != Some(&booking.terms()) {
+                        held.booking_terms = Some(booking.terms());
+                        why.push(format!(
+                            "{gpu_id} lacks a copy of the terms of booking {booking_id}"
+                        ));
+                    }
+                    if gpu.status != GpuStatus::Busy {
+                        held.status = GpuStatus::Busy;
+                        why.push(format!(
+                            "{gpu_id} holds booking {booking_id} but is {}",
+                            gpu.status.as_str()
+                        ));
+                    }
+                    if !why.is_empty() {
+                        let stored_gpu = gpu.clone();
+                        changed(
+                            &gpu_id,
+                            held,
+                            why.join("; "),
+                            &mut desired,
+                            &mut before,
+                            Some(&stored_gpu),
+                        );
+                    }
+                }
+                Some(gpu) if gpu.booking.is_some() => {
+                    self.out.dropped_bookings += 1;
+                    self.add(
+                        format!(
+                            "booking {booking_id} is for {gpu_id}, which booking {} holds: {booking_id} ends (conflict)",
+                            gpu.booking.as_deref().unwrap_or_default()
+                        ),
+                        Fix::Close {
+                            booking_id: booking_id.clone(),
+                        },
+                    );
+                    continue;
+                }
+                Some(gpu) => {
+                    let mut held = gpu.clone();
+                    held.status = GpuStatus::Busy;
+                    held.booking = Some(booking_id.clone());
+                    held.booking_terms = Some(booking.terms());
+                    changed(
+                        &gpu_id,
+                        held,
+                        format!("booking {booking_id} is for {gpu_id}, which does not hold it: it takes it back"),
+                        &mut desired,
+                        &mut before,
+                        Some(&gpu),
+                    );
+                }
+                None => {
+                    let entry = registry.get(&gpu_id).cloned().flatten();
+                    let kind = entry
+                        .as_ref()
+                        .map(|e| (e.gpu_type.clone(), e.provider.clone()))
+                        .or_else(|| booking.gpu_type.clone().zip(booking.provider.clone()));
+                    let Some((gpu_type, provider)) = kind else {
+                        self.out.dropped_bookings += 1;
+                        self.add(
+                            format!("booking {booking_id} is for {gpu_id}, which is not registered and whose type is unknown: {booking_id} ends"),
+                            Fix::Close {
+                                booking_id: booking_id.clone(),
+                            },
+                        );
+                        continue;
+                    };
+                    let rebuilt = GpuRecord {
+                        provider: provider.clone(),
+                        gpu_type: gpu_type.clone(),
+                        own_price: booking.price,
+                        price_seq: 0,
+                        memory_gb: None,
+                        cores: None,
+                        score: None,
+                        status: GpuStatus::Busy,
+                        booking: Some(booking_id.clone()),
+                        booking_terms: Some(booking.terms()),
+                        version: 0,
+                        updated_ms: now,
+                    };
+                    providers.insert(provider);
+                    types.insert(gpu_type);
+                    changed(
+                        &gpu_id,
+                        rebuilt,
+                        format!("the record of {gpu_id}, held by booking {booking_id}, is gone: it is rebuilt from the booking (its own price and attributes are placeholders until it is registered again)"),
+                        &mut desired,
+                        &mut before,
+                        None,
+                    );
+                }
+            }
+            match stored {
+                Some(Read::Present(_)) => self.no_ttl(&keys.booking(booking_id), "booking"),
+                _ => self.add(
+                    format!("{gpu_id} holds booking {booking_id}, which does not exist: it is rebuilt from the copy of its terms on {gpu_id}"),
+                    Fix::Booking {
+                        booking_id: booking_id.clone(),
+                        booking: booking.clone(),
+                    },
+                ),
+            }
+            active.insert(booking_id.clone(), booking);
+        }
+        // Records holding a booking that is not active, or busy without one, are released.
+        let orphans: Vec<(String, GpuRecord)> = desired
+            .iter()
+            .filter(|(_, g)| {
+                g.booking.as_ref().is_some_and(|b| !active.contains_key(b))
+                    || (g.booking.is_none() && g.status == GpuStatus::Busy)
+            })
+            .map(|(id, g)| (id.clone(), g.clone()))
+            .collect();
+        for (gpu_id, gpu) in orphans {
+            let mut released = gpu.clone();
+            released.status = GpuStatus::Available;
+            released.booking = None;
+            released.booking_terms = None;
+            let why = match &gpu.booking {
+                Some(b) => format!("{gpu_id} holds booking {b}, which does not exist and of which no copy of its terms remains: {gpu_id} is released"),
+                None => format!("{gpu_id} is busy without a booking: it is released"),
+            };
+            changed(
+                &gpu_id,
+                released,
+                why,
+                &mut desired,
+                &mut before,
+                Some(&gpu),
+            );
+        }
+        self.out.gpus_checked = desired.len();
+        for (gpu_id, record) in &desired {
+            if let Some(stored) = before.get(gpu_id) {
+                self.add(
+                    reasons.get(gpu_id).cloned().unwrap_or_default(),
+                    Fix::Gpu {
+                        gpu_id: gpu_id.clone(),
+                        record: Box::new(record.clone()),
+                        before: stored.clone().map(Box::new),
+                    },
+                );
+                continue;
+            }
+            // TTLs: a booked GPU's record is market state, an idle one a cached record.
+            let ttl = match records.get(gpu_id) {
+                Some(Read::Present((_, ttl))) => *ttl,
+                _ => None,
+            };
+            let key = keys.gpu(gpu_id);
+            match (record.booking.is_some(), ttl) {
+                (true, Some(_)) => self.add(
+                    format!("{gpu_id} is booked but its record carries a TTL, so an eviction policy may take it"),
+                    Self::write("PERSIST", &[&key]),
+                ),
+                (false, None) => {
+                    let at = now.saturating_add(jittered_ttl_ms(
+                        config::get(&config::AVAILABILITY_TTL),
+                        config::get(&config::JITTER_PERCENT),
+                        fastrand::f64(),
+                    ));
+                    self.add(
+                        format!("{gpu_id} is an idle GPU's cached record without a TTL"),
+                        Self::write("PEXPIREAT", &[&key, &at.to_string()]),
+                    );
+                }
+                _ => {}
+            }
+        }
+
+        // A provider record that is gone or cannot be read: its status is inferred from the
+        // availability indexes — a provider whose available GPUs are all unlisted was not
+        // online (a provider nobody set is online, and its record need not exist).
+        let mut statuses: BTreeMap<String, ProviderStatus> = BTreeMap::new();
+        for (provider, read) in &provider_status {
+            let status = match read {
+                ProviderRead::Known(status) => *status,
+                ProviderRead::Missing | ProviderRead::Broken => {
+                    let mut available = desired
+                        .iter()
+                        .filter(|(_, g)| {
+                            g.provider == *provider && g.status == GpuStatus::Available
+                        })
+                        .peekable();
+                    let has_available = available.peek().is_some();
+                    let any_listed = available.any(|(id, g)| {
+                        indexes
+                            .get(&g.gpu_type)
+                            .is_some_and(|sets| sets.iter().any(|s| s.contains_key(id)))
+                    });
+                    let inferred = if has_available && !any_listed {
+                        ProviderStatus::Offline
+                    } else {
+                        ProviderStatus::Online
+                    };
+                    let lost = matches!(read, ProviderRead::Broken);
+                    if lost || inferred != ProviderStatus::Online {
+                        let key = keys.provider(provider);
+                        self.add(
+                            format!(
+                                "the record of provider {provider} is {}: its status is set to {} (inferred from its listed GPUs)",
+                                if lost { "unreadable" } else { "gone" },
+                                inferred.as_str()
+                            ),
+                            Self::write(
+                                "HSET",
+                                &[&key, crate::market::provider_field::STATUS, inferred.as_str()],
+                            ),
+                        );
+                    }
+                    inferred
+                }
+            };
+            statuses.insert(provider.clone(), status);
+        }
+
+        // The registry against the records.
+        for (gpu_id, record) in &desired {
+            let wanted = RegistryEntry::of(record).to_string();
+            match registry_raw.get(gpu_id) {
+                Some(entry) if *entry == wanted => {}
+                Some(entry) => self.add(
+                    format!("registry entry of {gpu_id} is '{entry}', record says '{wanted}'"),
+                    Self::write("HSET", &[&keys.gpu_registry(), gpu_id, &wanted]),
+                ),
+                None => self.add(
+                    format!("{gpu_id} is missing from the registry"),
+                    Self::write("HSET", &[&keys.gpu_registry(), gpu_id, &wanted]),
+                ),
+            }
+        }
+        for gpu_id in registry_raw.keys().filter(|id| !desired.contains_key(*id)) {
+            self.out.vanished_gpus += 1;
+            self.add(
+                format!("registry lists {gpu_id} but its record is gone (expiry not healed yet?)"),
+                Self::write("HDEL", &[&keys.gpu_registry(), gpu_id]),
+            );
+        }
+
+        // Type and provider sets, provider GPU sets.
+        let mut wanted_members: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for provider in provider_members.keys() {
+            wanted_members.entry(provider.clone()).or_default();
+        }
+        for (gpu_id, record) in &desired {
+            wanted_members
+                .entry(record.provider.clone())
+                .or_default()
+                .insert(gpu_id.clone());
+        }
+        let mut missing_types: BTreeSet<String> = BTreeSet::new();
+        for (gpu_id, record) in &desired {
+            if !types_set.contains(&record.gpu_type)
+                && missing_types.insert(record.gpu_type.clone())
+            {
+                self.add(
+                    format!(
+                        "type {} of {gpu_id} is missing from the type set",
+                        record.gpu_type
+                    ),
+                    Self::write("SADD", &[&keys.types(), &record.gpu_type]),
+                );
+            }
+        }
+        for provider in wanted_members.keys() {
+            if !providers_set.contains(provider) {
+                self.add(
+                    format!("provider {provider} is missing from the provider set"),
+                    Self::write("SADD", &[&keys.providers(), provider]),
+                );
+            }
+        }
+        for (provider, wanted) in &wanted_members {
+            let stored = provider_members.get(provider).cloned().unwrap_or_default();
+            let key = keys.provider_gpus(provider);
+            for missing in wanted.difference(&stored) {
+                self.add(
+                    format!("{missing} is missing from the GPU set of provider {provider}"),
+                    Self::write("SADD", &[&key, missing]),
+                );
+            }
+            for extra in stored.difference(wanted) {
+                self.out.stale_provider_members += 1;
+                self.add(
+                    format!("provider {provider}'s GPU set holds {extra}, which is not its GPU"),
+                    Self::write("SREM", &[&key, extra]),
+                );
+            }
+        }
+
+        // Availability indexes against the listed records.
+        let mut wanted_indexes: BTreeMap<String, [BTreeMap<String, f64>; 3]> = BTreeMap::new();
+        for gpu_type in indexes.keys().chain(desired.values().map(|g| &g.gpu_type)) {
+            wanted_indexes.entry(gpu_type.clone()).or_default();
+        }
+        for (gpu_id, record) in &desired {
+            let status = statuses.get(&record.provider).copied().unwrap_or_default();
+            if !is_listed(record.status, status) {
+                continue;
+            }
+            let type_price = type_prices.get(&record.gpu_type).copied().flatten();
+            let Some(sets) = wanted_indexes.get_mut(&record.gpu_type) else {
+                continue;
+            };
+            match price_source(record.price_seq, type_price.as_ref()) {
+                PriceSource::Own => sets[0].insert(gpu_id.clone(), record.own_price.as_score()),
+                PriceSource::Type => sets[1].insert(gpu_id.clone(), 0.0),
+            };
+            sets[2].insert(gpu_id.clone(), record.score.unwrap_or(0.0));
+        }
+        for (gpu_type, wanted) in &wanted_indexes {
+            let stored = indexes.get(gpu_type).cloned().unwrap_or_default();
+            if !stored[1].is_empty() && type_prices.get(gpu_type).copied().flatten().is_none() {
+                self.out.repriced_types += 1;
+            }
+            for (slot, (name, key)) in [
+                ("avail-own", keys.available_own(gpu_type)),
+                ("avail-type", keys.available_typed(gpu_type)),
+                ("avail-score", keys.available_by_score(gpu_type)),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let (Some(have), Some(want)) = (stored.get(slot), wanted.get(slot)) else {
+                    continue;
+                };
+                let index = format!("{name}:{gpu_type}");
+                for (gpu_id, score) in want {
+                    match have.get(gpu_id) {
+                        Some(s) if (s - score).abs() <= 1e-9 => {}
+                        Some(s) => self.add(
+                            format!("{gpu_id} has score {s} in {index}, expected {score}"),
+                            Self::write("ZADD", &[&key, &score.to_string(), gpu_id]),
+                        ),
+                        None => self.add(
+                            format!("{gpu_id} should be in {index} but is not"),
+                            Self::write("ZADD", &[&key, &score.to_string(), gpu_id]),
+                        ),
+                    }
+                }
+                for gpu_id in have.keys().filter(|id| !want.contains_key(*id)) {
+                    self.add(
+                        format!("{gpu_id} is in {index} but should not be"),
+                        Self::write("ZREM", &[&key, gpu_id]),
+                    );
+                }
+            }
+        }
+
+        // The booking registry and the booking clock against the active bookings.
+        for (booking_id, booking) in &active {
+            match booking_registry.get(booking_id) {
+                Some(gpu_id) if *gpu_id == booking.gpu_id => {}
+                Some(gpu_id) => self.add(
+                    format!(
+                        "booking {booking_id} is for {} but the registry says {gpu_id}",
+                        booking.gpu_id
+                    ),
+                    Self::write(
+                        "HSET",
+                        &[&keys.booking_registry(), booking_id, &booking.gpu_id],
+                    ),
+                ),
+                None => self.add(
+                    format!(
+                        "booking {booking_id} of {} is missing from the booking registry",
+                        booking.gpu_id
+                    ),
+                    Self::write(
+                        "HSET",
+                        &[&keys.booking_registry(), booking_id, &booking.gpu_id],
+                    ),
+                ),
+            }
+            let end = booking.end_ms as f64;
+            match booking_ends.get(booking_id) {
+                Some(score) if *score == end => {}
+                _ => self.add(
+                    format!("booking {booking_id} is not on the booking clock at its end"),
+                    Self::write(
+                        "ZADD",
+                        &[
+                            &keys.booking_ends(),
+                            &booking.end_ms.to_string(),
+                            booking_id,
+                        ],
+                    ),
+                ),
+            }
+        }
+        for booking_id in booking_registry.keys().filter(|b| !active.contains_key(*b)) {
+            self.add(
+                format!("booking registry lists {booking_id}, which is not an active booking"),
+                Self::write("HDEL", &[&keys.booking_registry(), booking_id]),
+            );
+        }
+        for booking_id in booking_ends.keys().filter(|b| !active.contains_key(*b)) {
+            self.add(
+                format!("the booking clock holds {booking_id}, which is not an active booking"),
+                Self::write("ZREM", &[&keys.booking_ends(), booking_id]),
+            );
+        }
+        for (booking_id, read) in &bookings {
+            if matches!(read, Read::Present(_)) && !active.contains_key(booking_id) {
+                let closing = self
+                    .out
+                    .findings
+                    .iter()
+                    .any(|f| matches!(&f.fix, Fix::Close { booking_id: b } if b == booking_id));
+                if !closing {
+                    self.add(
+                        format!("record of booking {booking_id} holds nothing"),
+                        Self::write("DEL", &[&keys.booking(booking_id)]),
+                    );
+                }
+            }
+        }
+
+        // Counters against a recount.
+        let mut status_counts: BTreeMap<GpuStatus, i64> = BTreeMap::new();
+        let mut type_totals: BTreeMap<String, i64> = BTreeMap::new();
+        let mut own_sums: BTreeMap<String, i64> = BTreeMap::new();
+        for record in desired.values() {
+            *status_counts.entry(record.status).or_default() += 1;
+            *type_totals.entry(record.gpu_type.clone()).or_default() += 1;
+        }
+        for (gpu_type, wanted) in &wanted_indexes {
+            let sum = wanted[0]
+                .values()
+                .filter_map(|score| Price::from_score(*score))
+                .fold(0i64, |acc, p| acc.saturating_add(p.micros()));
+            own_sums.insert(gpu_type.clone(), sum);
+        }
+        let mut counter_types: BTreeSet<String> = wanted_indexes.keys().cloned().collect();
+        for field in counters.keys() {
+            if let Some(t) = field
+                .strip_prefix(stat::TYPE_TOTAL_PREFIX)
+                .or_else(|| field.strip_prefix("own-sum:"))
+            {
+                counter_types.insert(t.to_owned());
+            }
+        }
+        let mut expected: Vec<(String, i64, String)> = Vec::new();
+        for status in GpuStatus::ALL {
+            expected.push((
+                stat::gpus_with_status(status),
+                status_counts.get(&status).copied().unwrap_or(0),
+                format!("{} GPU count", status.as_str()),
+            ));
+        }
+        for gpu_type in &counter_types {
+            expected.push((
+                stat::own_price_sum(gpu_type),
+                own_sums.get(gpu_type).copied().unwrap_or(0),
+                format!("own-price sum of {gpu_type}"),
+            ));
+            expected.push((
+                stat::type_total(gpu_type),
+                type_totals.get(gpu_type).copied().unwrap_or(0),
+                format!("GPU count of type {gpu_type}"),
+            ));
+        }
+        for (field, recount, what) in expected {
+            match counters.get(&field) {
+                None if recount == 0 => {}
+                None => self.add(
+                    format!("{what} is missing, recount gives {recount}"),
+                    Fix::Counter(field, recount),
+                ),
+                Some(text) => match int(text) {
+                    Some(value) if value == recount => {}
+                    Some(value) => self.add(
+                        format!("{what} is {value}, recount gives {recount}"),
+                        Fix::Counter(field, recount),
+                    ),
+                    None => self.add(
+                        format!(
+                            "counter {field} holds '{text}', not a number; recount gives {recount}"
+                        ),
+                        Fix::Counter(field, recount),
+                    ),
+                },
+            }
+        }
+        // All-time booking counters cannot be recounted: a lost or garbled one restarts at the
+        // least it can be.
+        let active_count = i64::try_from(active.len()).unwrap_or(i64::MAX);
+        let created = counters.get(stat::BOOKINGS_CREATED);
+        match created.map(|t| int(t)) {
+            Some(Some(n)) if n >= active_count => {}
+            None if active_count == 0 => {}
+            Some(Some(n)) => self.add(
+                format!("bookings created is {n}, fewer than the {active_count} active: it restarts there"),
+                Fix::Counter(stat::BOOKINGS_CREATED.to_owned(), active_count),
+            ),
+            _ => self.add(
+                format!(
+                    "counter {} is {}: it restarts at the {active_count} active bookings",
+                    stat::BOOKINGS_CREATED,
+                    created.map_or("missing".to_owned(), |t| format!("'{t}'"))
+                ),
+                Fix::Counter(stat::BOOKINGS_CREATED.to_owned(), active_count),
+            ),
+        }
+        for field in [stat::BOOKINGS_CANCELLED, stat::BOOKINGS_ENDED] {
+            if let Some(text) = counters.get(field) {
+                if int(text).is_none() {
+                    self.add(
+                        format!("counter {field} holds '{text}', not a number: it restarts at 0"),
+                        Fix::Counter(field.to_owned(), 0),
+                    );
+                }
+            }
+        }
+        self.out.stored_cancelled = counters
+            .get(stat::BOOKINGS_CANCELLED)
+            .and_then(|t| int(t))
+            .unwrap_or(0);
+
+        // The sequence: above every version still visible.
+        let stored_seq = counters.get(stat::SEQ).map(|t| (t, int(t)));
+        self.out.stored_seq = stored_seq.as_ref().and_then(|(_, v)| *v);
+        let floor = self
+            .out
+            .stored_seq
+            .unwrap_or(0)
+            .max(recorded_seq.unwrap_or(0))
+            .max(seen_version);
+        self.out.seq_floor = floor;
+        match stored_seq {
+            Some((_, Some(seq))) if seq >= seen_version => {}
+            Some((_, Some(seq))) => self.add(
+                format!("seq is {seq}, below version {seen_version} still in use: it resumes at {floor}"),
+                Fix::Counter(stat::SEQ.to_owned(), floor),
+            ),
+            Some((text, None)) => self.add(
+                format!("seq holds '{text}', not a number: it resumes at {floor}, above every version still visible"),
+                Fix::Counter(stat::SEQ.to_owned(), floor),
+            ),
+            None if floor > 0 => self.add(
+                format!("seq is missing: it resumes at {floor}, above every version still visible"),
+                Fix::Counter(stat::SEQ.to_owned(), floor),
+            ),
+            None => {}
+        }
+
+        self.check_window(&window, &keys)?;
+        Ok(())
+    }
+
+    /// The 24-hour window: garbled fields go, and buckets the event stream shows bookings for
+    /// are brought up to what the stream records (as far back as it reaches; never lowered,
+    /// since a stream may have lost entries to trimming).
+    fn check_window(
+        &mut self,
+        stored: &BTreeMap<String, String>,
+        keys: &crate::keys::RegionKeys,
+    ) -> MarketResult<()> {
+        let key = keys.window_24h();
+        let mut buckets: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        for (field, value) in stored {
+            let bucket = window::bucket_of_field(field);
+            match (bucket, int(value)) {
+                (Some(bucket), Some(value)) if field.starts_with("count:") => {
+                    buckets.entry(bucket).or_default().0 = value;
+                }
+                (Some(bucket), Some(value)) if field.starts_with("volume:") => {
+                    buckets.entry(bucket).or_default().1 = value;
+                }
+                _ => self.add(
+                    format!("24-hour window field '{field}' holds '{value}', which gpucache does not write: it is dropped"),
+                    Self::write("HDEL", &[&key, field]),
+                ),
+            }
+        }
+        if self.replaced.contains(&keys.events()) {
+            return Ok(());
+        }
+        let Some(first_ms) = self
+            .store
+            .stream_range(&keys.events(), "-", 1)?
+            .first()
+            .and_then(|(id, _)| id.split('-').next().and_then(int))
+        else {
+            return Ok(());
+        };
+        let live = window::live_buckets(self.now_ms);
+        let start_ms = live.start().saturating_mul(window::BUCKET_MS);
+        let mut from = start_ms.to_string();
+        let mut recorded: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        loop {
+            let entries = self.store.stream_range(&keys.events(), &from, 1000)?;
+            let Some((last_id, _)) = entries.last() else {
+                break;
+            };
+            from = format!("({last_id}");
+            let done = entries.len() < 1000;
+            for (_, fields) in entries {
+                let is_booking = fields
+                    .iter()
+                    .any(|(k, v)| k == "type" && v == EventKind::BookingCreated.as_str());
+                let Some(payload) = fields.iter().find(|(k, _)| k == "payload") else {
+                    continue;
+                };
+                if !is_booking {
+                    continue;
+                }
+                let Ok(json) = serde_json::from_str::<serde_json::Value>(&payload.1) else {
+                    continue;
+                };
+                if json.get("reason").is_some() {
+                    continue; // a rebuilt booking, counted when it was made
+                }
+                let ts = json.get("ts_ms").and_then(serde_json::Value::as_i64);
+                let end = json
+                    .get("new")
+                    .and_then(|n| n.get("end_ms"))
+                    .and_then(serde_json::Value::as_i64);
+                let price = json
+                    .get("new")
+                    .and_then(|n| n.get("price"))
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(|p| Price::parse_stored(p.as_bytes()));
+                let (Some(ts), Some(end), Some(price)) = (ts, end, price) else {
+                    continue;
+                };
+                let duration_s = end.saturating_sub(ts) / 1000;
+                let cost = Booking::new("", "", price, duration_s, ts).cost_micros();
+                let entry = recorded.entry(window::bucket_of(ts)).or_default();
+                entry.0 = entry.0.saturating_add(1);
+                entry.1 = entry.1.saturating_add(cost);
+            }
+            if done {
+                break;
+            }
+        }
+        // A stream that lost entries may begin after the window (older buckets cannot be
+        // checked) or half-way into a bucket (that bucket neither).
+        let trimmed = self.store.stream_lost_entries(&keys.events())?;
+        let covered_from = window::bucket_of(first_ms).saturating_add(1);
+        for (bucket, (count, volume)) in recorded {
+            if trimmed && bucket < covered_from && first_ms > start_ms {
+                continue;
+            }
+            let (have_count, have_volume) = buckets.get(&bucket).copied().unwrap_or_default();
+            if have_count < count {
+                self.add(
+                    format!("24-hour window bucket {bucket} counts {have_count} bookings, the event stream records {count}"),
+                    Self::write(
+                        "HSET",
+                        &[
+                            &key,
+                            &window::count_field(bucket),
+                            &count.to_string(),
+                            &window::volume_field(bucket),
+                            &volume.max(have_volume).to_string(),
+                        ],
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
