@@ -1373,6 +1373,10 @@ fn verify_twins(con: &mut redis::Connection, tag: &str) -> Res<()> {
         ("GPUCACHE.GET", vec!["a1"]),
         ("GPUCACHE.AVAILABLE", vec![]),
         ("GPUCACHE.AVAILABLE", vec!["LIMIT", "3"]),
+        // SORT SCORE: GPUs without a score tie at 0 within and across types (by GPU id).
+        ("GPUCACHE.AVAILABLE", vec!["SORT", "SCORE"]),
+        ("GPUCACHE.AVAILABLE", vec!["sort", "score", "LIMIT", "4"]),
+        ("GPUCACHE.AVAILABLE", vec!["SORT", "PRICE", "LIMIT", "4"]),
         ("GPUCACHE.ORDERBOOK", vec!["A100"]),
         ("GPUCACHE.ORDERBOOK", vec!["A100", "DEPTH", "2"]),
         ("GPUCACHE.BOOK", vec!["a2", "b1", "alice", "7200"]),
@@ -1380,6 +1384,8 @@ fn verify_twins(con: &mut redis::Connection, tag: &str) -> Res<()> {
         ("GPUCACHE.BOOK", vec!["a2", "b2", "bob", "60"]),
         ("GPUCACHE.BOOK", vec!["a3", "b1", "alice", "60"]),
         ("GPUCACHE.GET", vec!["a2"]),
+        // busy is never set by hand, not even on a busy GPU.
+        ("GPUCACHE.STATUS", vec!["a2", "busy"]),
         // Two more bookings of A100: 2 of 5 listed is below 50% (x1.2), then 1 of 5 (x1.5).
         ("GPUCACHE.BOOK", vec!["a3", "b3", "carol", "5400"]),
         ("GPUCACHE.BOOK", vec!["a4", "b4", "dave", "61"]),
@@ -1432,6 +1438,17 @@ fn verify_twins(con: &mut redis::Connection, tag: &str) -> Res<()> {
         ("GPUCACHE.AVAILABLE", vec!["LIMIT", "0"]),
         ("GPUCACHE.AVAILABLE", vec!["LIMIT"]),
         ("GPUCACHE.AVAILABLE", vec!["BOGUS", "1"]),
+        ("GPUCACHE.AVAILABLE", vec!["SORT", "BEST"]),
+        ("GPUCACHE.AVAILABLE", vec!["LIMIT", "5", "LIMIT", "1"]),
+        (
+            "GPUCACHE.AVAILABLE",
+            vec!["limit", "5", "SORT", "SCORE", "Limit", "1"],
+        ),
+        ("GPUCACHE.AVAILABLE", vec!["SORT", "SCORE", "sort", "PRICE"]),
+        (
+            "GPUCACHE.ORDERBOOK",
+            vec!["A100", "DEPTH", "2", "depth", "3"],
+        ),
         ("GPUCACHE.ORDERBOOK", vec!["A100", "DEPTH"]),
         ("GPUCACHE.ORDERBOOK", vec!["A100", "DEPTH", "1001"]),
         ("GPUCACHE.ORDERBOOK", vec!["A100", "WIDTH", "3"]),
@@ -1449,6 +1466,7 @@ fn verify_twins(con: &mut redis::Connection, tag: &str) -> Res<()> {
         ("GPUCACHE.STATUS", vec!["h2", "available"]),
         ("GPUCACHE.CANCEL", vec!["b7"]),
         ("GPUCACHE.AVAILABLE", vec![]),
+        ("GPUCACHE.AVAILABLE", vec!["SORT", "SCORE"]),
     ];
     for (command, args) in &steps {
         twin.step(con, command, args)?;
@@ -1526,6 +1544,61 @@ fn verify_twins(con: &mut redis::Connection, tag: &str) -> Res<()> {
     twin.step(con, "GPUCACHE.BOOK", &["l2", "b12", "jo", "60"])?;
     twin.step(con, "GPUCACHE.CANCEL", &["b12"])?;
 
+    // A tie larger than the module's look-ahead (it walks that score again, ascending), in two
+    // types, registered in scrambled order, between a better and a worse score.
+    for n in 0..40usize {
+        let id = format!("s{:02}", (n * 17) % 40);
+        let gpu_type = if n % 3 == 0 { "S2" } else { "S1" };
+        let score = match n {
+            5 => "8.25",
+            6 => "1",
+            _ => "7.5",
+        };
+        twin.both(
+            con,
+            &[
+                "GPUCACHE.REGISTER",
+                "REGION",
+                &id,
+                "PROVIDER",
+                "pa",
+                "TYPE",
+                gpu_type,
+                "PRICE",
+                "1.5",
+                "SCORE",
+                score,
+            ],
+        )?;
+    }
+    for limit in ["5", "30", "100"] {
+        let reply = twin.step(
+            con,
+            "GPUCACHE.AVAILABLE",
+            &["SORT", "SCORE", "LIMIT", limit],
+        )?;
+        if limit == "100" {
+            let ids: Vec<&str> = reply
+                .split("gpu_id ")
+                .skip(1)
+                .filter_map(|rest| rest.split(' ').next())
+                .collect();
+            let tie: Vec<&str> = ids
+                .iter()
+                .copied()
+                .filter(|id| id.starts_with('s'))
+                .collect();
+            let mut sorted = tie[1..tie.len().saturating_sub(1)].to_vec();
+            sorted.sort_unstable();
+            if tie.len() != 40 || tie[1..39] != sorted[..] {
+                return Err(format!(
+                    "SORT SCORE: the tie is not in GPU id order: {ids:?}"
+                ));
+            }
+        }
+    }
+    twin.step(con, "GPUCACHE.AVAILABLE", &["LIMIT", "100"])?;
+
     check_clean(con, &twin.module_region)?;
     check_clean(con, &twin.lua_region)?;
     println!(
@@ -1580,16 +1653,22 @@ fn verify(o: &Opts) -> Res<()> {
     let mut compared = 0;
     for r in 0..o.regions {
         let region = region_name(r);
-        for limit in ["10", "100"] {
-            let m = ok(&mut con, &["GPUCACHE.AVAILABLE", &region, "LIMIT", limit])?;
-            let l = ok(
-                &mut con,
-                &["EVALSHA", &shas.available, "1", &region, "LIMIT", limit],
-            )?;
-            if m != l {
-                return Err(format!("AVAILABLE {region} LIMIT {limit} differs"));
+        for sort in ["PRICE", "SCORE"] {
+            for limit in ["10", "100"] {
+                let args = ["SORT", sort, "LIMIT", limit];
+                let mut module_args = vec!["GPUCACHE.AVAILABLE", region.as_str()];
+                module_args.extend(args);
+                let mut lua_args = vec!["EVALSHA", shas.available.as_str(), "1", region.as_str()];
+                lua_args.extend(args);
+                let m = ok(&mut con, &module_args)?;
+                let l = ok(&mut con, &lua_args)?;
+                if m != l {
+                    return Err(format!(
+                        "AVAILABLE {region} SORT {sort} LIMIT {limit} differs"
+                    ));
+                }
+                compared += 1;
             }
-            compared += 1;
         }
         for t in 0..o.types {
             let gpu_type = type_name(t);

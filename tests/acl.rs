@@ -88,3 +88,52 @@ fn the_edge_user_is_refused_every_write_and_the_booking_service_is_not() {
         .query::<redis::Value>(&mut other);
     assert!(refused.is_err());
 }
+
+/// The commands of the README's command table (`| `GPUCACHE.X ...` | flags | ... |`).
+fn readme_commands() -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("\n## Commands\n")
+        .expect("README has a Commands section");
+    let section = &readme[start + 1..];
+    let section = &section[..section[1..].find("\n## ").map_or(section.len(), |i| i + 1)];
+    let commands: Vec<String> = section
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `GPUCACHE."))
+        .map(|rest| {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect();
+            format!("GPUCACHE.{name}")
+        })
+        .collect();
+    assert!(
+        commands.len() >= 13,
+        "README command table not found: {commands:?}"
+    );
+    commands
+}
+
+#[test]
+fn the_booking_service_may_run_every_command_of_the_readme_table() {
+    let server = Server::start_with_config(CONFIG, &[]);
+    let mut admin = server.connect();
+    seed(&mut admin);
+    let mut booking = login(&server, "booking", "CHANGE-ME-booking");
+    for command in readme_commands() {
+        // Redis checks permissions before the module sees the arguments: with the region alone
+        // a command may fail its own argument checks, never with NOPERM.
+        if let Err(err) = run(&mut booking, &[&command, "eu"]) {
+            assert_ne!(err.code(), Some("NOPERM"), "{command}: {err}");
+        }
+        let dry: String = redis::cmd("ACL")
+            .arg("DRYRUN")
+            .arg("booking")
+            .arg(&command)
+            .arg("eu")
+            .query(&mut admin)
+            .unwrap_or_else(|e| panic!("ACL DRYRUN {command}: {e}"));
+        assert_eq!(dry, "OK", "{command}");
+    }
+}

@@ -1,16 +1,19 @@
 #!lua flags=no-writes
--- GPUCACHE.AVAILABLE region [LIMIT n], as a read-only script (load after common.lua; the
--- shebang line must come first, so loadgen moves it to the top).
---   EVALSHA <sha> 1 <region> [LIMIT n]
--- Same reads and reply as src/commands/available.rs for SORT PRICE without filters: per type
--- the demand multiplier and type price, then its own-price and type-price indexes walked in
--- pages (ZRANGE BYSCORE LIMIT WITHSCORES) and merged lazily by the price each entry shows, a
--- GPU record (and, once per provider, its provider) read only when its entry comes out on top.
--- TYPE, MAXPRICE, MINMEMORY, MINCORES and SORT are not implemented here.
+-- GPUCACHE.AVAILABLE region [SORT PRICE|SCORE] [LIMIT n], as a read-only script (load after
+-- common.lua; the shebang line must come first, so loadgen moves it to the top).
+--   EVALSHA <sha> 1 <region> [SORT PRICE|SCORE] [LIMIT n]
+-- Same reads and reply as src/commands/available.rs without filters: per type the demand
+-- multiplier and type price, then its indexes walked in pages and merged lazily by the price
+-- each entry shows (SORT PRICE: own-price and type-price sets, ZRANGE BYSCORE LIMIT WITHSCORES)
+-- or by its score (SORT SCORE: the score set, best score first and each score's GPUs in
+-- ascending id order), a GPU record (and, once per provider, its provider) read only when its
+-- entry comes out on top. TYPE, MAXPRICE, MINMEMORY and MINCORES are not implemented here.
 return run(function()
-  arity('gpucache.available', 1, 13)
+  arity('gpucache.available', 1, 15)
   local region = arg_region(KEYS[1])
   local limit = 100
+  local by_score = false
+  local given = {}
   local i = 1
   while i <= #ARGV do
     local name, value = ARGV[i], ARGV[i + 1]
@@ -25,11 +28,21 @@ return run(function()
     end
     if upper == 'LIMIT' then
       limit = arg_integer('LIMIT', value, 1, 10000)
+    elseif upper == 'SORT' then
+      local sort = string.upper(value)
+      if sort ~= 'PRICE' and sort ~= 'SCORE' then
+        fail('ERR SORT must be PRICE or SCORE')
+      end
+      by_score = sort == 'SCORE'
     elseif known then
       fail('ERR option ' .. upper .. ' is not implemented by the Lua equivalent')
     else
       fail("ERR unknown option '" .. shown(name, 64) .. "'")
     end
+    if given[upper] then
+      fail('ERR option ' .. upper .. ' given twice')
+    end
+    given[upper] = true
     i = i + 2
   end
   local k = region_keys(region)
@@ -45,24 +58,67 @@ return run(function()
     local gpu_type = types[t]
     local context = {multiplier = demand_multiplier(k, gpu_type), tp = load_type_price(k, gpu_type)}
     contexts[gpu_type] = context
-    local max_base = math.floor(max_price * 100 / math.max(context.multiplier, 1)) + 1
-    sources[#sources + 1] = {
-      key = k.own(gpu_type), min = '0', max = fmt_price(max_base), multiplier = context.multiplier,
-      offset = 0, exhausted = false, buffer = {}, at = 1,
-    }
-    if context.tp then
-      local shown = apply_multiplier(context.tp.price, context.multiplier)
-      if shown <= max_price then
-        sources[#sources + 1] = {
-          key = k.typed(gpu_type), min = '0', max = '0', shown = shown,
-          offset = 0, exhausted = false, buffer = {}, at = 1,
-        }
+    if by_score then
+      -- One walk per type, best score first: `upper` bounds the scores not walked yet, `tie` is
+      -- the score being walked (its GPUs ascending by id, in pages).
+      sources[#sources + 1] = {
+        key = k.by_score(gpu_type), by_score = true, upper = '+inf', tie = nil,
+        offset = 0, exhausted = true, buffer = {}, at = 1,
+      }
+    else
+      local max_base = math.floor(max_price * 100 / math.max(context.multiplier, 1)) + 1
+      sources[#sources + 1] = {
+        key = k.own(gpu_type), min = '0', max = fmt_price(max_base), multiplier = context.multiplier,
+        offset = 0, exhausted = false, buffer = {}, at = 1,
+      }
+      if context.tp then
+        local shown = apply_multiplier(context.tp.price, context.multiplier)
+        if shown <= max_price then
+          sources[#sources + 1] = {
+            key = k.typed(gpu_type), min = '0', max = '0', shown = shown,
+            offset = 0, exhausted = false, buffer = {}, at = 1,
+          }
+        end
       end
+    end
+  end
+
+  -- The next entry of a score walk and its rank (the score, negated: best first). The walk
+  -- takes one score at a time (ZRANGE REV LIMIT 0 1 for the next lower score), then that score's
+  -- GPUs ascending (ZRANGE <s> <s> BYSCORE LIMIT), so ties come out by GPU id as the module's.
+  local function next_score_entry(source)
+    while true do
+      local gpu_id = source.buffer[source.at]
+      if gpu_id then
+        local score = tonumber(source.buffer[source.at + 1]) or 0
+        source.at = source.at + 2
+        source.head = {-score, gpu_id}
+        return
+      end
+      if source.exhausted then
+        local first = rd('ZRANGE', source.key, source.upper, '-inf', 'BYSCORE', 'REV', 'LIMIT',
+          '0', '1', 'WITHSCORES')
+        if #first < 2 then
+          source.head = nil
+          return
+        end
+        source.tie, source.upper = first[2], '(' .. first[2]
+        source.offset, source.exhausted = 0, false
+      end
+      local batch = rd('ZRANGE', source.key, source.tie, source.tie, 'BYSCORE', 'LIMIT',
+        fmt_int(source.offset), fmt_int(page), 'WITHSCORES')
+      local n = #batch / 2
+      source.exhausted = n < page
+      source.offset = source.offset + n
+      source.buffer, source.at = batch, 1
     end
   end
 
   -- The next entry of a walk and its rank (the price it shows), fetching a page when needed.
   local function next_entry(source)
+    if source.by_score then
+      return next_score_entry(source)
+    end
     if source.at > #source.buffer and not source.exhausted then
       local batch = rd('ZRANGE', source.key, source.min, source.max, 'BYSCORE', 'LIMIT',
         fmt_int(source.offset), fmt_int(page), 'WITHSCORES')

@@ -5,19 +5,26 @@
 -- Same reads and reply as src/commands/orderbook.rs: level by level from the own-price index
 -- (ZRANGE BYSCORE LIMIT 0 1 WITHSCORES + ZCOUNT per level) plus the type-price level.
 return run(function()
-  arity('gpucache.orderbook', 2, 4)
+  arity('gpucache.orderbook', 2, 6)
   local region = arg_region(KEYS[1])
   local gpu_type = arg_id('GPU type', ARGV[1])
-  local depth = 10
-  if ARGV[2] then
-    if string.upper(ARGV[2]) ~= 'DEPTH' then
-      fail("ERR unknown option '" .. shown(ARGV[2], 64) .. "'")
+  local depth = nil
+  local i = 2
+  while ARGV[i] do
+    if string.upper(ARGV[i]) ~= 'DEPTH' then
+      fail("ERR unknown option '" .. shown(ARGV[i], 64) .. "'")
     end
-    if ARGV[3] == nil then
+    if ARGV[i + 1] == nil then
       fail('ERR option DEPTH needs a value')
     end
-    depth = arg_integer('DEPTH', ARGV[3], 1, 1000)
+    local value = arg_integer('DEPTH', ARGV[i + 1], 1, 1000)
+    if depth then
+      fail('ERR option DEPTH given twice')
+    end
+    depth = value
+    i = i + 2
   end
+  depth = depth or 10
   local k = region_keys(region)
 
   local listed, total = type_counts(k, gpu_type)

@@ -15,7 +15,8 @@ return run(function()
   if old.booking and target ~= old.status then
     fail("BADSTATE GPU has active booking '" .. old.booking .. "': cancel it before setting " .. target)
   end
-  if target == 'busy' and old.status ~= 'busy' then
+  -- busy is never set by hand, not even on a GPU that is busy already.
+  if target == 'busy' then
     fail('BADSTATE a GPU becomes busy only through GPUCACHE.BOOK')
   end
   if old.status == target then

@@ -10,7 +10,7 @@
 //! (and `MAXPRICE` under `SORT SCORE`) are checked on the records, so a selective filter walks
 //! further, up to every listed GPU of the type.
 
-use super::{option_is, unknown_option, Args, Out, Reply};
+use super::{option_is, repeated_option, unknown_option, Args, Out, Reply};
 use crate::core::demand;
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::gpu::{effective_price, GpuRecord, TypePrice};
@@ -21,7 +21,7 @@ use crate::market::{demand_multiplier_of, Region};
 use crate::store::{Store, ZCursor};
 use redis_module::RedisString;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 pub const DEFAULT_LIMIT: i64 = 100;
 pub const MAX_LIMIT: i64 = 10_000;
@@ -54,16 +54,21 @@ fn parse(args: &mut Args) -> MarketResult<Query> {
     };
     let options = args.remaining();
     let mut pairs = options.chunks_exact(2);
+    let mut given: Vec<&'static str> = Vec::with_capacity(6);
     for pair in pairs.by_ref() {
         let (name, value) = (pair[0], pair[1]);
-        if option_is(name, "TYPE") {
+        let option = if option_is(name, "TYPE") {
             query.gpu_type = Some(input::id("GPU type", value)?);
+            "TYPE"
         } else if option_is(name, "MAXPRICE") {
             query.max_price = Price::parse(value)?;
+            "MAXPRICE"
         } else if option_is(name, "MINMEMORY") {
             query.min_memory = Some(input::integer("MINMEMORY", value, 0, 1_000_000)?);
+            "MINMEMORY"
         } else if option_is(name, "MINCORES") {
             query.min_cores = Some(input::integer("MINCORES", value, 0, 10_000_000)?);
+            "MINCORES"
         } else if option_is(name, "SORT") {
             query.sort = if option_is(value, "PRICE") {
                 SortBy::Price
@@ -72,11 +77,17 @@ fn parse(args: &mut Args) -> MarketResult<Query> {
             } else {
                 return Err(MarketError::syntax("SORT must be PRICE or SCORE"));
             };
+            "SORT"
         } else if option_is(name, "LIMIT") {
             query.limit = input::integer("LIMIT", value, 1, MAX_LIMIT)? as usize;
+            "LIMIT"
         } else {
             return Err(unknown_option(name));
+        };
+        if given.contains(&option) {
+            return Err(repeated_option(option));
         }
+        given.push(option);
     }
     if let Some(dangling) = pairs.remainder().first() {
         let known = ["TYPE", "MAXPRICE", "MINMEMORY", "MINCORES", "SORT", "LIMIT"];
@@ -109,7 +120,13 @@ enum Ranking {
     Score,
 }
 
-/// One index walked lazily, one entry at a time, cheapest (or best) entry first.
+/// Entries of one score read ahead of a descending walk before the walk switches to an ascending
+/// walk of that score (see `Source::next_best`): small ties cost no extra iterator, a tie of
+/// thousands costs one more O(log n) start instead of a read of the whole tie.
+const TIE_LOOKAHEAD: usize = 16;
+
+/// One index walked lazily, one entry at a time, cheapest (or best) entry first; entries of equal
+/// rank come out in ascending GPU id order, as the merge across sources orders them.
 struct Source<'a> {
     key: String,
     range: (f64, f64),
@@ -118,6 +135,12 @@ struct Source<'a> {
     /// Opened at the first `next`; `None` after that only if the walk could not start.
     cursor: Option<ZCursor<'a>>,
     opened: bool,
+    /// Descending walks only: the rest of the current tie, in ascending id order.
+    ahead: VecDeque<(String, f64)>,
+    /// Descending walks only: the entry read after the current tie (the next tie's first).
+    peeked: Option<(String, f64)>,
+    /// Descending walks only: an ascending walk of one crowded score, and that score.
+    tie: Option<(ZCursor<'a>, f64)>,
 }
 
 impl<'a> Source<'a> {
@@ -129,6 +152,9 @@ impl<'a> Source<'a> {
             ranking,
             cursor: None,
             opened: false,
+            ahead: VecDeque::new(),
+            peeked: None,
+            tie: None,
         }
     }
 
@@ -138,7 +164,13 @@ impl<'a> Source<'a> {
             self.opened = true;
             self.cursor = Some(store.zcursor(&self.key, self.range, self.descending)?);
         }
-        let Some((gpu_id, score)) = self.cursor.as_mut().and_then(ZCursor::next_member) else {
+        let entry = if self.descending {
+            self.next_best(store)?
+        } else {
+            // An ascending walk yields equal scores in ascending member order already.
+            self.cursor.as_mut().and_then(ZCursor::next_member)
+        };
+        let Some((gpu_id, score)) = entry else {
             return Ok(None);
         };
         let rank = match self.ranking {
@@ -147,12 +179,74 @@ impl<'a> Source<'a> {
                 i128::from(demand::apply(base, multiplier).micros())
             }
             Ranking::TypePrice { shown } => i128::from(shown.micros()),
-            // The module writes finite scores of at most 10^12; a hand-edited -inf (or NaN)
-            // saturates instead of overflowing the negation.
-            Ranking::Score => ((score * 1e6).round() as i128).saturating_neg(),
+            Ranking::Score => score_rank(score),
         };
         Ok(Some((rank, gpu_id)))
     }
+
+    /// The next entry of a descending walk, ties in ascending member order. The key API's
+    /// descending iterator yields equal scores in descending member order, so each score's
+    /// entries are read ahead (up to `TIE_LOOKAHEAD`) and handed out reversed; a larger tie is
+    /// walked again ascending over that one score, and the descending walk resumes below it.
+    fn next_best(&mut self, store: &Store<'a>) -> MarketResult<Option<(String, f64)>> {
+        loop {
+            if let Some(entry) = self.ahead.pop_front() {
+                return Ok(Some(entry));
+            }
+            if let Some((walk, score)) = self.tie.as_mut() {
+                if let Some(entry) = walk.next_member() {
+                    return Ok(Some(entry));
+                }
+                let score = *score;
+                self.tie = None;
+                // Below the crowded score: `next_down` makes the inclusive bound exclusive.
+                // Nothing is below -inf (and a NaN bound would be no range at all).
+                if score == f64::NEG_INFINITY || score.is_nan() || score <= self.range.0 {
+                    return Ok(None);
+                }
+                self.cursor =
+                    Some(store.zcursor(&self.key, (self.range.0, score.next_down()), true)?);
+                continue;
+            }
+            let Some(cursor) = self.cursor.as_mut() else {
+                return Ok(None);
+            };
+            let Some(first) = self.peeked.take().or_else(|| cursor.next_member()) else {
+                return Ok(None);
+            };
+            let score = first.1;
+            let mut tie = vec![first];
+            let mut crowded = false;
+            while let Some(entry) = cursor.next_member() {
+                if entry.1 != score {
+                    self.peeked = Some(entry);
+                    break;
+                }
+                tie.push(entry);
+                if tie.len() > TIE_LOOKAHEAD {
+                    crowded = true;
+                    break;
+                }
+            }
+            if crowded {
+                // Close the descending walk before the same key is opened again.
+                self.cursor = None;
+                self.tie = Some((store.zcursor(&self.key, (score, score), false)?, score));
+                continue;
+            }
+            self.ahead.extend(tie.into_iter().rev());
+        }
+    }
+}
+
+/// A performance score's rank, best first: exact (a total order over every double, so two
+/// scores rank equal only when they are equal; -0 counts as 0).
+fn score_rank(score: f64) -> i128 {
+    let score = if score == 0.0 { 0.0 } else { score };
+    let bits = score.to_bits() as i64;
+    // The order `f64::total_cmp` uses: flip the magnitude bits of negative numbers.
+    let ordered = bits ^ (((bits >> 63) as u64) >> 1) as i64;
+    -i128::from(ordered)
 }
 
 /// What one type contributes: its multiplier and type price, for pricing loaded records.
@@ -262,7 +356,8 @@ fn merged_offers<'c>(
 }
 
 pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
-    let mut args = Args::new(all, 1, 13)?;
+    // Every option once, plus one more pair: a repeated option is reported as such.
+    let mut args = Args::new(all, 1, 15)?;
     let region = Region::new(store, args.region()?);
     let query = parse(&mut args)?;
     let types = match &query.gpu_type {

@@ -2,9 +2,11 @@
 //!
 //! Changes no data: fires `gpucache.invalidate` on each named key and appends one
 //! `manual_invalidation` event listing them, so consumers drop those cached entries exactly as
-//! they would after a change. Arguments are full keys of the region
-//! (`gpucache:{eu}:gpu:g1`), `<entity>:<id>` shorthands (`gpu:g1`, `price:A100`), or `stats`,
-//! `available` (every availability index of the region) and `region` (everything above).
+//! they would after a change. Arguments are full keys of the region (any key family of the README
+//! "Keys" table, or an `orderbook:<type>` channel key: `gpucache:{eu}:gpu:g1`,
+//! `gpucache:{eu}:stats:24h`), `<entity>:<id>` shorthands (`gpu:g1`, `price:A100`,
+//! `avail-score:A100`, `orderbook:A100`), or `stats`, `available` (every availability index of the
+//! region: own-price, type-price and score sets) and `region` (everything above).
 
 use super::{Args, Out};
 use crate::core::error::{MarketError, MarketResult};
@@ -16,7 +18,9 @@ use crate::store::Store;
 use redis_module::RedisString;
 
 pub const MAX_TARGETS: usize = 1000;
-const ENTITIES: [&str; 7] = [
+/// Key families named `<entity>:<id>`, as full keys and as shorthands: the README "Keys" table's
+/// records and per-type indexes, and the `orderbook:<type>` notification channel.
+const ENTITIES: [&str; 9] = [
     "gpu",
     "booking",
     "provider",
@@ -24,6 +28,19 @@ const ENTITIES: [&str; 7] = [
     "price",
     "avail-own",
     "avail-type",
+    "avail-score",
+    "orderbook",
+];
+/// The region's keys with a fixed name (`<entity>:<name>`, or `events` alone), accepted as full
+/// keys; `stats` names the counters hash.
+const FIXED: [(&str, &str); 7] = [
+    ("stats", "market"),
+    ("stats", "24h"),
+    ("index", "gpus"),
+    ("index", "types"),
+    ("index", "providers"),
+    ("index", "bookings"),
+    ("events", ""),
 ];
 
 fn expand(region: &Region, target: &[u8], types: &[String]) -> MarketResult<Vec<String>> {
@@ -32,7 +49,13 @@ fn expand(region: &Region, target: &[u8], types: &[String]) -> MarketResult<Vec<
     let availability = || {
         types
             .iter()
-            .flat_map(|t| [keys.available_own(t), keys.available_typed(t)])
+            .flat_map(|t| {
+                [
+                    keys.available_own(t),
+                    keys.available_typed(t),
+                    keys.available_by_score(t),
+                ]
+            })
             .collect::<Vec<_>>()
     };
     if text.eq_ignore_ascii_case("stats") {
@@ -48,7 +71,13 @@ fn expand(region: &Region, target: &[u8], types: &[String]) -> MarketResult<Vec<
     }
     let (entity, id) = if text.starts_with("gpucache:") {
         match RegionKeys::parse(text) {
-            Some((r, entity, id)) if r == region.name => (entity, id),
+            Some((r, entity, id)) if r == region.name => {
+                if FIXED.contains(&(entity, id)) {
+                    // `text` is exactly that key: prefix, then `entity[:id]`.
+                    return Ok(vec![text.to_owned()]);
+                }
+                (entity, id)
+            }
             Some(_) => {
                 return Err(MarketError::syntax(format!(
                     "key '{text}' belongs to another region"

@@ -79,6 +79,11 @@ pub fn unknown_option(arg: &[u8]) -> MarketError {
     MarketError::syntax(format!("unknown option '{}'", input::shown(arg, 64)))
 }
 
+/// An option given more than once (`name` in upper case): refused, never "last one wins".
+pub fn repeated_option(name: &str) -> MarketError {
+    MarketError::syntax(format!("option {name} given twice"))
+}
+
 /// Turns a command body into a Redis reply, mapping marketplace errors to error replies. A
 /// successful reply is written straight through the module reply API (`Out::emit`).
 pub fn run(

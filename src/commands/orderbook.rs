@@ -6,7 +6,7 @@
 //! is O(DEPTH x log n) whatever the number of GPUs. All levels carry the type's demand
 //! multiplier.
 
-use super::{option_is, unknown_option, Args, Out, Reply};
+use super::{option_is, repeated_option, unknown_option, Args, Out, Reply};
 use crate::core::demand::{self, format_hundredths};
 use crate::core::error::{MarketError, MarketResult};
 use crate::core::input;
@@ -81,19 +81,23 @@ fn own_levels(region: &Region, gpu_type: &str, depth: usize) -> MarketResult<Vec
 }
 
 pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
-    let mut args = Args::new(all, 2, 4)?;
+    // DEPTH once, plus one more pair: a repeated DEPTH is reported as such.
+    let mut args = Args::new(all, 2, 6)?;
     let region = Region::new(store, args.region()?);
     let gpu_type = args.id("GPU type")?;
-    let mut depth = DEFAULT_DEPTH as usize;
+    let mut depth = None;
     let options = args.remaining();
     let mut pairs = options.chunks_exact(2);
     for pair in pairs.by_ref() {
-        if option_is(pair[0], "DEPTH") {
-            depth = input::integer("DEPTH", pair[1], 1, MAX_DEPTH)? as usize;
-        } else {
+        if !option_is(pair[0], "DEPTH") {
             return Err(unknown_option(pair[0]));
         }
+        let value = input::integer("DEPTH", pair[1], 1, MAX_DEPTH)? as usize;
+        if depth.replace(value).is_some() {
+            return Err(repeated_option("DEPTH"));
+        }
     }
+    let depth = depth.unwrap_or(DEFAULT_DEPTH as usize);
     if let Some(dangling) = pairs.remainder().first() {
         return Err(if option_is(dangling, "DEPTH") {
             MarketError::syntax("option DEPTH needs a value")

@@ -87,7 +87,9 @@ pub fn is_listed(gpu: GpuStatus, provider: ProviderStatus) -> bool {
 /// Checks a `GPUCACHE.STATUS` request against the state machine.
 ///
 /// `busy` belongs to bookings: it is entered by `BOOK` and left by `CANCEL` (or the booking's
-/// end), so a GPU holding a booking cannot be moved by hand, and `busy` cannot be set by hand.
+/// end), so a GPU holding a booking cannot be moved by hand, and `busy` cannot be set by hand —
+/// not even on a GPU that is busy already. Setting any other current status again is allowed
+/// (a no-op).
 pub fn check_manual_transition(
     current: GpuStatus,
     active_booking: Option<&str>,
@@ -101,7 +103,7 @@ pub fn check_manual_transition(
             )));
         }
     }
-    if target == GpuStatus::Busy && current != GpuStatus::Busy {
+    if target == GpuStatus::Busy {
         return Err(MarketError::InvalidTransition(
             "a GPU becomes busy only through GPUCACHE.BOOK".into(),
         ));
@@ -166,13 +168,24 @@ mod tests {
         let err = check_manual_transition(Busy, Some("b1"), Available).unwrap_err();
         assert!(matches!(err, MarketError::InvalidTransition(_)));
         assert!(check_manual_transition(Busy, Some("b1"), Offline).is_err());
-        // Re-asserting the current state is harmless.
-        assert!(check_manual_transition(Busy, Some("b1"), Busy).is_ok());
     }
 
     #[test]
     fn busy_is_reserved_for_bookings() {
-        assert!(check_manual_transition(Available, None, Busy).is_err());
+        // Even on a GPU that is busy already: `busy` is never set by hand.
+        for (from, booking) in [
+            (Available, None),
+            (Offline, None),
+            (Maintenance, None),
+            (Busy, Some("b1")),
+            (Busy, None),
+        ] {
+            let err = check_manual_transition(from, booking, Busy).unwrap_err();
+            assert!(
+                matches!(err, MarketError::InvalidTransition(_)),
+                "{from:?} {booking:?}"
+            );
+        }
         for from in [Available, Offline, Maintenance] {
             for to in [Available, Offline, Maintenance] {
                 assert!(check_manual_transition(from, None, to).is_ok());
