@@ -9,6 +9,8 @@ pub enum EdgeError {
     Connection(String),
     /// A reply this crate cannot read.
     Reply(String),
+    /// The server lacks what the call needs (e.g. `WAITAOF` before Redis 7.2); nothing was done.
+    Unsupported(String),
 }
 
 impl fmt::Display for EdgeError {
@@ -17,6 +19,7 @@ impl fmt::Display for EdgeError {
             EdgeError::Server(m) => write!(f, "redis: {m}"),
             EdgeError::Connection(m) => write!(f, "connection: {m}"),
             EdgeError::Reply(m) => write!(f, "reply: {m}"),
+            EdgeError::Unsupported(m) => write!(f, "unsupported: {m}"),
         }
     }
 }
