@@ -1,7 +1,9 @@
 //! `GPUCACHE.STATS region` and `GPUCACHE.STATS [*]` (every region on this server).
 //!
 //! Every figure comes from a counter, an index cardinality or a time bucket kept by the write
-//! commands, so one region costs O(types + 96 buckets), never O(GPUs) or O(bookings).
+//! commands, so one region costs O(types + 96 buckets), never O(GPUs) or O(bookings). Every
+//! read goes through the key API, never `RedisModule_Call`: a cluster replica answers the
+//! key-less form without `READONLY`, and the cluster would refuse a call's keyed read there.
 
 use super::{Args, Out, Reply};
 use crate::core::demand::{self, format_hundredths};
@@ -83,7 +85,7 @@ fn type_figures(region: &Region, gpu_type: &str) -> MarketResult<TypeFigures> {
     };
     let own_sum = counter(region, &stat::own_price_sum(gpu_type))?;
     let own_min = store
-        .zfirst(&own_key)?
+        .zset_first(&own_key)?
         .and_then(|(_, score)| Price::from_score(score));
     let typed_price = type_price.filter(|_| typed_count > 0).map(|tp| tp.price);
     let base_min = match (own_min, typed_price) {
@@ -158,7 +160,7 @@ impl RegionFigures {
                 .by_status
                 .insert(status.as_str(), region.status_count(status)?);
         }
-        for gpu_type in store.members("SMEMBERS", &region.keys.types())? {
+        for gpu_type in store.set_members(&region.keys.types())? {
             let t = type_figures(region, &gpu_type)?;
             figures.types.insert(gpu_type, t);
         }
