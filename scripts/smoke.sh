@@ -72,6 +72,7 @@ expect_field "register scored" result created GPUCACHE.REGISTER eu g5 PROVIDER p
 expect_field "search by score" gpu_id g5 GPUCACHE.AVAILABLE eu SORT SCORE LIMIT 1
 expect_field "24h bookings" bookings_24h 1 GPUCACHE.STATS eu
 expect_field "all regions" region "*" GPUCACHE.STATS
+expect "'*' is not a region" "send GPUCACHE.STATS with no argument" GPUCACHE.STATS '*'
 expect "demand tiers configurable" "OK" CONFIG SET gpucache.demand-tiers "100:2"
 expect_field "book half the A100s" result created GPUCACHE.BOOK eu g2 b9 carol 60
 expect_field "demand multiplier applies" demand_multiplier 2 GPUCACHE.GET eu g1

@@ -3,7 +3,9 @@
 //! This file only registers commands, configuration and event handlers. Commands live in
 //! `commands/`, marketplace rules in `core/`, the key scheme in `keys.rs`.
 
+mod acl;
 pub mod booking_clock;
+mod command_info;
 pub mod commands;
 pub mod config;
 pub mod core;
@@ -79,6 +81,8 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         log(ctx, RedisLogLevel::Warning, &format!("gpucache: {message}"));
         return Status::Err;
     }
+    // Arity, read-only/read-write key specs and ACL categories, as far as this server supports.
+    command_info::apply(ctx);
     log(
         ctx,
         RedisLogLevel::Notice,
@@ -98,7 +102,9 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
 }
 
 // Every command names its region as its first argument, declared as the command's one key
-// (first_key = last_key = 1) so cluster-aware clients route it to the region's slot.
+// (first_key = last_key = 1) so cluster-aware clients route it to the region's slot. The ACL
+// category strings stay empty (7.0 refuses to load otherwise): `command_info::apply` sets the
+// categories, arities and key-spec flags where the server supports them.
 redis_module! {
     name: "gpucache",
     version: 1,
@@ -114,8 +120,8 @@ redis_module! {
         ["gpucache.cancel", cancel, "write deny-oom", 1, 1, 1, ""],
         ["gpucache.provider", provider, "write deny-oom", 1, 1, 1, ""],
         ["gpucache.available", available, "readonly", 1, 1, 1, ""],
-        // STATS without a region (or `*`) sums this server's regions; with no argument it has
-        // no key, so a cluster client may send it to any node.
+        // STATS without a region sums this server's regions (those the caller may read); with
+        // no argument it has no key, so a cluster client may send it to any node.
         ["gpucache.stats", stats, "readonly", 1, 1, 1, ""],
         ["gpucache.orderbook", orderbook, "readonly", 1, 1, 1, ""],
         ["gpucache.check", check, "readonly", 1, 1, 1, ""],

@@ -1211,3 +1211,96 @@ fn replicated_call(ctx: &Context, command: &str, args: &[&[u8]]) -> Option<Resul
         Some(outcome)
     }
 }
+
+// Reads through the key API for commands that must answer on a cluster replica without
+// `READONLY` (where `RedisModule_Call` of a keyed read is redirected and fails): `GPUCACHE.STATS`.
+impl Store<'_> {
+    /// Every member of a set (none for a missing key), through `RedisModule_ScanKey` rather
+    /// than an `SMEMBERS` call. Members that are not UTF-8 (written by hand) are skipped; another
+    /// type is refused.
+    pub fn set_members(&self, key: &str) -> MarketResult<Vec<String>> {
+        let opened = self.open_read(key);
+        match opened.key_type() {
+            KeyType::Empty => Ok(Vec::new()),
+            KeyType::Set => {
+                let mut members = Vec::new();
+                opened.scan_members(&mut |member| {
+                    if let Ok(member) = std::str::from_utf8(member) {
+                        members.push(member.to_owned());
+                    }
+                });
+                Ok(members)
+            }
+            _ => Err(MarketError::WrongType(key.to_owned())),
+        }
+    }
+
+    /// The lowest-scored member of a sorted set and its score, through the key API's range
+    /// iterator rather than a `ZRANGE` call (like `zfirst`). A member that is not UTF-8 reads as
+    /// none; another type is refused.
+    pub fn zset_first(&self, key: &str) -> MarketResult<Option<(String, f64)>> {
+        let mut first = None;
+        self.zwalk(
+            key,
+            (f64::NEG_INFINITY, false),
+            f64::INFINITY,
+            false,
+            |member, score| {
+                first = std::str::from_utf8(member)
+                    .ok()
+                    .map(|m| (m.to_owned(), score));
+                false
+            },
+        )?;
+        Ok(first)
+    }
+}
+
+/// `RedisModuleScanKeyCB` for a set: hands each member (the `field`; `value` is NULL for sets)
+/// to the closure behind `privdata`.
+///
+/// # Safety
+/// `privdata` must point to a live `&mut dyn FnMut(&[u8])`; `field` is NULL or a string Redis
+/// keeps alive for the duration of the call.
+unsafe extern "C" fn member_scan_callback(
+    _key: *mut raw::RedisModuleKey,
+    field: *mut raw::RedisModuleString,
+    _value: *mut raw::RedisModuleString,
+    privdata: *mut std::ffi::c_void,
+) {
+    let visit = &mut *privdata.cast::<&mut dyn FnMut(&[u8])>();
+    if let Some(member) = string_bytes(field) {
+        // Unwinding out of a function Redis called aborts the server (see `scan_callback`).
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| visit(member)));
+    }
+}
+
+impl ReadKey {
+    /// Every member of this set (the caller checked the type), through `RedisModule_ScanKey`
+    /// until the cursor is done.
+    fn scan_members(&self, visit: &mut dyn FnMut(&[u8])) {
+        if self.key.is_null() {
+            return;
+        }
+        // SAFETY: `self.key` is an open set; the cursor is created and destroyed here; the
+        // callback gets a pointer to `visit`, which outlives every ScanKey call, and only reads
+        // the member string during the call.
+        unsafe {
+            let (Some(create), Some(scan), Some(destroy)) = (
+                raw::RedisModule_ScanCursorCreate,
+                raw::RedisModule_ScanKey,
+                raw::RedisModule_ScanCursorDestroy,
+            ) else {
+                return;
+            };
+            let cursor = create();
+            if cursor.is_null() {
+                return;
+            }
+            let mut visit: &mut dyn FnMut(&[u8]) = visit;
+            let privdata = std::ptr::addr_of_mut!(visit).cast::<std::ffi::c_void>();
+            while scan(self.key, cursor, Some(member_scan_callback), privdata) != 0 {}
+            destroy(cursor);
+        }
+    }
+}

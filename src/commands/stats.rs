@@ -1,15 +1,20 @@
-//! `GPUCACHE.STATS region` and `GPUCACHE.STATS [*]` (every region on this server).
+//! `GPUCACHE.STATS region` and `GPUCACHE.STATS` (every region on this server the caller may
+//! read).
 //!
 //! Every figure comes from a counter, an index cardinality or a time bucket kept by the write
-//! commands, so one region costs O(types + 96 buckets), never O(GPUs) or O(bookings).
+//! commands, so one region costs O(types + 96 buckets), never O(GPUs) or O(bookings). Every
+//! read goes through the key API, never `RedisModule_Call`: a cluster replica answers the
+//! key-less form without `READONLY`, and the cluster would refuse a call's keyed read there.
 
 use super::{Args, Out, Reply};
+use crate::acl::Caller;
 use crate::core::demand::{self, format_hundredths};
-use crate::core::error::MarketResult;
+use crate::core::error::{MarketError, MarketResult};
 use crate::core::input;
 use crate::core::price::Price;
 use crate::core::status::GpuStatus;
 use crate::core::window::{self, WindowTotals};
+use crate::keys::RegionKeys;
 use crate::market::{stat, Region};
 use crate::store::Store;
 use redis_module::RedisString;
@@ -83,7 +88,7 @@ fn type_figures(region: &Region, gpu_type: &str) -> MarketResult<TypeFigures> {
     };
     let own_sum = counter(region, &stat::own_price_sum(gpu_type))?;
     let own_min = store
-        .zfirst(&own_key)?
+        .zset_first(&own_key)?
         .and_then(|(_, score)| Price::from_score(score));
     let typed_price = type_price.filter(|_| typed_count > 0).map(|tp| tp.price);
     let base_min = match (own_min, typed_price) {
@@ -158,7 +163,7 @@ impl RegionFigures {
                 .by_status
                 .insert(status.as_str(), region.status_count(status)?);
         }
-        for gpu_type in store.members("SMEMBERS", &region.keys.types())? {
+        for gpu_type in store.set_members(&region.keys.types())? {
             let t = type_figures(region, &gpu_type)?;
             figures.types.insert(gpu_type, t);
         }
@@ -243,18 +248,29 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let mut args = Args::new(all, 0, 1)?;
     let now = store.now_ms();
     match args.next_arg() {
-        Some(region) if region != b"*" => {
+        // `*` is no region name. Sent as an argument it is also routed as a key (to the slot
+        // of `*`) by cluster clients, so it cannot mean "every region on this node".
+        Some(b"*") => Err(MarketError::syntax(
+            "'*' is not a region: send GPUCACHE.STATS with no argument for every region on this server",
+        )),
+        Some(region) => {
             let region = Region::new(store, input::region(region)?);
             Ok(RegionFigures::read(&region, now)?.reply(&region.name, 1))
         }
-        _ => {
+        None => {
+            // Only the regions the caller may read: Redis checked no key of this command.
+            let caller = Caller::of(store.ctx());
             let mut sum = RegionFigures::default();
             let mut regions = 0;
             for name in crate::regions::known(store.ctx()) {
-                let region = Region::new(store, name);
-                if store.key_type(&region.keys.stats()) == redis_module::KeyType::Empty {
+                let keys = RegionKeys::new(&name);
+                if !caller.may_read(&name) && !caller.may_read(&keys.stats()) {
                     continue;
                 }
+                if store.key_type(&keys.stats()) == redis_module::KeyType::Empty {
+                    continue;
+                }
+                let region = Region::new(store, name);
                 sum.merge(&RegionFigures::read(&region, now)?);
                 regions += 1;
             }

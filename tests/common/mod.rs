@@ -1,6 +1,8 @@
 //! Test harness: a private `redis-server` with the module loaded, on a free loopback port.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use redis::{Connection, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;

@@ -1,0 +1,209 @@
+//! A Redis Cluster of private redis-server processes, each with gpucache loaded: masters that
+//! split the 16384 slots evenly and replicas attached to them, started and converged before a
+//! test runs.
+
+use super::{eventually, free_port, Server};
+use redis::Connection;
+use std::time::Duration;
+
+/// How long a cluster may take to agree on its nodes, slots and replication links.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// One cluster node: its server, its cluster bus port and node id.
+pub struct ClusterNode {
+    pub server: Server,
+    pub bus_port: u16,
+    pub id: String,
+}
+
+impl ClusterNode {
+    /// Starts a cluster-enabled redis-server with gpucache (`module_args`) that knows no other
+    /// node yet; `server_args` are extra `--name value` settings.
+    pub fn start(module_args: &[&str], server_args: &[&str]) -> ClusterNode {
+        let bus_port = free_port().to_string();
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            &bus_port,
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ];
+        args.extend_from_slice(server_args);
+        let server = Server::start(module_args, &args);
+        let id: String = redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut server.connect())
+            .expect("CLUSTER MYID");
+        ClusterNode {
+            server,
+            bus_port: bus_port.parse().expect("bus port"),
+            id,
+        }
+    }
+
+    pub fn connect(&self) -> Connection {
+        self.server.connect()
+    }
+
+    /// A field of `CLUSTER INFO` (`cluster_state`, `cluster_known_nodes`, ...).
+    pub fn cluster_info(&self, field: &str) -> Option<String> {
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query(&mut self.connect())
+            .ok()?;
+        info_field(&info, field)
+    }
+
+    /// A field of `INFO replication` (`role`, `master_link_status`, ...).
+    pub fn replication_info(&self, field: &str) -> Option<String> {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut self.connect())
+            .ok()?;
+        info_field(&info, field)
+    }
+
+    /// Introduces `other` to this node (`CLUSTER MEET` with its bus port).
+    pub fn meet(&self, other: &ClusterNode) {
+        redis::cmd("CLUSTER")
+            .arg("MEET")
+            .arg("127.0.0.1")
+            .arg(other.server.port)
+            .arg(other.bus_port)
+            .query::<()>(&mut self.connect())
+            .expect("CLUSTER MEET");
+    }
+
+    /// Assigns the slots `first..=last` to this node.
+    pub fn add_slots(&self, first: u16, last: u16) {
+        redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(first)
+            .arg(last)
+            .query::<()>(&mut self.connect())
+            .expect("CLUSTER ADDSLOTSRANGE");
+    }
+
+    /// Makes this node a replica of `master` (which it must already know).
+    pub fn replicate(&self, master: &ClusterNode) {
+        redis::cmd("CLUSTER")
+            .arg("REPLICATE")
+            .arg(&master.id)
+            .query::<()>(&mut self.connect())
+            .expect("CLUSTER REPLICATE");
+    }
+
+    /// Node ids this node knows (itself included), from `CLUSTER NODES`.
+    pub fn known_ids(&self) -> Vec<String> {
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut self.connect())
+            .unwrap_or_default();
+        nodes
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// `name:value` from an `INFO`-style text.
+pub fn info_field(info: &str, field: &str) -> Option<String> {
+    info.lines()
+        .filter_map(|l| l.trim_end().split_once(':'))
+        .find(|(name, _)| *name == field)
+        .map(|(_, value)| value.to_owned())
+}
+
+/// The cluster slot of `key` (`CLUSTER KEYSLOT`).
+pub fn key_slot(con: &mut Connection, key: &str) -> u16 {
+    redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query(con)
+        .expect("CLUSTER KEYSLOT")
+}
+
+/// A converged cluster: `masters[i]` owns the i-th even share of the slots, and
+/// `replicas[i]` are its replicas with a live replication link.
+pub struct Cluster {
+    pub masters: Vec<ClusterNode>,
+    pub replicas: Vec<Vec<ClusterNode>>,
+}
+
+impl Cluster {
+    /// Starts `masters` masters with `replicas_per_master` replicas each, gpucache loaded with
+    /// `module_args` everywhere, and waits until every node reports `cluster_state:ok` and every
+    /// replica's link to its master is up.
+    pub fn start(masters: usize, replicas_per_master: usize, module_args: &[&str]) -> Cluster {
+        assert!(masters >= 1, "a cluster needs a master");
+        let masters: Vec<ClusterNode> = (0..masters)
+            .map(|_| ClusterNode::start(module_args, &[]))
+            .collect();
+        let replicas: Vec<Vec<ClusterNode>> = masters
+            .iter()
+            .map(|_| {
+                (0..replicas_per_master)
+                    .map(|_| ClusterNode::start(module_args, &[]))
+                    .collect()
+            })
+            .collect();
+        let cluster = Cluster { masters, replicas };
+        let first = &cluster.masters[0];
+        for node in cluster.nodes().skip(1) {
+            first.meet(node);
+        }
+        let all: Vec<String> = cluster.nodes().map(|n| n.id.clone()).collect();
+        eventually("every node knows every other", CONVERGE, || {
+            cluster.nodes().all(|n| {
+                let known = n.known_ids();
+                all.iter().all(|id| known.contains(id))
+            })
+        });
+        let count = cluster.masters.len();
+        for (i, master) in cluster.masters.iter().enumerate() {
+            let first_slot = 16384 * i / count;
+            let last_slot = 16384 * (i + 1) / count - 1;
+            master.add_slots(first_slot as u16, last_slot as u16);
+        }
+        for (master, replicas) in cluster.masters.iter().zip(&cluster.replicas) {
+            for replica in replicas {
+                replica.replicate(master);
+            }
+        }
+        cluster.wait_converged();
+        cluster
+    }
+
+    /// Every node, masters first.
+    pub fn nodes(&self) -> impl Iterator<Item = &ClusterNode> {
+        self.masters.iter().chain(self.replicas.iter().flatten())
+    }
+
+    /// Waits until every node reports `cluster_state:ok` and every replica's link is up.
+    pub fn wait_converged(&self) {
+        eventually("cluster_state:ok on every node", CONVERGE, || {
+            self.nodes()
+                .all(|n| n.cluster_info("cluster_state").as_deref() == Some("ok"))
+        });
+        eventually("every replica linked to its master", CONVERGE, || {
+            self.replicas.iter().flatten().all(|r| {
+                r.replication_info("role").as_deref() == Some("slave")
+                    && r.replication_info("master_link_status").as_deref() == Some("up")
+            })
+        });
+    }
+
+    /// Waits until every replica of master `i` acknowledged its writes so far (`WAIT`).
+    pub fn wait_replicated(&self, i: usize) {
+        let expected = self.replicas[i].len();
+        let acknowledged: usize = redis::cmd("WAIT")
+            .arg(expected)
+            .arg(10_000)
+            .query(&mut self.masters[i].connect())
+            .expect("WAIT");
+        assert_eq!(acknowledged, expected, "replicas of master {i} lag behind");
+    }
+}
