@@ -6,7 +6,9 @@
 #   - the 24-hour booking count;
 #   - what 100 KB over the limit costs: keys evicted, GPUs left, event-stream growth.
 #   MODULE=/path/libgpucache.so POLICY=volatile-ttl GPUS=120000 BOOKINGS=40000 scripts/eviction.sh
-# MODULE defaults to this checkout's release build (built first).
+# MODULE defaults to this checkout's release build (built first); MODULE_ARGS are its load
+# arguments (e.g. "STREAM_MAXLEN 100000", for a stream not yet full); MAXMEMORY=0 sets no
+# limit until the 100 KB step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -22,7 +24,7 @@ PORT="$(free_port)"
 DIR="$(mktemp -d)"
 redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" \
   --daemonize yes --logfile "$DIR/redis.log" --maxmemory "$MAXMEMORY" \
-  --maxmemory-policy "$POLICY" --loadmodule "$MODULE" >/dev/null
+  --maxmemory-policy "$POLICY" --loadmodule "$MODULE" ${MODULE_ARGS:-} >/dev/null
 trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1; rm -rf "$DIR"' EXIT
 for _ in $(seq 1 100); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
 cli() { redis-cli -p "$PORT" "$@"; }
