@@ -23,6 +23,7 @@ pub type StreamEntry = (String, Vec<(String, String)>);
 pub struct Store<'a> {
     ctx: &'a Context,
     replicated: OnceCell<CallOptions>,
+    read_options: OnceCell<CallOptions>,
     /// Keys written so far, in first-write order: they receive this command's notification.
     written: RefCell<Vec<String>>,
     /// Writes Redis refused (cluster down, slot moved, loading): the caller retries the whole
@@ -50,6 +51,7 @@ impl<'a> Store<'a> {
         Store {
             ctx,
             replicated: OnceCell::new(),
+            read_options: OnceCell::new(),
             written: RefCell::new(Vec::new()),
             failed_writes: std::cell::Cell::new(0),
         }
@@ -73,7 +75,7 @@ impl<'a> Store<'a> {
         {
             return true;
         }
-        self.ctx.call("EXISTS", &[key.as_bytes()]).is_ok()
+        self.read("EXISTS", &[key.as_bytes()]).is_ok()
     }
 
     /// Whether the server is near `maxmemory` (95 % or more of it in use; never without a
@@ -222,18 +224,31 @@ impl<'a> Store<'a> {
         Ok(())
     }
 
+    /// Runs a read command through `RedisModule_Call`. Errors come back as replies (`E`): a read
+    /// Redis refuses — the cluster is down, the key's slot is not served here — must fail, not
+    /// look like an empty key (the crate's plain `call` turns a refused call into an empty
+    /// reply, which a repair would take for lost state).
     fn read(&self, command: &str, args: &[&[u8]]) -> MarketResult<RedisValue> {
-        self.ctx.call(command, args).map_err(|e| {
-            let message = e.to_string();
-            if message.starts_with("WRONGTYPE") {
-                let key = args
-                    .first()
-                    .map(|k| String::from_utf8_lossy(k).into_owned());
-                MarketError::WrongType(key.unwrap_or_default())
-            } else {
-                MarketError::syntax(format!("internal read failed: {message}"))
+        let options = self
+            .read_options
+            .get_or_init(|| CallOptionsBuilder::new().errors_as_replies().build());
+        let result: CallResult = self.ctx.call_ext(command, options, args);
+        match result {
+            Ok(reply) => Ok((&reply).into()),
+            Err(e) => {
+                let message = e.to_utf8_string().unwrap_or_default();
+                if message.starts_with("WRONGTYPE") {
+                    let key = args
+                        .first()
+                        .map(|k| String::from_utf8_lossy(k).into_owned());
+                    Err(MarketError::WrongType(key.unwrap_or_default()))
+                } else {
+                    Err(MarketError::syntax(format!(
+                        "internal read failed: {message}"
+                    )))
+                }
             }
-        })
+        }
     }
 
     pub fn hgetall(&self, key: &str) -> MarketResult<Vec<(Vec<u8>, Vec<u8>)>> {

@@ -72,3 +72,71 @@ fn stats_without_a_region_on_a_replica_equals_its_masters() {
     let on_replica = run(&mut on_replica_con, &["GPUCACHE.STATS"]).unwrap();
     assert_eq!(canonical(&on_replica), canonical(&all_on_master));
 }
+
+/// Records that expired while the node was down, and a booking that ended meanwhile, are
+/// repaired by the node itself once it is back — although for its first ~2 s the cluster is
+/// down and refuses every write, the module's included: the refused repair stays queued and is
+/// retried until it goes through, without anyone running `GPUCACHE.REPAIR`.
+#[test]
+fn healing_refused_while_the_cluster_is_down_is_retried_until_it_succeeds() {
+    let module_args = ["AVAILABILITY_TTL", "1", "JITTER", "0"];
+    let node = common::cluster::ClusterNode::start(&module_args, &[]);
+    node.add_slots(0, 16383);
+    eventually("a one-node cluster is up", Duration::from_secs(30), || {
+        node.cluster_info("cluster_state").as_deref() == Some("ok")
+    });
+    let mut con = node.connect();
+    seed(&mut con);
+    fields(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "1"]);
+    redis::cmd("SAVE").query::<()>(&mut con).unwrap();
+    drop(con);
+    let bus_port = node.bus_port.to_string();
+    let port = node.server.port;
+    let dir = node.server.stop();
+    // Every idle record's TTL and the booking's time pass while the node is down.
+    std::thread::sleep(Duration::from_millis(1500));
+    let restarted = Server::start_in(
+        dir,
+        port,
+        &module_args,
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            &bus_port,
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ],
+    );
+    let mut con = restarted.connect();
+    let mut last = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match run(&mut con, &["GPUCACHE.CHECK", "eu"]) {
+            Ok(report) => {
+                let report = as_map(&report);
+                last = format!("{:?}", report["violations"]);
+                if text(&report["ok"]) == "1"
+                    && fields(&mut con, &["GPUCACHE.STATS", "eu"])["bookings_ended"] == "1"
+                {
+                    break;
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node never repaired the region by itself: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        info_field(&mut con, "gpucache_heal_retries") > 0,
+        "the first repair was refused while the cluster was down, and retried"
+    );
+    let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
+    assert_eq!(stats["bookings_active"], "0");
+    assert_eq!(stats["gpus_busy"], "0");
+}

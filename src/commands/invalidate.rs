@@ -33,13 +33,14 @@ const ENTITIES: [&str; 9] = [
 ];
 /// The region's keys with a fixed name (`<entity>:<name>`, or `events` alone), accepted as full
 /// keys; `stats` names the counters hash.
-const FIXED: [(&str, &str); 7] = [
+const FIXED: [(&str, &str); 8] = [
     ("stats", "market"),
     ("stats", "24h"),
     ("index", "gpus"),
     ("index", "types"),
     ("index", "providers"),
     ("index", "bookings"),
+    ("index", "booking-ends"),
     ("events", ""),
 ];
 
