@@ -111,9 +111,9 @@ fn healing_refused_while_the_cluster_is_down_is_retried_until_it_succeeds() {
         ],
     );
     let mut con = restarted.connect();
-    let mut last = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
+        let last;
         match run(&mut con, &["GPUCACHE.CHECK", "eu"]) {
             Ok(report) => {
                 let report = as_map(&report);
