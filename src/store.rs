@@ -549,6 +549,15 @@ impl<'a> Store<'a> {
         }
     }
 
+    /// Replicates a `PING`: a command that writes nothing still moves the replication offset its
+    /// client's `WAIT` waits for. From Redis 7.2 `WAIT` counts only the client's own replicated
+    /// writes, so without it a retried `BOOK` answered `existing` on a fresh connection could be
+    /// confirmed durable before the original booking reached any replica.
+    pub fn replicate_noop(&self) {
+        let no_args: [&[u8]; 0] = [];
+        self.ctx.replicate("PING", &no_args[..]);
+    }
+
     /// Records a key as changed by this command without writing it (its derived view changed).
     pub fn mark_written(&self, key: &str) {
         let mut written = self.written.borrow_mut();

@@ -193,10 +193,24 @@ fn volatile_random_evicts_only_cached_records_and_never_a_booking() {
 
 #[test]
 fn an_allkeys_policy_is_reported_and_refuses_bookings_unless_the_risk_is_accepted() {
-    let server = Server::start(&[], &["--maxmemory-policy", "allkeys-lru"]);
+    // The log file lands in the server's --dir.
+    let server = Server::start(
+        &[],
+        &[
+            "--maxmemory-policy",
+            "allkeys-lru",
+            "--logfile",
+            "redis.log",
+        ],
+    );
     let mut con = server.connect();
     seed(&mut con);
     assert_eq!(info_field(&mut con, "gpucache_eviction_policy_safe"), 0);
+    let log = || std::fs::read_to_string(server.dir.join("redis.log")).unwrap_or_default();
+    assert!(
+        log().contains("maxmemory-policy allkeys-lru can evict bookings"),
+        "the log says so at load"
+    );
     let before = snapshot(&mut con);
     let err = error(
         &mut con,
@@ -240,6 +254,10 @@ fn an_allkeys_policy_is_reported_and_refuses_bookings_unless_the_risk_is_accepte
         &["GPUCACHE.BOOK", "eu", "g3", "b3", "carol", "3600"],
     );
     assert!(err.starts_with("EVICTIONRISK"), "{err}");
+    assert!(
+        log().contains("maxmemory-policy allkeys-lfu can evict bookings"),
+        "the log says so when the policy changes"
+    );
     // Cancelling is never refused: it frees market state.
     fields(&mut con, &["GPUCACHE.CANCEL", "eu", "b2"]);
     assert_consistent(&mut con, "eu");

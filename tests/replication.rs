@@ -150,3 +150,114 @@ fn an_aof_restart_replays_the_same_state() {
 fn an_aof_restart_without_rdb_preamble_replays_the_same_state() {
     restart_from_aof(&["--aof-use-rdb-preamble", "no"]);
 }
+
+fn digest(con: &mut redis::Connection) -> String {
+    redis::cmd("DEBUG").arg("DIGEST").query(con).unwrap()
+}
+
+/// Bookings end by the module's clock on the primary, and a repair rebuilds a lost booking there;
+/// the replica receives both as the primary decided them (same digest, same absolute expiries).
+#[test]
+fn booking_ends_and_repairs_reach_the_replica_as_decided() {
+    let debug = ["--enable-debug-command", "yes"];
+    let primary = Server::start(&["JITTER", "20"], &debug);
+    let replica = Server::start(
+        &["JITTER", "20"],
+        &[
+            "--enable-debug-command",
+            "yes",
+            "--replicaof",
+            "127.0.0.1",
+            &primary.port.to_string(),
+        ],
+    );
+    let mut rcon = replica.connect();
+    eventually("replica link up", Duration::from_secs(10), || {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut rcon)
+            .unwrap();
+        info.contains("master_link_status:up")
+    });
+    let mut pcon = primary.connect();
+    seed(&mut pcon);
+    for (gpu, booking, seconds) in [("g1", "b1", "1"), ("g2", "b2", "3600"), ("g3", "b3", "2")] {
+        run(
+            &mut pcon,
+            &["GPUCACHE.BOOK", "eu", gpu, booking, "u", seconds],
+        )
+        .unwrap();
+    }
+    redis::cmd("DEL")
+        .arg("gpucache:{eu}:booking:b2")
+        .query::<()>(&mut pcon)
+        .unwrap();
+    let repaired = fields(&mut pcon, &["GPUCACHE.REPAIR", "eu"]);
+    assert_eq!(repaired["booking_records"], "1");
+    eventually("the clock ended b1 and b3", Duration::from_secs(10), || {
+        fields(&mut pcon, &["GPUCACHE.STATS", "eu"])["bookings_ended"] == "2"
+    });
+    wait_for_replica(&mut pcon);
+    assert_same_state(&snapshot(&mut rcon), &snapshot(&mut pcon), "replica");
+    assert_eq!(digest(&mut rcon), digest(&mut pcon));
+    assert_consistent(&mut rcon, "eu");
+    // The replica ends nothing by itself: its state is the primary's, booking for booking.
+    assert_eq!(
+        fields(&mut rcon, &["GPUCACHE.GET", "eu", "g2"])["booking_user"],
+        "u"
+    );
+}
+
+/// A replica promoted after its primary died takes over the booking clock.
+#[test]
+fn a_promoted_replica_ends_the_bookings_its_primary_left() {
+    let primary = Server::start(&[], &[]);
+    let replica = start_replica(&primary, &[]);
+    let mut pcon = primary.connect();
+    seed(&mut pcon);
+    run(&mut pcon, &["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "2"]).unwrap();
+    wait_for_replica(&mut pcon);
+    drop(pcon);
+    drop(primary.stop());
+    let mut rcon = replica.connect();
+    redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query::<()>(&mut rcon)
+        .unwrap();
+    eventually(
+        "the promoted replica ended b1",
+        Duration::from_secs(10),
+        || fields(&mut rcon, &["GPUCACHE.GET", "eu", "g1"])["status"] == "available",
+    );
+    let stats = fields(&mut rcon, &["GPUCACHE.STATS", "eu"]);
+    assert_eq!(
+        (
+            stats["bookings_active"].as_str(),
+            stats["bookings_ended"].as_str()
+        ),
+        ("0", "1")
+    );
+    assert_consistent(&mut rcon, "eu");
+}
+
+/// The AOF holds the booking clock's ends as concrete writes: replaying it gives the same state.
+#[test]
+fn an_aof_restart_after_booking_ends_replays_the_same_state() {
+    let args = ["--appendonly", "yes", "--appendfsync", "always"];
+    let server = Server::start(&["JITTER", "20"], &args);
+    let mut con = server.connect();
+    seed(&mut con);
+    run(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "1"]).unwrap();
+    run(&mut con, &["GPUCACHE.BOOK", "eu", "g2", "b2", "u", "3600"]).unwrap();
+    eventually("the clock ended b1", Duration::from_secs(10), || {
+        fields(&mut con, &["GPUCACHE.STATS", "eu"])["bookings_ended"] == "1"
+    });
+    let before = snapshot(&mut con);
+    drop(con);
+    let dir = server.stop();
+    let restarted = Server::start_in(dir, free_port(), &["JITTER", "20"], &args);
+    let mut con = restarted.connect();
+    assert_same_state(&snapshot(&mut con), &before, "AOF replay");
+    assert_consistent(&mut con, "eu");
+}

@@ -270,12 +270,9 @@ impl BookOutcome {
 /// `INFO server`) and a server older than 7.2 is refused with `EdgeError::Unsupported` before
 /// anything is booked. Then `GPUCACHE.BOOK`; its errors are returned as they are. A `created`
 /// booking is this connection's last write, so `WAIT` covers it. An `existing` one (a retry)
-/// replicated nothing, and `WAIT` waits for the replication offset the connection's commands
-/// last left: Redis 7.0 moves it on every command, but 7.2 and later only on commands that
-/// propagated something, so there a `WAIT` on a fresh connection would return at once while the
-/// original booking may still be unreplicated. The helper therefore first sends
-/// `GPUCACHE.INVALIDATE region booking:<id>`, which changes no data but is replicated (one
-/// `manual_invalidation` event), and the wait covers everything the primary had applied, the
+/// writes nothing, but the module replicates a `PING` for it: `WAIT` waits for the replication
+/// offset the connection's commands last moved (Redis 7.2 and later move it only on commands
+/// that propagated something), so the wait covers everything the primary had applied, the
 /// original booking included, on every version. Then `WAIT` and, if it met the requirement and
 /// AOF is asked for, `WAITAOF`, both within `durability.timeout`.
 pub fn book_durably<C: ConnectionLike>(
@@ -306,7 +303,7 @@ pub fn book_durably<C: ConnectionLike>(
     let deadline = Instant::now() + durability.timeout;
 
     let mut acks = Acks::default();
-    let waited = wait_for_acks(con, request, &booking, durability, deadline, &mut acks);
+    let waited = wait_for_acks(con, durability, deadline, &mut acks);
     let shortfall = match waited {
         Ok(()) => durability.shortfall(&acks),
         Err(e) => Some(Shortfall::WaitFailed(e)),
@@ -323,18 +320,10 @@ pub fn book_durably<C: ConnectionLike>(
 
 fn wait_for_acks<C: ConnectionLike>(
     con: &mut C,
-    request: &BookRequest,
-    booking: &Booking,
     durability: &Durability,
     deadline: Instant,
     acks: &mut Acks,
 ) -> Result<(), EdgeError> {
-    if booking.result == BookingResult::Existing {
-        redis::cmd("GPUCACHE.INVALIDATE")
-            .arg(&request.region)
-            .arg(format!("booking:{}", booking.booking_id))
-            .query::<Value>(con)?;
-    }
     let replicas: i64 = redis::cmd("WAIT")
         .arg(durability.replicas)
         .arg(timeout_ms(deadline))

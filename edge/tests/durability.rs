@@ -350,19 +350,27 @@ fn a_retry_answered_existing_waits_for_the_original_booking() {
         matches!(outcome, BookOutcome::NotDurable { .. }),
         "{outcome:?}"
     );
-    // ... and it wrote the replicated no-op that makes its WAIT cover the original booking.
-    let last: redis::Value = redis::cmd("XREVRANGE")
-        .arg(format!("gpucache:{{{REGION}}}:events"))
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
+    // ... and the module replicated a no-op for the retry, which its WAIT covers.
+    let offset = |con: &mut redis::Connection| -> i64 {
+        let info: String = redis::cmd("INFO").arg("replication").query(con).unwrap();
+        info.lines()
+            .find_map(|l| l.trim_end().strip_prefix("master_repl_offset:"))
+            .and_then(|v| v.parse().ok())
+            .expect("master_repl_offset")
+    };
+    let before = offset(&mut retry_con);
+    let again: redis::Value = redis::cmd("GPUCACHE.BOOK")
+        .arg(REGION)
+        .arg(&request(0).gpu_id)
+        .arg(booking_id(0))
+        .arg(&request(0).user_id)
+        .arg(request(0).duration_s)
         .query(&mut retry_con)
         .unwrap();
-    let last = format!("{last:?}");
+    assert!(format!("{again:?}").contains("existing"), "{again:?}");
     assert!(
-        last.contains("manual_invalidation") && last.contains(&booking_id(0)),
-        "{last}"
+        offset(&mut retry_con) > before,
+        "an `existing` reply moves the replication offset"
     );
 
     // Once the replica is awake, the same retry is durable.

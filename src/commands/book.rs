@@ -49,6 +49,9 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     if let Some(existing) = existing.as_ref().filter(|b| !b.has_ended(now)) {
         check_repeated_booking(&booking_id, existing, &gpu_id, &user_id, duration_s)?;
         let version = region.load_gpu(&gpu_id)?.map_or(0, |g| g.version);
+        // A retry must be able to `WAIT` for the original booking (README "Acknowledged means
+        // durable").
+        store.replicate_noop();
         return Ok(booking_reply(&booking_id, existing, "existing", version));
     }
     crate::eviction::check_bookings_are_safe()?;

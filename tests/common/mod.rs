@@ -79,6 +79,9 @@ impl Server {
         Server::launch(Some(path), dir, port, module_args, &[])
     }
 
+    /// Starts the server; if the port turned out to be taken meanwhile (another test's server
+    /// or client got it between `free_port` and the bind), starts again on another port rather
+    /// than talk to a server that is not ours.
     fn launch(
         config: Option<PathBuf>,
         dir: PathBuf,
@@ -86,6 +89,28 @@ impl Server {
         module_args: &[&str],
         server_args: &[&str],
     ) -> Server {
+        let mut port = port;
+        for _ in 0..5 {
+            match Server::spawn(config.clone(), dir.clone(), port, module_args, server_args) {
+                Ok(server) => return server,
+                Err(mut failed) => {
+                    let _ = failed.child.kill();
+                    let _ = failed.child.wait();
+                    failed.dir = PathBuf::new(); // keep the directory for the next attempt
+                    port = free_port();
+                }
+            }
+        }
+        panic!("redis-server did not start on any of 5 ports");
+    }
+
+    fn spawn(
+        config: Option<PathBuf>,
+        dir: PathBuf,
+        port: u16,
+        module_args: &[&str],
+        server_args: &[&str],
+    ) -> Result<Server, Server> {
         let mut load = vec![module_path().display().to_string()];
         load.extend(module_args.iter().map(|s| s.to_string()));
         let mut cmd = Command::new("redis-server");
@@ -110,22 +135,42 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = cmd.spawn().expect("redis-server must be installed");
-        let server = Server { port, dir, child };
-        server.wait_ready();
-        server
+        let mut server = Server { port, dir, child };
+        if server.wait_ready() {
+            Ok(server)
+        } else {
+            Err(server)
+        }
     }
 
-    fn wait_ready(&self) {
+    /// Waits until this server answers, and checks it is the process we started (the port may
+    /// have been taken by another one). False when our process exited or never answered.
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false; // e.g. the port was in use
+            }
             if let Ok(mut con) = self.try_connect() {
-                if redis::cmd("PING").query::<String>(&mut con).is_ok() {
-                    return;
+                let info: redis::RedisResult<String> =
+                    redis::cmd("INFO").arg("server").query(&mut con);
+                if let Ok(info) = info {
+                    let pid = info
+                        .lines()
+                        .find_map(|l| l.trim_end().strip_prefix("process_id:"))
+                        .and_then(|p| p.parse::<u32>().ok());
+                    if pid != Some(self.child.id()) {
+                        return false;
+                    }
+                    // INFO answers while the dataset is still loading; PING once it is loaded.
+                    if redis::cmd("PING").query::<String>(&mut con).is_ok() {
+                        return true;
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not start", self.port);
+        false
     }
 
     fn try_connect(&self) -> redis::RedisResult<Connection> {
