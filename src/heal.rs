@@ -35,6 +35,9 @@ enum Target {
     Key(String),
     /// Repair (recount, rebuild) a whole region.
     Region(String),
+    /// After a load or a promotion: heal the records whose time passed meanwhile, and repair the
+    /// region whole only if a cheap look finds more wrong.
+    Sweep(String),
 }
 
 #[derive(Debug, Clone)]
@@ -214,9 +217,18 @@ fn queue_region_repair_in(ctx: &Context, db: i32, region: &str) {
 /// promotion (repairs the old primary had queued). One job per region, worked through within
 /// the timer's budget like any other.
 pub fn queue_every_region(ctx: &Context) {
-    for (db, region) in crate::regions::known_everywhere() {
-        queue_region_repair_in(ctx, db, &region);
+    {
+        let mut queue = queue();
+        for (db, region) in crate::regions::known_everywhere() {
+            queue.jobs.push_back(Job {
+                db,
+                target: Target::Sweep(region),
+                attempts: 0,
+                not_before_ms: 0,
+            });
+        }
     }
+    arm(ctx, 1);
 }
 
 fn arm(ctx: &Context, delay_ms: i64) {
@@ -320,6 +332,30 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
                 (region, Ok(()))
             }
         }
+        Target::Sweep(region) => {
+            let store = Store::new(ctx);
+            if !store.accepts_writes_to(&RegionKeys::new(region).stats()) {
+                (
+                    region.clone(),
+                    Err("Redis does not accept writes to the region now".to_owned()),
+                )
+            } else {
+                match crate::repair::sweep_region(ctx, region) {
+                    Ok(sweep) if sweep.failed_writes == 0 => {
+                        if sweep.needs_repair {
+                            queue_region_repair(ctx, region);
+                        }
+                        queue().healed += sweep.healed;
+                        (region.clone(), Ok(()))
+                    }
+                    Ok(_) => (
+                        region.clone(),
+                        Err("some healing writes were refused".to_owned()),
+                    ),
+                    Err(e) => (region.clone(), Err(e.to_string())),
+                }
+            }
+        }
         Target::Region(region) => {
             let store = Store::new(ctx);
             if !store.accepts_writes_to(&RegionKeys::new(region).stats()) {
@@ -351,6 +387,7 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
         let what = match &job.target {
             Target::Key(key) => format!("healing after {key}"),
             Target::Region(_) => format!("repairing region {region}"),
+            Target::Sweep(_) => format!("sweeping region {region}"),
         };
         crate::log(
             ctx,
@@ -397,7 +434,7 @@ pub fn settle_vanished(ctx: &Context, key: &str) {
 
 /// Repairs what one vanished record left behind. Returns whether some of its writes were
 /// refused (the region then needs a whole repair).
-fn heal_key(ctx: &Context, key: &str) -> bool {
+pub(crate) fn heal_key(ctx: &Context, key: &str) -> bool {
     let Some((region, entity, id)) = RegionKeys::parse(key) else {
         return false;
     };

@@ -200,39 +200,43 @@ impl Surveyor<'_, '_, '_> {
         }
     }
 
+    // Whole keys are read through the key API (no command round trip, no reply to build and
+    // parse): a survey reads every index of the region.
     fn hash(&mut self, key: &str) -> MarketResult<BTreeMap<String, String>> {
-        if !self.usable(key, KeyType::Hash) {
-            return Ok(BTreeMap::new());
+        let mut fields = BTreeMap::new();
+        if self.usable(key, KeyType::Hash) {
+            self.store.scan_hash(key, |name, value| {
+                fields.insert(
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                );
+            })?;
         }
-        Ok(self
-            .store
-            .hgetall(key)?
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    String::from_utf8_lossy(&k).into_owned(),
-                    String::from_utf8_lossy(&v).into_owned(),
-                )
-            })
-            .collect())
+        Ok(fields)
     }
 
     fn set(&mut self, key: &str) -> MarketResult<BTreeSet<String>> {
         if !self.usable(key, KeyType::Set) {
             return Ok(BTreeSet::new());
         }
-        Ok(self.store.members("SMEMBERS", key)?.into_iter().collect())
+        Ok(self.store.set_members(key)?.into_iter().collect())
     }
 
     fn zset(&mut self, key: &str) -> MarketResult<BTreeMap<String, f64>> {
-        if !self.usable(key, KeyType::ZSet) {
-            return Ok(BTreeMap::new());
+        let mut members = BTreeMap::new();
+        if self.usable(key, KeyType::ZSet) {
+            self.store.zwalk(
+                key,
+                (f64::NEG_INFINITY, false),
+                f64::INFINITY,
+                false,
+                |member, score| {
+                    members.insert(String::from_utf8_lossy(member).into_owned(), score);
+                    true
+                },
+            )?;
         }
-        Ok(self
-            .store
-            .members_of_range_with_scores(key)?
-            .into_iter()
-            .collect())
+        Ok(members)
     }
 
     fn gpu(&mut self, gpu_id: &str) -> Read<(GpuRecord, Option<i64>)> {
@@ -466,6 +470,21 @@ impl Surveyor<'_, '_, '_> {
             }
         }
         let mut active: BTreeMap<String, Booking> = BTreeMap::new();
+        // Which GPU's record holds each booking, and which the registry says holds it (looked up
+        // once per booking, not by a scan of every GPU).
+        let mut held_by: BTreeMap<String, String> = BTreeMap::new();
+        for (gpu_id, gpu) in &desired {
+            if let Some(booking_id) = &gpu.booking {
+                held_by
+                    .entry(booking_id.clone())
+                    .or_insert_with(|| gpu_id.clone());
+            }
+        }
+        let registry_claims: BTreeMap<String, String> = registry
+            .iter()
+            .filter_map(|(id, e)| Some((e.as_ref()?.booking.clone()?, id.clone())))
+            .collect();
+        let mut closing: BTreeSet<String> = BTreeSet::new();
         // Bookings their GPU record holds come first, so a conflict is decided for the holder.
         let held_first: Vec<String> = {
             let held: BTreeSet<&String> = desired
@@ -501,10 +520,7 @@ impl Surveyor<'_, '_, '_> {
         for booking_id in &held_first {
             self.out.bookings_checked += 1;
             let stored = bookings.get(booking_id);
-            let claimant = desired
-                .iter()
-                .find(|(_, g)| g.booking.as_deref() == Some(booking_id.as_str()))
-                .map(|(id, _)| id.clone());
+            let claimant = held_by.get(booking_id).cloned();
             let stored_booking = match stored {
                 Some(Read::Present(b)) => Some(b.clone()),
                 _ => None,
@@ -514,15 +530,7 @@ impl Surveyor<'_, '_, '_> {
                 .map(|b| b.gpu_id.clone())
                 .or_else(|| claimant.clone())
                 .or_else(|| booking_registry.get(booking_id).cloned())
-                .or_else(|| {
-                    registry
-                        .iter()
-                        .find(|(_, e)| {
-                            e.as_ref().and_then(|e| e.booking.as_deref())
-                                == Some(booking_id.as_str())
-                        })
-                        .map(|(id, _)| id.clone())
-                });
+                .or_else(|| registry_claims.get(booking_id).cloned());
             let copy = gpu_id.as_ref().and_then(|g| {
                 let gpu = desired.get(g)?;
                 let terms = gpu.booking_terms.as_ref()?;
@@ -566,6 +574,7 @@ impl Surveyor<'_, '_, '_> {
                 }
                 Some(gpu) if gpu.booking.is_some() => {
                     self.out.dropped_bookings += 1;
+                    closing.insert(booking_id.clone());
                     self.add(
                         format!(
                             "booking {booking_id} is for {gpu_id}, which booking {} holds: {booking_id} ends (conflict)",
@@ -599,6 +608,7 @@ impl Surveyor<'_, '_, '_> {
                         .or_else(|| booking.gpu_type.clone().zip(booking.provider.clone()));
                     let Some((gpu_type, provider)) = kind else {
                         self.out.dropped_bookings += 1;
+                        closing.insert(booking_id.clone());
                         self.add(
                             format!("booking {booking_id} is for {gpu_id}, which is not registered and whose type is unknown: {booking_id} ends"),
                             Fix::Close {
@@ -715,22 +725,25 @@ impl Surveyor<'_, '_, '_> {
         // availability indexes — a provider whose available GPUs are all unlisted was not
         // online (a provider nobody set is online, and its record need not exist).
         let mut statuses: BTreeMap<String, ProviderStatus> = BTreeMap::new();
+        // Per provider: whether it has available GPUs, and whether any of them is listed.
+        let mut listing: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
+        for (gpu_id, gpu) in desired
+            .iter()
+            .filter(|(_, g)| g.status == GpuStatus::Available)
+        {
+            let listed = indexes
+                .get(&gpu.gpu_type)
+                .is_some_and(|sets| sets.iter().any(|s| s.contains_key(gpu_id)));
+            let entry = listing.entry(gpu.provider.as_str()).or_default();
+            entry.0 = true;
+            entry.1 |= listed;
+        }
         for (provider, read) in &provider_status {
             let status = match read {
                 ProviderRead::Known(status) => *status,
                 ProviderRead::Missing | ProviderRead::Broken => {
-                    let mut available = desired
-                        .iter()
-                        .filter(|(_, g)| {
-                            g.provider == *provider && g.status == GpuStatus::Available
-                        })
-                        .peekable();
-                    let has_available = available.peek().is_some();
-                    let any_listed = available.any(|(id, g)| {
-                        indexes
-                            .get(&g.gpu_type)
-                            .is_some_and(|sets| sets.iter().any(|s| s.contains_key(id)))
-                    });
+                    let (has_available, any_listed) =
+                        listing.get(provider.as_str()).copied().unwrap_or_default();
                     let inferred = if has_available && !any_listed {
                         ProviderStatus::Offline
                     } else {
@@ -945,12 +958,7 @@ impl Surveyor<'_, '_, '_> {
         }
         for (booking_id, read) in &bookings {
             if matches!(read, Read::Present(_)) && !active.contains_key(booking_id) {
-                let closing = self
-                    .out
-                    .findings
-                    .iter()
-                    .any(|f| matches!(&f.fix, Fix::Close { booking_id: b } if b == booking_id));
-                if !closing {
+                if !closing.contains(booking_id) {
                     self.add(
                         format!("record of booking {booking_id} holds nothing"),
                         Self::write("DEL", &[&keys.booking(booking_id)]),

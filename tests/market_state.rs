@@ -541,3 +541,63 @@ fn garbled_fields_of_market_state_are_repaired() {
         }
     });
 }
+
+/// A region written by the version that gave bookings TTLs (no booking clock, no copies, TTLs
+/// on the booking and its GPU) is taken over after a restart: the sweep after loading sees the
+/// booking clock does not hold every booking and repairs the region whole.
+#[test]
+fn bookings_of_an_earlier_version_are_adopted_after_a_restart() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    let booked = fields(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "3600"],
+    );
+    // What the earlier version wrote.
+    for args in [
+        vec!["DEL", "gpucache:{eu}:index:booking-ends"],
+        vec![
+            "HDEL",
+            "gpucache:{eu}:gpu:g1",
+            "booking_user",
+            "booking_price",
+            "booking_duration_s",
+            "booking_start_ms",
+            "booking_end_ms",
+        ],
+        vec!["HDEL", "gpucache:{eu}:booking:b1", "gpu_type", "provider"],
+        vec!["PEXPIREAT", "gpucache:{eu}:booking:b1", &booked["end_ms"]],
+        vec!["PEXPIRE", "gpucache:{eu}:gpu:g1", "7200000"],
+        vec!["PEXPIRE", "gpucache:{eu}:stats:24h", "86400000"],
+        vec!["SAVE"],
+    ] {
+        run(&mut con, &args).unwrap();
+    }
+    drop(con);
+    let dir = server.stop();
+    let restarted = Server::start_in(dir, free_port(), &[], &[]);
+    let mut con = restarted.connect();
+    eventually_consistent(&mut con, "eu");
+    for key in [
+        "gpucache:{eu}:booking:b1",
+        "gpucache:{eu}:gpu:g1",
+        "gpucache:{eu}:stats:24h",
+    ] {
+        let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut con).unwrap();
+        assert_eq!(ttl, -1, "{key} is market state: no TTL");
+    }
+    let end: Option<String> = redis::cmd("ZSCORE")
+        .arg("gpucache:{eu}:index:booking-ends")
+        .arg("b1")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(end.as_deref(), Some(booked["end_ms"].as_str()));
+    let gpu = fields(&mut con, &["GPUCACHE.GET", "eu", "g1"]);
+    assert_eq!(
+        (gpu["booking_user"].as_str(), gpu["booking_end_ms"].as_str()),
+        ("alice", booked["end_ms"].as_str()),
+        "the GPU keeps a copy of its booking again"
+    );
+    assert!(info_field(&mut con, "gpucache_region_repairs") >= 1);
+}
