@@ -957,13 +957,14 @@ impl Surveyor<'_, '_, '_> {
             );
         }
         for (booking_id, read) in &bookings {
-            if matches!(read, Read::Present(_)) && !active.contains_key(booking_id) {
-                if !closing.contains(booking_id) {
-                    self.add(
-                        format!("record of booking {booking_id} holds nothing"),
-                        Self::write("DEL", &[&keys.booking(booking_id)]),
-                    );
-                }
+            if matches!(read, Read::Present(_))
+                && !active.contains_key(booking_id)
+                && !closing.contains(booking_id)
+            {
+                self.add(
+                    format!("record of booking {booking_id} holds nothing"),
+                    Self::write("DEL", &[&keys.booking(booking_id)]),
+                );
             }
         }
 
