@@ -3,7 +3,8 @@
 //! Bookings are market state and carry no TTL, so that no `volatile-*` eviction policy can ever
 //! choose one; their end is enforced here instead of by Redis expiry. Each region keeps its
 //! active bookings in a sorted set scored by end time (`index:booking-ends`). On the primary,
-//! the module's tick (`ticker.rs`, every 100 ms) ends those whose time has come — exactly as
+//! the module's tick (`ticker.rs`, on Redis's cron: `hz` times a second, 10 by default) ends
+//! those whose time has come — exactly as
 //! `GPUCACHE.CANCEL` would, with reason `ended` — through replicated writes, so replicas and the
 //! AOF receive the ends the primary decided and never end a booking on their own. A command
 //! that meets a booking whose time is up before the clock does (a `BOOK` of its GPU or reusing

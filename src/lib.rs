@@ -97,7 +97,6 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     );
     eviction::refresh(ctx);
     heal::reserve();
-    ticker::start(ctx);
     Status::Ok
 }
 

@@ -1,38 +1,54 @@
-//! The module's periodic work, on one timer: the booking clock, and a fallback re-read of the
-//! eviction policy (a config change is also caught at once by its server event).
+//! The module's periodic work: the booking clock, and a fallback re-read of the eviction policy
+//! (a config change is also caught at once by its server event).
+//!
+//! Driven by Redis's own cron (`serverCron`, `hz` times a second, 10 by default) rather than a
+//! timer of the module's: a module holding a timer cannot be unloaded. The cron callback only
+//! arms a one-shot timer; the timer does the writing (like every other module write outside a
+//! command, its effects are replicated as one unit), and arms itself again at once while it ran
+//! out of time with bookings still due.
 
 use redis_module::{Context, ContextFlags};
-use std::sync::atomic::{AtomicU64, Ordering};
+use redis_module_macros::cron_event_handler;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-/// How often the tick runs while nothing is pending.
-const TICK: Duration = Duration::from_millis(100);
-/// How soon it runs again when it ran out of time with work left.
+/// How soon the timer runs again when it ran out of time with work left.
 const AGAIN: Duration = Duration::from_millis(1);
-/// Time one tick may spend before it yields to clients.
+/// Time one run may spend before it yields to clients.
 const BUDGET: Duration = Duration::from_millis(2);
-/// The eviction policy is re-read every this many ticks.
-const POLICY_EVERY: u64 = 10;
+/// The eviction policy is re-read this often.
+const POLICY_EVERY_MS: i64 = 1_000;
 
-static TICKS: AtomicU64 = AtomicU64::new(0);
+static ARMED: AtomicBool = AtomicBool::new(false);
+static POLICY_READ_MS: AtomicI64 = AtomicI64::new(0);
 
-/// Starts the tick (from the module's load).
-pub fn start(ctx: &Context) {
-    ctx.create_timer(TICK, tick, ());
+fn now_ms(ctx: &Context) -> i64 {
+    crate::store::Store::new(ctx).now_ms()
 }
 
-fn tick(ctx: &Context, _: ()) {
-    let deadline = Instant::now() + BUDGET;
-    let ticks = TICKS.fetch_add(1, Ordering::Relaxed);
-    if ticks.is_multiple_of(POLICY_EVERY) {
+#[cron_event_handler]
+fn on_cron(ctx: &Context, _hz: u64) {
+    let now = now_ms(ctx);
+    if now.saturating_sub(POLICY_READ_MS.load(Ordering::Relaxed)) >= POLICY_EVERY_MS {
+        POLICY_READ_MS.store(now, Ordering::Relaxed);
         crate::eviction::refresh(ctx);
     }
-    let flags = ctx.get_flags();
-    let primary = !flags.contains(ContextFlags::SLAVE) && !flags.contains(ContextFlags::LOADING);
-    let mut unfinished = false;
-    if primary {
-        let now = crate::store::Store::new(ctx).now_ms();
-        unfinished = crate::booking_clock::on_tick(ctx, now, deadline);
+    if is_primary(ctx) && !ARMED.swap(true, Ordering::Relaxed) {
+        ctx.create_timer(AGAIN, run, ());
     }
-    ctx.create_timer(if unfinished { AGAIN } else { TICK }, tick, ());
+}
+
+fn is_primary(ctx: &Context) -> bool {
+    let flags = ctx.get_flags();
+    !flags.contains(ContextFlags::SLAVE) && !flags.contains(ContextFlags::LOADING)
+}
+
+fn run(ctx: &Context, _: ()) {
+    let deadline = Instant::now() + BUDGET;
+    let unfinished = is_primary(ctx) && crate::booking_clock::on_tick(ctx, now_ms(ctx), deadline);
+    if unfinished {
+        ctx.create_timer(AGAIN, run, ());
+    } else {
+        ARMED.store(false, Ordering::Relaxed);
+    }
 }
