@@ -1045,7 +1045,9 @@ unsafe extern "C" fn scan_callback(
     privdata: *mut std::ffi::c_void,
 ) {
     let visit = &mut *privdata.cast::<&mut dyn FnMut(&[u8], &[u8])>();
-    if let (Some(field), Some(value)) = (string_bytes(field), string_bytes(value)) {
+    // A set's members come as fields without a value.
+    if let Some(field) = string_bytes(field) {
+        let value = string_bytes(value).unwrap_or_default();
         // Unwinding out of a function Redis called aborts the server; today's visitors
         // cannot panic, and a future one that does loses only the rest of this scan.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| visit(field, value)));
@@ -1053,13 +1055,13 @@ unsafe extern "C" fn scan_callback(
 }
 
 impl ReadKey {
-    /// Every field and value of this hash (the caller checked the type), through
-    /// `RedisModule_ScanKey` until the cursor is done.
+    /// Every field and value of this hash, or member of this set (with an empty value), through
+    /// `RedisModule_ScanKey` until the cursor is done (the caller checked the type).
     fn scan(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
         if self.key.is_null() {
             return;
         }
-        // SAFETY: `self.key` is an open hash; the cursor is created and destroyed here; the
+        // SAFETY: `self.key` is an open hash or set; the cursor is created and destroyed here; the
         // callback gets a pointer to `visit`, which outlives every ScanKey call, and only reads
         // the field and value strings during the call.
         unsafe {
@@ -1248,7 +1250,7 @@ impl Store<'_> {
             KeyType::Empty => Ok(Vec::new()),
             KeyType::Set => {
                 let mut members = Vec::new();
-                opened.scan_members(&mut |member| {
+                opened.scan(&mut |member, _| {
                     if let Ok(member) = std::str::from_utf8(member) {
                         members.push(member.to_owned());
                     }
@@ -1277,54 +1279,5 @@ impl Store<'_> {
             },
         )?;
         Ok(first)
-    }
-}
-
-/// `RedisModuleScanKeyCB` for a set: hands each member (the `field`; `value` is NULL for sets)
-/// to the closure behind `privdata`.
-///
-/// # Safety
-/// `privdata` must point to a live `&mut dyn FnMut(&[u8])`; `field` is NULL or a string Redis
-/// keeps alive for the duration of the call.
-unsafe extern "C" fn member_scan_callback(
-    _key: *mut raw::RedisModuleKey,
-    field: *mut raw::RedisModuleString,
-    _value: *mut raw::RedisModuleString,
-    privdata: *mut std::ffi::c_void,
-) {
-    let visit = &mut *privdata.cast::<&mut dyn FnMut(&[u8])>();
-    if let Some(member) = string_bytes(field) {
-        // Unwinding out of a function Redis called aborts the server (see `scan_callback`).
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| visit(member)));
-    }
-}
-
-impl ReadKey {
-    /// Every member of this set (the caller checked the type), through `RedisModule_ScanKey`
-    /// until the cursor is done.
-    fn scan_members(&self, visit: &mut dyn FnMut(&[u8])) {
-        if self.key.is_null() {
-            return;
-        }
-        // SAFETY: `self.key` is an open set; the cursor is created and destroyed here; the
-        // callback gets a pointer to `visit`, which outlives every ScanKey call, and only reads
-        // the member string during the call.
-        unsafe {
-            let (Some(create), Some(scan), Some(destroy)) = (
-                raw::RedisModule_ScanCursorCreate,
-                raw::RedisModule_ScanKey,
-                raw::RedisModule_ScanCursorDestroy,
-            ) else {
-                return;
-            };
-            let cursor = create();
-            if cursor.is_null() {
-                return;
-            }
-            let mut visit: &mut dyn FnMut(&[u8]) = visit;
-            let privdata = std::ptr::addr_of_mut!(visit).cast::<std::ffi::c_void>();
-            while scan(self.key, cursor, Some(member_scan_callback), privdata) != 0 {}
-            destroy(cursor);
-        }
     }
 }

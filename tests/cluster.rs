@@ -99,16 +99,7 @@ fn healing_refused_while_the_cluster_is_down_is_retried_until_it_succeeds() {
         dir,
         port,
         &module_args,
-        &[
-            "--cluster-enabled",
-            "yes",
-            "--cluster-port",
-            &bus_port,
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "5000",
-        ],
+        &common::cluster::cluster_args(&bus_port),
     );
     let mut con = restarted.connect();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -21,16 +21,7 @@ impl ClusterNode {
     /// node yet; `server_args` are extra `--name value` settings.
     pub fn start(module_args: &[&str], server_args: &[&str]) -> ClusterNode {
         let bus_port = free_port().to_string();
-        let mut args = vec![
-            "--cluster-enabled",
-            "yes",
-            "--cluster-port",
-            &bus_port,
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "5000",
-        ];
+        let mut args = cluster_args(&bus_port).to_vec();
         args.extend_from_slice(server_args);
         let server = Server::start(module_args, &args);
         let id: String = redis::cmd("CLUSTER")
@@ -107,6 +98,21 @@ impl ClusterNode {
             .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
             .collect()
     }
+}
+
+/// The settings that make a server a cluster node with its bus on `bus_port` (a node restarted
+/// in its directory with them finds its `nodes.conf` again).
+pub fn cluster_args(bus_port: &str) -> [&str; 8] {
+    [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-port",
+        bus_port,
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "5000",
+    ]
 }
 
 /// `name:value` from an `INFO`-style text.
