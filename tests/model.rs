@@ -1,15 +1,20 @@
-//! Model-based test: random sequences of every command, valid and invalid, run against the
-//! module and against an in-memory reference marketplace. After each step the replies agree and
-//! `GPUCACHE.CHECK` finds every invariant intact.
+//! Model-based test: random sequences of every command, valid and invalid, interleaved with real
+//! evictions, run against the module and against an in-memory reference marketplace. After each
+//! step the replies agree and `GPUCACHE.CHECK` finds every invariant intact.
 //!
-//! Cases: `PROPTEST_CASES` (default 48); each case is up to 60 commands.
+//! An eviction lowers `maxmemory` just below the memory in use under a `volatile-*` policy, so
+//! Redis itself evicts cached records (idle GPU records, type prices). Once healing has run, the
+//! model forgets what was evicted; no booking, and no GPU holding one, may ever be evicted.
+//!
+//! Cases: `PROPTEST_CASES` (default 48); each case is up to 60 steps.
 
 mod common;
 
 use common::*;
 use proptest::prelude::*;
 use redis::{Connection, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 const GPUS: [&str; 6] = ["g0", "g1", "g2", "g3", "g4", "g5"];
 const PROVIDERS: [&str; 3] = ["p0", "p1", "p2"];
@@ -20,6 +25,13 @@ const GPU_STATUSES: [&str; 4] = ["available", "busy", "offline", "maintenance"];
 const PROVIDER_STATUSES: [&str; 3] = ["online", "offline", "maintenance"];
 /// Prices in micro-units, all exactly representable as decimals.
 const PRICES: [i64; 5] = [500_000, 1_000_000, 1_250_000, 2_000_000, 3_999_999];
+/// Policies that may evict only keys with a TTL.
+const POLICIES: [&str; 4] = [
+    "volatile-lru",
+    "volatile-random",
+    "volatile-lfu",
+    "volatile-ttl",
+];
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -63,6 +75,12 @@ enum Op {
     Invalid {
         which: usize,
     },
+    /// Redis evicts under `POLICIES[policy]`, with `maxmemory` set `below` bytes under the
+    /// memory in use.
+    Evict {
+        policy: usize,
+        below: i64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -80,6 +98,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (prop::option::of(0..2usize), prop::option::of(0..5usize), 1..8i64)
             .prop_map(|(gpu_type, max_price, limit)| Op::Available { gpu_type, max_price, limit }),
         1 => (0..INVALID.len()).prop_map(|which| Op::Invalid { which }),
+        // About 3 evictions in a case of 30 steps.
+        2 => (0..POLICIES.len(), 200..4096i64).prop_map(|(policy, below)| Op::Evict { policy, below }),
     ]
 }
 
@@ -333,8 +353,29 @@ impl Model {
                 ))
             }
             Op::Invalid { .. } => Err("ERR"),
+            Op::Evict { .. } => Ok(Expected::Nothing),
         }
     }
+
+    /// The keys that must carry a TTL (and that a `volatile-*` policy may evict): the records of
+    /// GPUs no booking holds, and the type prices. Nothing else may carry one.
+    fn cached_keys(&self) -> BTreeSet<String> {
+        let gpus = self
+            .gpus
+            .iter()
+            .filter(|(_, g)| g.booking.is_none())
+            .map(|(id, _)| gpu_key(*id));
+        let prices = self.type_prices.keys().map(|t| price_key(*t));
+        gpus.chain(prices).collect()
+    }
+}
+
+fn gpu_key(gpu: usize) -> String {
+    format!("gpucache:{{m}}:gpu:{}", GPUS[gpu])
+}
+
+fn price_key(gpu_type: usize) -> String {
+    format!("gpucache:{{m}}:price:{}", TYPES[gpu_type])
 }
 
 #[derive(Debug, PartialEq)]
@@ -429,6 +470,7 @@ fn command(op: &Op) -> Vec<String> {
             c
         }
         Op::Invalid { which } => INVALID[which].iter().map(|a| a.to_string()).collect(),
+        Op::Evict { .. } => unreachable!("an eviction is not a command"),
     }
 }
 
@@ -461,10 +503,36 @@ fn observed(op: &Op, reply: &Value) -> Expected {
     }
 }
 
-fn run_case(con: &mut Connection, ops: &[Op]) -> Result<(), TestCaseError> {
+/// What the test talks to: the module's server, and a second connection that receives
+/// `evicted` keyspace events.
+struct Harness {
+    con: Connection,
+    events: Connection,
+    tally: Tally,
+}
+
+/// What the evictions did over the whole run (printed at the end).
+#[derive(Debug, Default)]
+struct Tally {
+    evictions: u64,
+    with_cached_records: u64,
+    evicting: u64,
+    gpu_records: u64,
+    type_prices: u64,
+    max_keys: usize,
+    retried: u64,
+}
+
+fn run_case(h: &mut Harness, ops: &[Op]) -> Result<(), TestCaseError> {
+    let con = &mut h.con;
     redis::cmd("FLUSHALL").query::<()>(con).unwrap();
     let mut model = Model::default();
     for (step, op) in ops.iter().enumerate() {
+        if let Op::Evict { policy, below } = *op {
+            evict_step(h, &mut model, step, POLICIES[policy], below)?;
+            continue;
+        }
+        let con = &mut h.con;
         let args = command(op);
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let before = matches!(op, Op::Invalid { .. }).then(|| snapshot(con));
@@ -508,13 +576,277 @@ fn run_case(con: &mut Connection, ops: &[Op]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// One eviction: only cached records carry TTLs; Redis evicts at least one of them (when there
+/// is one) and nothing else; healing leaves the region consistent; the model forgets exactly
+/// what was evicted; every booking and the GPU it holds are intact; and every read agrees with
+/// the model again.
+fn evict_step(
+    h: &mut Harness,
+    model: &mut Model,
+    step: usize,
+    policy: &str,
+    below: i64,
+) -> Result<(), TestCaseError> {
+    let con = &mut h.con;
+    // The premise of volatile-* safety: exactly the cached records carry a TTL.
+    let cached = model.cached_keys();
+    prop_assert_eq!(
+        &keys_with_ttl(con),
+        &cached,
+        "step {}: keys with a TTL before evicting",
+        step
+    );
+
+    let evicted = evict(
+        con,
+        &mut h.events,
+        policy,
+        below,
+        !cached.is_empty(),
+        &mut h.tally,
+    );
+    let evicted = evicted.map_err(|e| TestCaseError::fail(format!("step {step}: {e}")))?;
+    prop_assert!(
+        cached.is_empty() || !evicted.is_empty(),
+        "step {}: {} below used_memory under {} evicted nothing of {:?}",
+        step,
+        below,
+        policy,
+        cached
+    );
+    for key in &evicted {
+        prop_assert!(
+            cached.contains(key),
+            "step {}: {} evicted {}, which is not a cached record",
+            step,
+            policy,
+            key
+        );
+    }
+    wait_healed(con).map_err(|e| TestCaseError::fail(format!("step {step}: {e}")))?;
+
+    // What is gone is exactly what was evicted: healing removes no record.
+    let mut gone = BTreeSet::new();
+    let gone_gpus: Vec<usize> = (0..GPUS.len())
+        .filter(|g| model.gpus.contains_key(g) && !exists(con, &gpu_key(*g)))
+        .collect();
+    let gone_prices: Vec<usize> = (0..TYPES.len())
+        .filter(|t| model.type_prices.contains_key(t) && !exists(con, &price_key(*t)))
+        .collect();
+    gone.extend(gone_gpus.iter().map(|g| gpu_key(*g)));
+    gone.extend(gone_prices.iter().map(|t| price_key(*t)));
+    prop_assert_eq!(&gone, &evicted, "step {}: records gone after healing", step);
+
+    for g in &gone_gpus {
+        let gpu = model.gpus.remove(g);
+        prop_assert!(
+            gpu.as_ref().is_some_and(|g| g.booking.is_none()),
+            "step {}: a booked GPU was evicted: {:?}",
+            step,
+            gpu
+        );
+        h.tally.gpu_records += 1;
+    }
+    for t in &gone_prices {
+        model.type_prices.remove(t);
+        h.tally.type_prices += 1;
+    }
+
+    // The key assertion: every booking, and the GPU it holds, survived.
+    for (b, booking) in &model.bookings {
+        prop_assert!(
+            model.gpus.contains_key(&booking.gpu),
+            "step {}: the model lost the GPU of {}",
+            step,
+            BOOKINGS[*b]
+        );
+        prop_assert!(
+            exists(con, &format!("gpucache:{{m}}:booking:{}", BOOKINGS[*b])),
+            "step {}: booking {} is gone",
+            step,
+            BOOKINGS[*b]
+        );
+        let record = run(con, &["GPUCACHE.GET", "m", GPUS[booking.gpu]]);
+        let record = record.map_err(|e| {
+            TestCaseError::fail(format!(
+                "step {step}: GET {} held by {}: {e}",
+                GPUS[booking.gpu], BOOKINGS[*b]
+            ))
+        })?;
+        let record = as_map(&record);
+        prop_assert_eq!(
+            (text(&record["status"]), text(&record["booking_id"])),
+            ("busy".to_string(), BOOKINGS[*b].to_string()),
+            "step {}: GPU {} after eviction",
+            step,
+            GPUS[booking.gpu]
+        );
+        prop_assert_eq!(
+            text(&record["booking_user"]),
+            USERS[booking.user],
+            "step {}: the user of {}",
+            step,
+            BOOKINGS[*b]
+        );
+    }
+
+    // Every record and the search agree with the model again.
+    let reads = (0..GPUS.len())
+        .map(|gpu| Op::Get { gpu })
+        .chain([Op::Available {
+            gpu_type: None,
+            max_price: None,
+            limit: 10,
+        }]);
+    for read in reads {
+        let args = command(&read);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let want = model.apply(&read);
+        let actual = run(con, &argv);
+        match (&want, &actual) {
+            (Ok(want), Ok(reply)) => prop_assert_eq!(
+                want,
+                &observed(&read, reply),
+                "step {} after eviction: {:?}",
+                step,
+                argv
+            ),
+            (Err(code), Err(e)) => prop_assert_eq!(*code, e.code().unwrap_or("")),
+            _ => prop_assert!(
+                false,
+                "step {} after eviction {:?}: model {:?}, module {:?}",
+                step,
+                argv,
+                want,
+                actual
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Every key that carries a TTL.
+fn keys_with_ttl(con: &mut Connection) -> BTreeSet<String> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(con).unwrap();
+    keys.into_iter()
+        .filter(|k| redis::cmd("PTTL").arg(k).query::<i64>(con).unwrap() >= 0)
+        .collect()
+}
+
+fn exists(con: &mut Connection, key: &str) -> bool {
+    redis::cmd("EXISTS").arg(key).query::<i64>(con).unwrap() == 1
+}
+
+/// A numeric field of one `INFO` section (0 when absent).
+fn info_number(con: &mut Connection, section: &str, name: &str) -> i64 {
+    let info: String = redis::cmd("INFO").arg(section).query(con).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+fn config_set(con: &mut Connection, name: &str, value: &str) {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query::<()>(con)
+        .unwrap_or_else(|e| panic!("CONFIG SET {name} {value}: {e}"));
+}
+
+/// Makes Redis evict: `maxmemory` goes `below` bytes under `used_memory`, a command lets Redis
+/// evict down to it (Redis 7.0 already evicts on the `CONFIG SET`), and `maxmemory` goes back to
+/// 0 (no limit) before anything else runs, so no later write is refused with `OOM`. Memory
+/// moves a little between reading it and setting the limit (reply buffers), so when `expect`
+/// (there is a cached record) and nothing was evicted, the limit goes twice as far below and
+/// Redis tries again. Returns the evicted keys, as the `evicted` keyspace events name them.
+fn evict(
+    con: &mut Connection,
+    events: &mut Connection,
+    policy: &str,
+    below: i64,
+    expect: bool,
+    tally: &mut Tally,
+) -> Result<BTreeSet<String>, String> {
+    config_set(con, "maxmemory-policy", policy);
+    let mut pubsub = events.as_pubsub();
+    pubsub
+        .subscribe("__keyevent@0__:evicted")
+        .map_err(|e| e.to_string())?;
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let before = info_number(con, "stats", "evicted_keys");
+    let mut lowered = below;
+    let mut attempts = 0;
+    let count = loop {
+        attempts += 1;
+        let used = info_number(con, "memory", "used_memory");
+        config_set(con, "maxmemory", &(used - lowered).max(1).to_string());
+        redis::cmd("PING").query::<String>(con).unwrap();
+        config_set(con, "maxmemory", "0");
+        let count = info_number(con, "stats", "evicted_keys") - before;
+        if count > 0 || !expect || attempts == 20 {
+            break count;
+        }
+        lowered = lowered.saturating_mul(2);
+    };
+    let mut keys = BTreeSet::new();
+    for _ in 0..count {
+        let message = pubsub
+            .get_message()
+            .map_err(|e| format!("{count} keys evicted, but not all events arrived: {e}"))?;
+        keys.insert(message.get_payload::<String>().map_err(|e| e.to_string())?);
+    }
+    drop(pubsub);
+    if usize::try_from(count).ok() != Some(keys.len()) {
+        return Err(format!(
+            "evicted_keys grew by {count}, events named {keys:?}"
+        ));
+    }
+    tally.evictions += 1;
+    tally.with_cached_records += u64::from(expect);
+    tally.evicting += u64::from(count > 0);
+    tally.max_keys = tally.max_keys.max(keys.len());
+    tally.retried += u64::from(attempts > 1);
+    Ok(keys)
+}
+
+/// Waits until healing has run: no repair queued and `GPUCACHE.CHECK` clean.
+fn wait_healed(con: &mut Connection) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let queued = info_number(con, "gpucache", "gpucache_heal_queue");
+        let report = as_map(&run(con, &["GPUCACHE.CHECK", "m"]).unwrap());
+        if queued == 0 && text(&report["ok"]) == "1" {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "healing never finished: heal_queue {queued}, CHECK {:?}",
+                report["violations"]
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[test]
 fn the_module_behaves_like_the_reference_model() {
     let server = Server::start(
         &["AVAILABILITY_TTL", "100000", "PRICING_TTL", "100000"],
-        &[],
+        &[
+            "--maxmemory-policy",
+            "volatile-lru",
+            "--notify-keyspace-events",
+            "Ee",
+        ],
     );
-    let con = std::cell::RefCell::new(server.connect());
+    let harness = std::cell::RefCell::new(Harness {
+        con: server.connect(),
+        events: server.connect(),
+        tally: Tally::default(),
+    });
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -524,8 +856,9 @@ fn the_module_behaves_like_the_reference_model() {
         ..ProptestConfig::default()
     });
     let result = runner.run(&prop::collection::vec(op(), 1..60), |ops| {
-        run_case(&mut con.borrow_mut(), &ops)
+        run_case(&mut harness.borrow_mut(), &ops)
     });
+    println!("evictions: {:?}", harness.borrow().tally);
     if let Err(e) = result {
         panic!("{e}");
     }
