@@ -104,6 +104,19 @@ enum Read<T> {
     Broken,
 }
 
+/// What the event stream tells a survey.
+#[derive(Debug, Default)]
+struct StreamFacts {
+    /// Time (ms) of its oldest entry.
+    first_ms: Option<i64>,
+    /// Entries were trimmed or deleted: it no longer holds everything appended.
+    trimmed: bool,
+    max_seq: i64,
+    max_version: i64,
+    /// Bookings made per 15-minute bucket: (count, volume in micro-units).
+    bookings: BTreeMap<i64, (i64, i64)>,
+}
+
 /// A provider's record as read.
 enum ProviderRead {
     Known(ProviderStatus),
@@ -454,10 +467,10 @@ impl Surveyor<'_, '_, '_> {
                 seen_version = seen_version.max(version);
             }
         }
-        let recorded_seq = if self.replaced.contains(&keys.events()) {
-            None
+        let stream = if self.replaced.contains(&keys.events()) {
+            StreamFacts::default()
         } else {
-            self.store.last_recorded_seq(&keys.events())?
+            self.read_stream(&keys)?
         };
 
         // Who holds what: start from the records as stored.
@@ -1076,7 +1089,8 @@ impl Surveyor<'_, '_, '_> {
             .out
             .stored_seq
             .unwrap_or(0)
-            .max(recorded_seq.unwrap_or(0))
+            .max(stream.max_seq)
+            .max(stream.max_version)
             .max(seen_version);
         self.out.seq_floor = floor;
         match stored_seq {
@@ -1096,8 +1110,75 @@ impl Surveyor<'_, '_, '_> {
             None => {}
         }
 
-        self.check_window(&window, &keys)?;
+        self.check_window(&window, &keys, &stream)?;
         Ok(())
+    }
+
+    /// One pass over the event stream: the highest sequence its entries recorded and the
+    /// highest version their payloads name (neither may be issued again), and the bookings made
+    /// in each 15-minute bucket (what the 24-hour window must count at least). O(stream length).
+    fn read_stream(&mut self, keys: &crate::keys::RegionKeys) -> MarketResult<StreamFacts> {
+        let events = keys.events();
+        let mut facts = StreamFacts::default();
+        if self.store.key_type(&events) != KeyType::Stream {
+            return Ok(facts);
+        }
+        facts.trimmed = self.store.stream_lost_entries(&events)?;
+        let mut from = "-".to_owned();
+        loop {
+            let entries = self.store.stream_range(&events, &from, 1000)?;
+            let Some((last_id, _)) = entries.last() else {
+                break;
+            };
+            from = format!("({last_id}");
+            let done = entries.len() < 1000;
+            for (id, fields) in entries {
+                if facts.first_ms.is_none() {
+                    facts.first_ms = id.split('-').next().and_then(int);
+                }
+                let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+                if let Some(seq) = field("seq").and_then(|v| int(v)) {
+                    facts.max_seq = facts.max_seq.max(seq);
+                }
+                let Some(payload) = field("payload") else {
+                    continue;
+                };
+                let Ok(json) = serde_json::from_str::<serde_json::Value>(payload) else {
+                    continue;
+                };
+                if let Some(version) = json.get("version").and_then(serde_json::Value::as_i64) {
+                    facts.max_version = facts.max_version.max(version);
+                }
+                let is_booking =
+                    field("type").map(String::as_str) == Some(EventKind::BookingCreated.as_str());
+                // A rebuilt booking was counted when it was made.
+                if !is_booking || json.get("reason").is_some() {
+                    continue;
+                }
+                let ts = json.get("ts_ms").and_then(serde_json::Value::as_i64);
+                let end = json
+                    .get("new")
+                    .and_then(|n| n.get("end_ms"))
+                    .and_then(serde_json::Value::as_i64);
+                let price = json
+                    .get("new")
+                    .and_then(|n| n.get("price"))
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(|p| Price::parse_stored(p.as_bytes()));
+                let (Some(ts), Some(end), Some(price)) = (ts, end, price) else {
+                    continue;
+                };
+                let duration_s = end.saturating_sub(ts) / 1000;
+                let cost = Booking::new("", "", price, duration_s, ts).cost_micros();
+                let entry = facts.bookings.entry(window::bucket_of(ts)).or_default();
+                entry.0 = entry.0.saturating_add(1);
+                entry.1 = entry.1.saturating_add(cost);
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(facts)
     }
 
     /// The 24-hour window: garbled fields go, and buckets the event stream shows bookings for
@@ -1107,6 +1188,7 @@ impl Surveyor<'_, '_, '_> {
         &mut self,
         stored: &BTreeMap<String, String>,
         keys: &crate::keys::RegionKeys,
+        stream: &StreamFacts,
     ) -> MarketResult<()> {
         let key = keys.window_24h();
         let mut buckets: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
@@ -1125,73 +1207,20 @@ impl Surveyor<'_, '_, '_> {
                 ),
             }
         }
-        if self.replaced.contains(&keys.events()) {
-            return Ok(());
-        }
-        let Some(first_ms) = self
-            .store
-            .stream_range(&keys.events(), "-", 1)?
-            .first()
-            .and_then(|(id, _)| id.split('-').next().and_then(int))
-        else {
+        let Some(first_ms) = stream.first_ms else {
             return Ok(());
         };
-        let live = window::live_buckets(self.now_ms);
-        let start_ms = live.start().saturating_mul(window::BUCKET_MS);
-        let mut from = start_ms.to_string();
-        let mut recorded: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-        loop {
-            let entries = self.store.stream_range(&keys.events(), &from, 1000)?;
-            let Some((last_id, _)) = entries.last() else {
-                break;
-            };
-            from = format!("({last_id}");
-            let done = entries.len() < 1000;
-            for (_, fields) in entries {
-                let is_booking = fields
-                    .iter()
-                    .any(|(k, v)| k == "type" && v == EventKind::BookingCreated.as_str());
-                let Some(payload) = fields.iter().find(|(k, _)| k == "payload") else {
-                    continue;
-                };
-                if !is_booking {
-                    continue;
-                }
-                let Ok(json) = serde_json::from_str::<serde_json::Value>(&payload.1) else {
-                    continue;
-                };
-                if json.get("reason").is_some() {
-                    continue; // a rebuilt booking, counted when it was made
-                }
-                let ts = json.get("ts_ms").and_then(serde_json::Value::as_i64);
-                let end = json
-                    .get("new")
-                    .and_then(|n| n.get("end_ms"))
-                    .and_then(serde_json::Value::as_i64);
-                let price = json
-                    .get("new")
-                    .and_then(|n| n.get("price"))
-                    .and_then(serde_json::Value::as_str)
-                    .and_then(|p| Price::parse_stored(p.as_bytes()));
-                let (Some(ts), Some(end), Some(price)) = (ts, end, price) else {
-                    continue;
-                };
-                let duration_s = end.saturating_sub(ts) / 1000;
-                let cost = Booking::new("", "", price, duration_s, ts).cost_micros();
-                let entry = recorded.entry(window::bucket_of(ts)).or_default();
-                entry.0 = entry.0.saturating_add(1);
-                entry.1 = entry.1.saturating_add(cost);
-            }
-            if done {
-                break;
-            }
-        }
+        let start_ms = window::live_buckets(self.now_ms)
+            .start()
+            .saturating_mul(window::BUCKET_MS);
         // A stream that lost entries may begin after the window (older buckets cannot be
         // checked) or half-way into a bucket (that bucket neither).
-        let trimmed = self.store.stream_lost_entries(&keys.events())?;
         let covered_from = window::bucket_of(first_ms).saturating_add(1);
-        for (bucket, (count, volume)) in recorded {
-            if trimmed && bucket < covered_from && first_ms > start_ms {
+        for (bucket, (count, volume)) in stream.bookings.iter().map(|(b, v)| (*b, *v)) {
+            if !window::is_live(bucket, self.now_ms) {
+                continue;
+            }
+            if stream.trimmed && bucket < covered_from && first_ms > start_ms {
                 continue;
             }
             let (have_count, have_volume) = buckets.get(&bucket).copied().unwrap_or_default();
