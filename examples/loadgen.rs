@@ -1082,9 +1082,10 @@ fn rename_region(s: &str, region: &str, canonical: &str) -> String {
 }
 
 /// Reply fields whose values are times (differ between the two runs of a step).
-const TIME_FIELDS: [&str; 5] = [
+const TIME_FIELDS: [&str; 6] = [
     "start_ms",
     "end_ms",
+    "booking_start_ms",
     "booking_end_ms",
     "updated_ms",
     "ttl_ms",
@@ -1155,6 +1156,24 @@ fn dump_region(con: &mut redis::Connection, region: &str, canonical: &str) -> Re
                 pairs.sort();
                 format!("{pairs:?}")
             }
+            // The booking clock: scores are end times. Each entry is shown with whether its score
+            // is the end its booking records (by name: ends a few ms apart may sort either way).
+            "zset" if key.ends_with(":index:booking-ends") => {
+                let mut entries = Vec::new();
+                if let Value::Array(items) = ok(con, &["ZRANGE", &key, "0", "-1", "WITHSCORES"])? {
+                    for pair in items.chunks_exact(2) {
+                        let member = text(&pair[0]);
+                        let score: f64 = text(&pair[1]).parse().unwrap_or(f64::NAN);
+                        let booking = format!("gpucache:{{{region}}}:booking:{member}");
+                        let end = ok(con, &["HGET", &booking, "end_ms"])?;
+                        let end: f64 = text(&end).parse().unwrap_or(f64::NAN);
+                        let at = if end == score { "its end" } else { "T" };
+                        entries.push(format!("{member}@{at}"));
+                    }
+                }
+                entries.sort();
+                format!("{entries:?}")
+            }
             "zset" => normal_reply(
                 &ok(con, &["ZRANGE", &key, "0", "-1", "WITHSCORES"])?,
                 region,
@@ -1180,7 +1199,11 @@ fn dump_region(con: &mut redis::Connection, region: &str, canonical: &str) -> Re
     Ok((out, ttls))
 }
 
-/// The stream entries after `last` (their type and normalised payload) and the new last id.
+/// The stream entries after `last` (their field names in order, type, recorded sequence and
+/// normalised payload) and the new last id. The entries' `seq` fields never go down and the last
+/// one is the region's sequence as it stands now (`stats:market` field `seq`; the steps run one
+/// command at a time, and a command that first ends a booking appends that booking's events,
+/// recording the sequence as it stood then).
 fn new_events(
     con: &mut redis::Connection,
     region: &str,
@@ -1193,18 +1216,50 @@ fn new_events(
     }
     let start = format!("({last}");
     let reply = ok(con, &["XRANGE", &key, &start, "+"])?;
+    let stats = format!("gpucache:{{{region}}}:stats:market");
+    let seq_now = match text(&ok(con, &["TYPE", &stats])?).as_str() {
+        "hash" => match ok(con, &["HGET", &stats, "seq"])? {
+            Value::Nil => None,
+            v => Some(text(&v)),
+        },
+        _ => None,
+    };
     let mut out = Vec::new();
     let mut new_last = last.to_owned();
+    let (mut last_seq, mut last_text): (Option<i64>, Option<String>) = (None, None);
+    let appended = matches!(&reply, Value::Array(entries) if !entries.is_empty());
     if let Value::Array(entries) = reply {
         for entry in entries {
             let Value::Array(parts) = entry else { continue };
             new_last = text(&parts[0]);
+            let names: Vec<String> = match &parts[1] {
+                Value::Array(raw) => raw.iter().step_by(2).map(text).collect(),
+                _ => Vec::new(),
+            };
             let f = fields(&parts[1]);
             let kind = f.get("type").map(text).unwrap_or_default();
+            let seq = f.get("seq").map(text);
+            let number = seq.as_deref().and_then(|s| s.parse::<i64>().ok());
+            if number < last_seq || (seq.is_some() && number.is_none()) {
+                return Err(format!(
+                    "{key}: entry {new_last} ({kind}) records seq {seq:?} after {last_seq:?}"
+                ));
+            }
+            last_seq = number;
+            last_text = seq.clone();
             let payload = f.get("payload").map(text).unwrap_or_default();
             let json = JsonParser::parse(&payload)?.normalised(region, canonical);
-            out.push(format!("{kind} {json:?}"));
+            out.push(format!(
+                "[{}] {kind} seq={} {json:?}",
+                names.join(" "),
+                seq.unwrap_or_default()
+            ));
         }
+    }
+    if appended && last_text != seq_now {
+        return Err(format!(
+            "{key}: the newest entry records seq {last_text:?}, the region's is {seq_now:?}"
+        ));
     }
     Ok((out, new_last))
 }
@@ -1284,15 +1339,39 @@ impl Twin {
         Ok(m_text)
     }
 
-    /// Runs the same plain command on both regions (setup that has no script).
-    fn both(&self, con: &mut redis::Connection, args: &[&str]) -> Res<()> {
-        for region in [&self.module_region, &self.lua_region] {
-            let args: Vec<String> = args.iter().map(|a| a.replace("REGION", region)).collect();
+    /// Runs the same plain command on both regions (setup that has no script). The events it
+    /// appends (the module's, on both) are skipped: the next step compares only its own.
+    fn both(&mut self, con: &mut redis::Connection, args: &[&str]) -> Res<()> {
+        for region in [self.module_region.clone(), self.lua_region.clone()] {
+            let args: Vec<String> = args.iter().map(|a| a.replace("REGION", &region)).collect();
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             query(con, &refs)?;
+            let last = newest_event(con, &region)?;
+            if region == self.module_region {
+                self.module_last = last;
+            } else {
+                self.lua_last = last;
+            }
         }
         Ok(())
     }
+}
+
+/// The id of a region's newest event ("0-0" without one).
+fn newest_event(con: &mut redis::Connection, region: &str) -> Res<String> {
+    let key = format!("gpucache:{{{region}}}:events");
+    if text(&ok(con, &["TYPE", &key])?) != "stream" {
+        return Ok("0-0".into());
+    }
+    Ok(
+        match ok(con, &["XREVRANGE", &key, "+", "-", "COUNT", "1"])? {
+            Value::Array(entries) => match entries.first() {
+                Some(Value::Array(parts)) => text(&parts[0]),
+                _ => "0-0".into(),
+            },
+            _ => "0-0".into(),
+        },
+    )
 }
 
 fn check_clean(con: &mut redis::Connection, region: &str) -> Res<()> {
@@ -1351,23 +1430,7 @@ fn verify_twins(con: &mut redis::Connection, tag: &str) -> Res<()> {
         args.extend(extra.split(' ').filter(|s| !s.is_empty()));
         twin.both(con, &args)?;
     }
-    // Skip the registration events: only the compared steps' events are compared.
-    for region in [twin.module_region.clone(), twin.lua_region.clone()] {
-        let key = format!("gpucache:{{{region}}}:events");
-        let last = ok(con, &["XREVRANGE", &key, "+", "-", "COUNT", "1"])?;
-        let id = match &last {
-            Value::Array(entries) => match entries.first() {
-                Some(Value::Array(parts)) => text(&parts[0]),
-                _ => "0-0".into(),
-            },
-            _ => "0-0".into(),
-        };
-        if region == twin.module_region {
-            twin.module_last = id;
-        } else {
-            twin.lua_last = id;
-        }
-    }
+    // (`both` skipped the registration events: only the compared steps' events are compared.)
 
     let steps: Vec<(&str, Vec<&str>)> = vec![
         ("GPUCACHE.GET", vec!["a1"]),
@@ -1504,6 +1567,13 @@ fn verify_twins(con: &mut redis::Connection, tag: &str) -> Res<()> {
         ("stats:market", "GPUCACHE.PRICE", vec!["A100", "3"]),
         ("events", "GPUCACHE.PRICE", vec!["A100", "3"]),
         ("index:bookings", "GPUCACHE.CANCEL", vec!["b6"]),
+        (
+            "index:booking-ends",
+            "GPUCACHE.BOOK",
+            vec!["a1", "b13", "kim", "60"],
+        ),
+        ("index:booking-ends", "GPUCACHE.CANCEL", vec!["b6"]),
+        ("index:booking-ends", "GPUCACHE.PRICE", vec!["A100", "3"]),
         ("avail-own:H100", "GPUCACHE.STATUS", vec!["h2", "offline"]),
     ] {
         let full = format!("gpucache:{{REGION}}:{key}");
@@ -1518,15 +1588,83 @@ fn verify_twins(con: &mut redis::Connection, tag: &str) -> Res<()> {
             return Err(format!("{command} with {key} of a foreign type: {reply}"));
         }
     }
-    // A booking whose record vanished while the registry still lists it (as after an expiry
-    // the healing timer has not handled yet): reusing its id repairs it first.
+    // A booking whose record vanished while the registry still lists it (deleted by hand, or
+    // evicted): reusing its id repairs it first. The GPU holding it keeps a copy of the terms,
+    // so the booking is rebuilt and its GPU stays booked.
     twin.step(con, "GPUCACHE.BOOK", &["h1", "b20", "max", "600"])?;
-    twin.both(con, &["DEL", "gpucache:{REGION}:booking:b20"])?;
-    twin.step(con, "GPUCACHE.BOOK", &["h1", "b20", "max", "600"])?;
-    twin.both(con, &["DEL", "gpucache:{REGION}:booking:b20"])?;
-    twin.step(con, "GPUCACHE.BOOK", &["a1", "b20", "max", "600"])?;
-    twin.step(con, "GPUCACHE.CANCEL", &["b20"])?;
     twin.step(con, "GPUCACHE.GET", &["h1"])?;
+    twin.both(con, &["DEL", "gpucache:{REGION}:booking:b20"])?;
+    twin.step(con, "GPUCACHE.BOOK", &["h1", "b20", "max", "600"])?;
+    twin.step(con, "GPUCACHE.CANCEL", &["b20"])?;
+    // A GPU record without the copy (as written before copies were kept): the vanished booking
+    // ends and releases its GPU, and the id is free again.
+    twin.step(con, "GPUCACHE.BOOK", &["h1", "b21", "max", "600"])?;
+    twin.both(con, &["DEL", "gpucache:{REGION}:booking:b21"])?;
+    twin.both(
+        con,
+        &[
+            "HDEL",
+            "gpucache:{REGION}:gpu:h1",
+            "booking_user",
+            "booking_price",
+            "booking_duration_s",
+            "booking_start_ms",
+            "booking_end_ms",
+        ],
+    )?;
+    twin.step(con, "GPUCACHE.GET", &["h1"])?;
+    twin.step(con, "GPUCACHE.BOOK", &["a1", "b21", "max", "600"])?;
+    twin.step(con, "GPUCACHE.CANCEL", &["b21"])?;
+    twin.step(con, "GPUCACHE.GET", &["h1"])?;
+    // Bookings whose time is up before the booking clock ended them (their end moved into the
+    // past by hand; the clock's index still has the real end): CANCEL finds none, and BOOK ends
+    // them first, as the clock would, when it reuses the id or books the GPU.
+    twin.step(con, "GPUCACHE.BOOK", &["h1", "b30", "olga", "600"])?;
+    twin.both(
+        con,
+        &["HSET", "gpucache:{REGION}:booking:b30", "end_ms", "1000"],
+    )?;
+    twin.step(con, "GPUCACHE.CANCEL", &["b30"])?;
+    twin.step(con, "GPUCACHE.GET", &["h1"])?;
+    twin.step(con, "GPUCACHE.BOOK", &["a1", "b30", "olga", "600"])?;
+    twin.step(con, "GPUCACHE.BOOK", &["h1", "b31", "pat", "600"])?;
+    // (Its record and its GPU's copy now disagree on the user: GET shows the copy's, the end
+    // shows the record's.)
+    twin.both(
+        con,
+        &[
+            "HSET",
+            "gpucache:{REGION}:booking:b31",
+            "end_ms",
+            "1000",
+            "user",
+            "pat2",
+        ],
+    )?;
+    twin.step(con, "GPUCACHE.GET", &["h1"])?;
+    twin.step(con, "GPUCACHE.BOOK", &["h1", "b32", "quinn", "120"])?;
+    // The same through the GPU's copy of the terms, the booking record gone.
+    twin.step(con, "GPUCACHE.BOOK", &["l1", "b33", "rita", "600"])?;
+    twin.both(con, &["DEL", "gpucache:{REGION}:booking:b33"])?;
+    twin.both(
+        con,
+        &["HSET", "gpucache:{REGION}:gpu:l1", "booking_end_ms", "1000"],
+    )?;
+    twin.step(con, "GPUCACHE.BOOK", &["l1", "b34", "sam", "120"])?;
+    twin.step(con, "GPUCACHE.BOOK", &["l2", "b35", "tom", "600"])?;
+    twin.both(con, &["DEL", "gpucache:{REGION}:booking:b35"])?;
+    twin.both(
+        con,
+        &["HSET", "gpucache:{REGION}:gpu:l2", "booking_end_ms", "1000"],
+    )?;
+    twin.step(con, "GPUCACHE.BOOK", &["a3", "b35", "tom", "600"])?;
+    for booking in ["b30", "b32", "b34", "b35"] {
+        twin.step(con, "GPUCACHE.CANCEL", &[booking])?;
+    }
+    // A lost sequence resumes where the event stream's newest entry recorded it.
+    twin.both(con, &["HDEL", "gpucache:{REGION}:stats:market", "seq"])?;
+    twin.step(con, "GPUCACHE.STATUS", &["a1", "maintenance"])?;
+    twin.step(con, "GPUCACHE.STATUS", &["a1", "available"])?;
     // A 24-hour window holding more than a day of old buckets: the next booking prunes them.
     let mut old_buckets = vec!["HSET".to_owned(), "gpucache:{REGION}:stats:24h".to_owned()];
     for bucket in 1000..1110 {
@@ -1617,6 +1755,96 @@ fn verify_twins(con: &mut redis::Connection, tag: &str) -> Res<()> {
     Ok(())
 }
 
+/// Writes on a region whose market counters are gone, or whose sequence is lost with no record
+/// of it in the event stream, are refused alike (`CORRUPT ...`) by the module and the scripts.
+/// The module also queues a repair of its region, which then runs at once, so every command is
+/// tried on a fresh pair of regions; the module's repair is waited for before both are dropped.
+fn verify_damaged(con: &mut redis::Connection, tag: &str) -> Res<()> {
+    let shas = load_scripts(con)?;
+    let damages: [(&str, &[&[&str]]); 2] = [
+        ("counters gone", &[&["DEL", "gpucache:{R}:stats:market"]]),
+        (
+            "sequence lost",
+            &[
+                &["HDEL", "gpucache:{R}:stats:market", "seq"],
+                &["DEL", "gpucache:{R}:events"],
+            ],
+        ),
+    ];
+    let commands: [(&str, &str, &[&str]); 4] = [
+        ("GPUCACHE.STATUS", &shas.status, &["g1", "maintenance"]),
+        ("GPUCACHE.PRICE", &shas.price, &["T", "2"]),
+        ("GPUCACHE.BOOK", &shas.book, &["g1", "b2", "u", "60"]),
+        ("GPUCACHE.CANCEL", &shas.cancel, &["b1"]),
+    ];
+    let mut compared = 0;
+    for (d, (damage, writes)) in damages.iter().enumerate() {
+        for (c, (command, sha, args)) in commands.iter().enumerate() {
+            let m = format!("verify-dm{d}{c}-{tag}");
+            let l = format!("verify-dl{d}{c}-{tag}");
+            for region in [&m, &l] {
+                for gpu in ["g1", "g2"] {
+                    let register = [
+                        "GPUCACHE.REGISTER",
+                        region,
+                        gpu,
+                        "PROVIDER",
+                        "p",
+                        "TYPE",
+                        "T",
+                        "PRICE",
+                        "1",
+                    ];
+                    ok(con, &register)?;
+                }
+                ok(con, &["GPUCACHE.BOOK", region, "g2", "b1", "u", "600"])?;
+                for write in writes.iter() {
+                    let args: Vec<String> = write
+                        .iter()
+                        .map(|a| a.replace("{R}", &format!("{{{region}}}")))
+                        .collect();
+                    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                    ok(con, &refs)?;
+                }
+            }
+            let mut module_args = vec![*command, m.as_str()];
+            module_args.extend_from_slice(args);
+            let mut lua_args = vec!["EVALSHA", sha, "1", l.as_str()];
+            lua_args.extend_from_slice(args);
+            let module_reply = error_text(&query(con, &module_args)?).unwrap_or_default();
+            let lua_reply = error_text(&query(con, &lua_args)?)
+                .unwrap_or_default()
+                .replace(&l, &m);
+            let what = format!("{command} {} ({damage})", args.join(" "));
+            if !module_reply.starts_with("CORRUPT") || module_reply != lua_reply {
+                return Err(format!(
+                    "{what}: replies differ or are not CORRUPT\n  module: {module_reply}\n  lua:    {lua_reply}"
+                ));
+            }
+            // The module's queued repair puts the sequence (and the counters) back.
+            let stats = format!("gpucache:{{{m}}}:stats:market");
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while int(&ok(con, &["HEXISTS", &stats, "seq"])?) != 1 {
+                if Instant::now() > deadline {
+                    return Err(format!("{what}: the module's region was not repaired"));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            for region in [&m, &l] {
+                let pattern = format!("gpucache:{{{region}}}:*");
+                if let Value::Array(keys) = ok(con, &["KEYS", &pattern])? {
+                    for key in keys {
+                        ok(con, &["DEL", &text(&key)])?;
+                    }
+                }
+            }
+            compared += 1;
+        }
+    }
+    println!("verify: {compared} writes on damaged regions refused alike (CORRUPT)");
+    Ok(())
+}
+
 fn verify(o: &Opts) -> Res<()> {
     let mut con = o.connect()?;
     let tag = format!(
@@ -1647,6 +1875,7 @@ fn verify(o: &Opts) -> Res<()> {
     let twins = verify_twins(&mut twin_con, &tag);
     ok(&mut con, &["CONFIG", "SET", "gpucache.jitter", &jitter])?;
     twins?;
+    verify_damaged(&mut twin_con, &tag)?;
     let shas = load_scripts(&mut con)?;
 
     // Reads on the loaded marketplace: identical replies.

@@ -226,6 +226,7 @@ end
 local function region_keys(region)
   local p = 'gpucache:{' .. region .. '}:'
   return {
+    region = region,
     prefix = p,
     gpu = function(id) return p .. 'gpu:' .. id end,
     booking = function(id) return p .. 'booking:' .. id end,
@@ -241,6 +242,7 @@ local function region_keys(region)
     types = p .. 'index:types',
     providers = p .. 'index:providers',
     bookings = p .. 'index:bookings',
+    booking_ends = p .. 'index:booking-ends',
     stats = p .. 'stats:market',
     events = p .. 'events',
   }
@@ -262,14 +264,34 @@ local function expect_type(key, wanted)
   end
 end
 
--- The region-wide keys every write command checks (Region::check_key_types) and no script
--- reads before writing: the provider set, 24-hour window, GPU registry, type set and stream.
--- (The booking registry and counters are guarded, or read, by each script.)
+-- Region::has_market_state: whether the region holds GPUs, bookings, types or providers.
+local function has_market_state(k)
+  return redis.call('EXISTS', k.registry, k.bookings, k.types, k.providers) > 0
+end
+
+-- Region::check_key_types, its region-wide part, in the module's order: the provider set,
+-- 24-hour window, GPU registry, type set, booking registry, booking clock (a sorted set),
+-- counters and stream; then the module's refusal to write on top of lost market counters
+-- (Region::check_counters_present: a region with state and no counters hash). The module also
+-- queues a repair of the region there; a script cannot, so the Lua twin only refuses (with the
+-- module's words) and leaves the repair to GPUCACHE.REPAIR or the module's next look at the
+-- region.
 local function guard_region(k)
   expect_type(k.providers, 'set')
   expect_type(k.window, 'hash')
   expect_type(k.registry, 'hash')
   expect_type(k.types, 'set')
+  expect_type(k.bookings, 'hash')
+  expect_type(k.booking_ends, 'zset')
+  local stats = redis.call('TYPE', k.stats).ok
+  if stats ~= 'hash' and stats ~= 'none' then
+    wrongtype(k.stats)
+  end
+  expect_type(k.events, 'stream')
+  if stats == 'none' and has_market_state(k) then
+    fail("CORRUPT the market counters of region '" .. k.region .. "' are gone (" .. k.stats
+      .. '); a repair is queued, or run GPUCACHE.REPAIR ' .. k.region)
+  end
 end
 
 -- Records --------------------------------------------------------------------------------------
@@ -290,10 +312,14 @@ end
 
 -- A GPU record (GpuRecord::from_fields), nil when the key does not exist, CORRUPT when a field
 -- the module always writes is missing or malformed. Reads the record's fields, as the module.
+-- `terms` is the copy of its booking's terms a booked GPU's record keeps (booking_user,
+-- booking_price, booking_duration_s, booking_start_ms, booking_end_ms): it counts only whole
+-- and only beside the booking it copies (GpuFields::build).
 local function load_gpu(k, gpu_id)
   local key = k.gpu(gpu_id)
   local f = hash_fields(key, 'provider', 'type', 'price', 'price_seq', 'memory_gb', 'cores',
-    'score', 'status', 'booking', 'version', 'updated_ms')
+    'score', 'status', 'booking', 'version', 'updated_ms', 'booking_user', 'booking_price',
+    'booking_duration_s', 'booking_start_ms', 'booking_end_ms')
   if not f then
     return nil
   end
@@ -329,6 +355,16 @@ local function load_gpu(k, gpu_id)
   if not (g.provider and g.type and g.price and g.status) then
     corrupt(key)
   end
+  if g.booking then
+    local t = {
+      user = f.booking_user, price = parse_price(f.booking_price),
+      duration_s = parse_int(f.booking_duration_s), start_ms = parse_int(f.booking_start_ms),
+      end_ms = parse_int(f.booking_end_ms),
+    }
+    if t.user and t.user ~= '' and t.price and t.duration_s and t.start_ms and t.end_ms then
+      g.terms = t
+    end
+  end
   return g
 end
 
@@ -340,24 +376,82 @@ local function require_gpu(k, gpu_id)
   return g
 end
 
--- GpuRecord::to_fields: the whole record in one HSET.
-local function gpu_fields(g)
-  local f = {
-    'provider', g.provider, 'type', g.type, 'price', fmt_price(g.price),
-    'price_seq', fmt_int(g.price_seq), 'status', g.status, 'booking', g.booking or '',
-    'version', fmt_int(g.version), 'updated_ms', fmt_int(g.updated_ms),
-  }
-  if g.memory_gb then
+local function terms_equal(a, b)
+  return a.user == b.user and a.price == b.price and a.duration_s == b.duration_s
+    and a.start_ms == b.start_ms and a.end_ms == b.end_ms
+end
+
+local TERM_FIELDS = {'booking_user', 'booking_price', 'booking_duration_s', 'booking_start_ms', 'booking_end_ms'}
+
+-- GpuRecord::changed_fields: the fields of the new record whose stored text differs from the
+-- old record's, as one HSET's arguments (a status change rewrites 3-4 fields, a booking also
+-- its terms, not the whole record).
+local function changed_fields(old, new)
+  local f = {}
+  local function put(name, value)
+    f[#f + 1] = name
+    f[#f + 1] = value
+  end
+  if new.provider ~= old.provider then
+    put('provider', new.provider)
+  end
+  if new.type ~= old.type then
+    put('type', new.type)
+  end
+  if new.price ~= old.price then
+    put('price', fmt_price(new.price))
+  end
+  if new.price_seq ~= old.price_seq then
+    put('price_seq', fmt_int(new.price_seq))
+  end
+  if new.status ~= old.status then
+    put('status', new.status)
+  end
+  if (new.booking or '') ~= (old.booking or '') then
+    put('booking', new.booking or '')
+  end
+  if new.version ~= old.version then
+    put('version', fmt_int(new.version))
+  end
+  if new.updated_ms ~= old.updated_ms then
+    put('updated_ms', fmt_int(new.updated_ms))
+  end
+  if new.memory_gb and new.memory_gb ~= old.memory_gb then
+    put('memory_gb', fmt_int(new.memory_gb))
+  end
+  if new.cores and new.cores ~= old.cores then
+    put('cores', fmt_int(new.cores))
+  end
+  if new.score and new.score ~= old.score then
+    put('score', new.score)
+  end
+  local t = new.terms
+  if t and not (old.terms and terms_equal(old.terms, t)) then
+    put('booking_user', t.user)
+    put('booking_price', fmt_price(t.price))
+    put('booking_duration_s', fmt_int(t.duration_s))
+    put('booking_start_ms', fmt_int(t.start_ms))
+    put('booking_end_ms', fmt_int(t.end_ms))
+  end
+  return f
+end
+
+-- GpuRecord::dropped_fields: optional fields the new record no longer has (one HDEL).
+local function dropped_fields(old, new)
+  local f = {}
+  if old.memory_gb and not new.memory_gb then
     f[#f + 1] = 'memory_gb'
-    f[#f + 1] = fmt_int(g.memory_gb)
   end
-  if g.cores then
+  if old.cores and not new.cores then
     f[#f + 1] = 'cores'
-    f[#f + 1] = fmt_int(g.cores)
   end
-  if g.score then
+  if old.score and not new.score then
     f[#f + 1] = 'score'
-    f[#f + 1] = g.score
+  end
+  if old.terms and not new.terms then
+    for i = 1, #TERM_FIELDS do
+      f[#f + 1] = TERM_FIELDS[i]
+    end
   end
   return f
 end
@@ -370,9 +464,12 @@ local function copy(t)
   return c
 end
 
+-- A booking record (Booking::from_fields); gpu_type and provider are absent in bookings written
+-- before they were recorded.
 local function load_booking(k, booking_id)
   local key = k.booking(booking_id)
-  local f = hash_fields(key, 'gpu', 'user', 'price', 'duration_s', 'start_ms', 'end_ms')
+  local f = hash_fields(key, 'gpu', 'user', 'price', 'duration_s', 'start_ms', 'end_ms',
+    'gpu_type', 'provider')
   if not f then
     return nil
   end
@@ -383,7 +480,39 @@ local function load_booking(k, booking_id)
   if not (b.gpu and b.user and b.price and b.duration_s and b.start_ms and b.end_ms) then
     corrupt(key)
   end
+  if f.gpu_type ~= '' then
+    b.gpu_type = f.gpu_type
+  end
+  if f.provider ~= '' then
+    b.provider = f.provider
+  end
   return b
+end
+
+-- Booking::from_terms + holding: the booking a booked GPU's copy of its terms describes.
+local function booking_of_terms(gpu_id, g)
+  local t = g.terms
+  return {
+    gpu = gpu_id, user = t.user, price = t.price, duration_s = t.duration_s,
+    start_ms = t.start_ms, end_ms = t.end_ms, gpu_type = g.type, provider = g.provider,
+  }
+end
+
+-- Booking::to_fields: the booking hash's fields, as one HSET's arguments.
+local function booking_fields(b)
+  local f = {
+    'gpu', b.gpu, 'user', b.user, 'price', fmt_price(b.price), 'duration_s', fmt_int(b.duration_s),
+    'start_ms', fmt_int(b.start_ms), 'end_ms', fmt_int(b.end_ms),
+  }
+  if b.gpu_type then
+    f[#f + 1] = 'gpu_type'
+    f[#f + 1] = b.gpu_type
+  end
+  if b.provider then
+    f[#f + 1] = 'provider'
+    f[#f + 1] = b.provider
+  end
+  return f
 end
 
 -- Type price (HMGET price seq version); nil when none is set.
@@ -493,13 +622,10 @@ local function jittered_ttl_ms(base_seconds, percent)
   return math.max(base_ms + offset, 1000)
 end
 
--- A jittered TTL from now, or from the end of the booking the GPU holds if that is later.
-local function gpu_expire_at(now, booking_end)
-  local ttl = jittered_ttl_ms(CFG.availability_ttl, CFG.jitter)
-  if booking_end then
-    return math.max(now + ttl, booking_end + ttl)
-  end
-  return now + ttl
+-- Region::gpu_expiry for a GPU no booking holds: a jittered availability TTL from now. (A
+-- booked GPU's record has no TTL: store_gpu gets nil and PERSISTs it.)
+local function gpu_expire_at(now)
+  return now + jittered_ttl_ms(CFG.availability_ttl, CFG.jitter)
 end
 
 local function pricing_expire_at(now)
@@ -592,12 +718,25 @@ local function registry_entry(g)
 end
 
 -- Region::store_gpu for a change that keeps the GPU's provider, type, price and attributes
--- (BOOK, CANCEL, STATUS): record, expiry, registry, status counters, availability index.
+-- (BOOK, CANCEL, STATUS): the record's changed fields, the fields it dropped, its expiry
+-- (`expire_at` nil: none, PERSIST), registry, status counters, availability index.
 local function store_gpu(c, gpu_id, old, new, provider, tp, expire_at)
   local k = c.k
   local key = k.gpu(gpu_id)
-  wr(c, 'HSET', key, unpack(gpu_fields(new)))
-  wr(c, 'PEXPIREAT', key, fmt_int(expire_at))
+  local fields = changed_fields(old, new)
+  if #fields > 0 then
+    wr(c, 'HSET', key, unpack(fields))
+  end
+  local dropped = dropped_fields(old, new)
+  if #dropped > 0 then
+    wr(c, 'HDEL', key, unpack(dropped))
+  end
+  if expire_at then
+    wr(c, 'PEXPIREAT', key, fmt_int(expire_at))
+  else
+    -- A record that existed may carry a TTL from when it was idle.
+    wr(c, 'PERSIST', key)
+  end
   if old.status ~= new.status or old.booking ~= new.booking then
     wr(c, 'HSET', k.registry, gpu_id, registry_entry(new))
   end
@@ -618,7 +757,8 @@ local function store_gpu(c, gpu_id, old, new, provider, tp, expire_at)
   end
 end
 
--- Region::record_booking: the rolling 24-hour window.
+-- Region::record_booking: the rolling 24-hour window. Market state: no TTL (a window written
+-- by an earlier version still has one, which goes).
 local function record_booking(c, now, cost_micros)
   local key = c.k.window
   local bucket = math.floor(now / BUCKET_MS)
@@ -637,32 +777,97 @@ local function record_booking(c, now, cost_micros)
   if #stale > 0 then
     wr(c, 'HDEL', key, unpack(stale))
   end
-  wr(c, 'PEXPIREAT', key, fmt_int(now + WINDOW_MS + BUCKET_MS))
+  if redis.call('PTTL', key) >= 0 then
+    wr(c, 'PERSIST', key)
+  end
+end
+
+-- Region::next_seq: the region's sequence orders own against type prices and numbers every
+-- record version; a hand-edited sequence is refused rather than restarted. A missing one
+-- resumes where the event stream's newest entry recorded it (Region::lost_seq_floor); a region
+-- with state and no such record is refused (the module also queues a repair there, which a
+-- script cannot). `read_seq` reads and checks it before the first write; `next_seq` draws.
+local function read_seq(c)
+  if c.seq then
+    return c.seq
+  end
+  local k = c.k
+  local seq_text = rd('HGET', k.stats, 'seq')
+  local seq
+  if seq_text then
+    seq = parse_int(seq_text)
+    if not seq then
+      corrupt(k.stats)
+    end
+  else
+    if redis.call('TYPE', k.events).ok == 'stream' then
+      local last = redis.call('XREVRANGE', k.events, '+', '-', 'COUNT', '1')[1]
+      local f = last and last[2] or {}
+      for i = 1, #f - 1, 2 do
+        if f[i] == 'seq' then
+          seq = parse_int(f[i + 1])
+          if seq then
+            break
+          end
+        end
+      end
+    end
+    if not seq then
+      if has_market_state(k) then
+        fail("CORRUPT the sequence of region '" .. k.region .. "' is lost (" .. k.stats
+          .. " has no 'seq' and the event stream records none); a repair is queued, or run GPUCACHE.REPAIR "
+          .. k.region)
+      end
+      seq = 0
+    end
+  end
+  c.seq = seq
+  return seq
+end
+
+local function next_seq(c)
+  local seq = read_seq(c) + 1
+  c.seq = seq
+  wr(c, 'HSET', c.k.stats, 'seq', fmt_int(seq))
+  return seq
 end
 
 -- Events -------------------------------------------------------------------------------------
 
 -- An event with the module's fields (src/core/events.rs). `old`/`new` hold changed values only.
 local function new_event(kind, region, ts)
-  return {type = kind, region = region, ts_ms = ts, old = {}, new = {}, n_changed = 0}
+  return {type = kind, region = region, ts_ms = ts, old = {}, new = {}}
 end
 
 local function changed(e, name, old, new)
   if old ~= new then
     e.old[name] = old
     e.new[name] = new
-    e.n_changed = e.n_changed + 1
   end
 end
 
+-- Region::append_event: `type`, then the region's sequence as it stands after the command
+-- (`seq`, left out while it is unreadable), then the JSON payload. The module trims the stream
+-- to exactly its current length instead of `~ stream_maxlen` when memory is tight (>= 95 % of
+-- maxmemory used); a script cannot read that ratio, so the twin always trims `~ stream_maxlen`
+-- (loadgen verify does not run under memory pressure).
 local function append_event(c, e)
-  if e.n_changed == 0 then
+  if next(e.old) == nil then
     e.old = nil
+  end
+  if next(e.new) == nil then
     e.new = nil
   end
-  e.n_changed = nil
-  wr(c, 'XADD', c.k.events, 'MAXLEN', '~', fmt_int(CFG.stream_maxlen), '*',
-    'type', e.type, 'payload', cjson.encode(e))
+  if c.seq == nil then
+    c.seq = parse_int(redis.call('HGET', c.k.stats, 'seq') or nil) or false
+  end
+  local events, maxlen = c.k.events, fmt_int(CFG.stream_maxlen)
+  if c.seq then
+    wr(c, 'XADD', events, 'MAXLEN', '~', maxlen, '*', 'type', e.type, 'seq', fmt_int(c.seq),
+      'payload', cjson.encode(e))
+  else
+    wr(c, 'XADD', events, 'MAXLEN', '~', maxlen, '*', 'type', e.type, 'payload', cjson.encode(e))
+  end
 end
 
 local function sorted_keys(t)
@@ -683,7 +888,7 @@ local function publish(c, e)
   local k = c.k
   local internal = {
     [k.events] = true, [k.registry] = true, [k.types] = true, [k.providers] = true,
-    [k.bookings] = true, [k.window] = true,
+    [k.bookings] = true, [k.booking_ends] = true, [k.window] = true,
   }
   local keys = {}
   for i = 1, #c.written do
@@ -733,18 +938,103 @@ local function reply(...)
   return out
 end
 
--- Region::next_seq: the region's sequence orders own against type prices and numbers every
--- record version; a hand-edited sequence is refused rather than restarted.
-local function next_seq(c, k)
-  local seq_text = rd('HGET', k.stats, 'seq')
-  local seq = 1
-  if seq_text then
-    seq = parse_int(seq_text)
-    if not seq then
-      corrupt(k.stats)
-    end
-    seq = seq + 1
+-- Bookings ending ----------------------------------------------------------------------------
+
+-- Region::held_gpu: the GPU `booking_id` holds, if that booking is the one holding it, with
+-- what releasing it needs, read and checked before the first write. `c` is the change that will
+-- release it: a GPU to be listed again has its type's demand multiplier read now.
+local function held_gpu(c, gpu_id, booking_id)
+  local k = c.k
+  local g = load_gpu(k, gpu_id)
+  if not (g and g.booking == booking_id) then
+    return nil
   end
-  wr(c, 'HSET', k.stats, 'seq', fmt_int(seq))
-  return seq
+  -- check_gpu_key_types: the GPU record, provider, type price and (when listed again) the
+  -- own/type-price indexes are read first.
+  expect_type(k.by_score(g.type), 'zset')
+  expect_type(k.provider_gpus(g.provider), 'set')
+  local held = {gpu = g, provider = provider_status(k, g.provider), tp = load_type_price(k, g.type)}
+  if held.provider == 'online' then
+    touch_type(c, g.type, false)
+  else
+    expect_type(k.own(g.type), 'zset')
+    expect_type(k.typed(g.type), 'zset')
+  end
+  return held
+end
+
+-- Region::release: the GPU is available again (listed if its provider is online) with a fresh
+-- TTL and without its booking's terms; the change goes on `e`.
+local function release(c, gpu_id, held, version, now, e)
+  local old = held.gpu
+  local new = copy(old)
+  new.status = 'available'
+  new.booking = nil
+  new.terms = nil
+  new.version = version
+  new.updated_ms = now
+  store_gpu(c, gpu_id, old, new, held.provider, held.tp, gpu_expire_at(now))
+  e.gpu_type = new.type
+  e.provider_id = new.provider
+  e.version = version
+  changed(e, 'status', old.status, new.status)
+  changed(e, 'listed', false, is_listed(new.status, held.provider))
+  return new
+end
+
+-- Region::close_booking, in two steps: `prepare_close` reads and checks everything (refusals
+-- happen here), `finish_close` writes. Its record, registry entry and place on the booking
+-- clock go, and the GPU it holds (if this booking is the one holding it) is released; one
+-- `booking_cancelled` event with `reason`.
+local function prepare_close(k, booking_id, booking)
+  guard_region(k)
+  local c = new_change(k, k.region)
+  local held = held_gpu(c, booking.gpu, booking_id)
+  if held then
+    read_seq(c)
+  end
+  return {c = c, booking_id = booking_id, booking = booking, held = held}
+end
+
+local function finish_close(plan, reason, counter_field)
+  local c, k, booking_id, booking, held = plan.c, plan.c.k, plan.booking_id, plan.booking, plan.held
+  local now = now_ms()
+  local version = held and next_seq(c)
+  wr(c, 'DEL', k.booking(booking_id))
+  wr(c, 'HDEL', k.bookings, booking_id)
+  wr(c, 'ZREM', k.booking_ends, booking_id)
+  local e = new_event('booking_cancelled', k.region, now)
+  e.reason = reason
+  e.gpu_id = booking.gpu
+  e.booking_id = booking_id
+  e.user_id = booking.user
+  local released = held and release(c, booking.gpu, held, version, now, e)
+  counter(c, counter_field, 1)
+  publish(c, e)
+  return released
+end
+
+-- The booking as the GPU holding it records it, when its own record is gone
+-- (booking_clock::terms_on_holder).
+local function terms_on_holder(k, booking_id)
+  local gpu_id = rd('HGET', k.bookings, booking_id)
+  if not gpu_id then
+    return nil
+  end
+  local g = load_gpu(k, gpu_id)
+  if g and g.booking == booking_id and g.terms then
+    return booking_of_terms(gpu_id, g)
+  end
+  return nil
+end
+
+-- booking_clock::settle_ended: ends `booking_id` if its time is up (as CANCEL would, reason
+-- `ended`) before a BOOK reuses its id or books its GPU. Returns whether it was ended.
+local function settle_ended(k, booking_id, now)
+  local booking = load_booking(k, booking_id) or terms_on_holder(k, booking_id)
+  if not booking or booking.end_ms > now then
+    return false
+  end
+  finish_close(prepare_close(k, booking_id, booking), 'ended', 'bookings:ended')
+  return true
 end

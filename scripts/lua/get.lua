@@ -14,7 +14,13 @@ return run(function()
   local tp = load_type_price(k, g.type)
   local base, source = base_price(g, tp)
   local multiplier = demand_multiplier(k, g.type)
-  local b = g.booking and load_booking(k, g.booking) or {}
+  -- The record carries its booking's terms; one written before it did reads the booking.
+  local b = {}
+  if g.terms then
+    b = g.terms
+  elseif g.booking then
+    b = load_booking(k, g.booking) or {}
+  end
   local ttl = rd('PTTL', k.gpu(gpu_id))
   if ttl < 0 then
     ttl = nil

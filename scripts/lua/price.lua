@@ -17,8 +17,6 @@ return run(function()
   -- Guards for the keys written before (or without) being read; the type price, both indexes
   -- and the counters are read first.
   guard_region(k)
-  expect_type(k.bookings, 'hash')
-  expect_type(k.events, 'stream')
   local old = load_type_price(k, gpu_type)
   local moved = rd('ZCARD', own)
   local already_typed = rd('ZCARD', typed)
@@ -29,7 +27,7 @@ return run(function()
     touch_type(c, gpu_type, true, multiplier_of(moved + already_typed, stat_int(k, 'type-total:' .. gpu_type)))
   end
   local now = now_ms()
-  local seq = next_seq(c, k)
+  local seq = next_seq(c)
   local version = seq
   wr(c, 'HSET', price_key, 'price', fmt_price(price), 'seq', fmt_int(seq),
     'version', fmt_int(version), 'updated_ms', fmt_int(now))

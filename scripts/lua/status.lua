@@ -25,8 +25,6 @@ return run(function()
   -- Guards for the keys written before (or without) being read; the GPU, provider and type
   -- price are read first.
   guard_region(k)
-  expect_type(k.bookings, 'hash')
-  expect_type(k.events, 'stream')
   expect_type(k.by_score(old.type), 'zset')
   expect_type(k.provider_gpus(old.provider), 'set')
   local provider = provider_status(k, old.provider)
@@ -37,7 +35,6 @@ return run(function()
     -- counters and the own/type-price indexes).
     touch_type(c, old.type, false)
   else
-    expect_type(k.stats, 'hash')
     expect_type(k.own(old.type), 'zset')
     expect_type(k.typed(old.type), 'zset')
   end
@@ -45,9 +42,9 @@ return run(function()
   local now = now_ms()
   local new = copy(old)
   new.status = target
-  new.version = next_seq(c, k)
+  new.version = next_seq(c)
   new.updated_ms = now
-  store_gpu(c, gpu_id, old, new, provider, tp, gpu_expire_at(now, nil))
+  store_gpu(c, gpu_id, old, new, provider, tp, gpu_expire_at(now))
 
   local e = new_event('gpu_availability_changed', region, now)
   e.reason = 'status'
