@@ -1590,11 +1590,15 @@ fn verify_twins(con: &mut redis::Connection, tag: &str) -> Res<()> {
     }
     // A booking whose record vanished while the registry still lists it (deleted by hand, or
     // evicted): reusing its id repairs it first. The GPU holding it keeps a copy of the terms,
-    // so the booking is rebuilt and its GPU stays booked.
+    // so the booking is rebuilt and its GPU stays booked: the same id for another GPU is
+    // refused, the same request again is answered `existing`.
     twin.step(con, "GPUCACHE.BOOK", &["h1", "b20", "max", "600"])?;
     twin.step(con, "GPUCACHE.GET", &["h1"])?;
     twin.both(con, &["DEL", "gpucache:{REGION}:booking:b20"])?;
+    twin.step(con, "GPUCACHE.BOOK", &["a1", "b20", "max", "600"])?;
+    twin.both(con, &["DEL", "gpucache:{REGION}:booking:b20"])?;
     twin.step(con, "GPUCACHE.BOOK", &["h1", "b20", "max", "600"])?;
+    twin.step(con, "GPUCACHE.GET", &["h1"])?;
     twin.step(con, "GPUCACHE.CANCEL", &["b20"])?;
     // A GPU record without the copy (as written before copies were kept): the vanished booking
     // ends and releases its GPU, and the id is free again.

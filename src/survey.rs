@@ -668,11 +668,14 @@ impl Surveyor<'_, '_, '_> {
             }
             active.insert(booking_id.clone(), booking);
         }
-        // Records holding a booking that is not active, or busy without one, are released.
+        // Records holding a booking that is not active (or that is another GPU's), or busy
+        // without one, are released.
         let orphans: Vec<(String, GpuRecord)> = desired
             .iter()
-            .filter(|(_, g)| {
-                g.booking.as_ref().is_some_and(|b| !active.contains_key(b))
+            .filter(|(gpu_id, g)| {
+                g.booking
+                    .as_ref()
+                    .is_some_and(|b| active.get(b).is_none_or(|b| b.gpu_id != **gpu_id))
                     || (g.booking.is_none() && g.status == GpuStatus::Busy)
             })
             .map(|(id, g)| (id.clone(), g.clone()))
@@ -682,9 +685,13 @@ impl Surveyor<'_, '_, '_> {
             released.status = GpuStatus::Available;
             released.booking = None;
             released.booking_terms = None;
-            let why = match &gpu.booking {
-                Some(b) => format!("{gpu_id} holds booking {b}, which does not exist and of which no copy of its terms remains: {gpu_id} is released"),
-                None => format!("{gpu_id} is busy without a booking: it is released"),
+            let why = match (&gpu.booking, gpu.booking.as_ref().and_then(|b| active.get(b))) {
+                (Some(b), Some(booking)) => format!(
+                    "{gpu_id} holds booking {b}, which is for {}: {gpu_id} is released",
+                    booking.gpu_id
+                ),
+                (Some(b), None) => format!("{gpu_id} holds booking {b}, which does not exist and of which no copy of its terms remains: {gpu_id} is released"),
+                (None, _) => format!("{gpu_id} is busy without a booking: it is released"),
             };
             changed(
                 &gpu_id,

@@ -601,3 +601,65 @@ fn bookings_of_an_earlier_version_are_adopted_after_a_restart() {
     );
     assert!(info_field(&mut con, "gpucache_region_repairs") >= 1);
 }
+
+/// A booking whose record was deleted by hand is rebuilt before its id is used again: the same
+/// id for another GPU is refused, the same request is answered `existing`, and no GPU is left
+/// holding a booking that names another.
+#[test]
+fn a_booking_id_whose_record_vanished_is_not_taken_over() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    fields(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "600"]);
+    cmd(&mut con, &["DEL", "gpucache:{eu}:booking:b1"]);
+    let err = error(&mut con, &["GPUCACHE.BOOK", "eu", "g2", "b1", "u", "600"]);
+    assert!(err.starts_with("BOOKINGEXISTS"), "{err}");
+    assert_consistent(&mut con, "eu");
+    cmd(&mut con, &["DEL", "gpucache:{eu}:booking:b1"]);
+    let again = fields(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "600"]);
+    assert_eq!(again["result"], "existing");
+    assert_consistent(&mut con, "eu");
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.CANCEL", "eu", "b1"])["gpu_status"],
+        "available"
+    );
+    assert_consistent(&mut con, "eu");
+}
+
+/// Two GPU records holding one booking: CHECK sees it, and REPAIR releases the one the booking
+/// does not name.
+#[test]
+fn a_gpu_holding_another_gpus_booking_is_found_and_released() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    fields(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "600"]);
+    cmd(
+        &mut con,
+        &[
+            "HSET",
+            "gpucache:{eu}:gpu:g2",
+            "status",
+            "busy",
+            "booking",
+            "b1",
+        ],
+    );
+    let check = run(&mut con, &["GPUCACHE.CHECK", "eu"]).unwrap();
+    let check = as_map(&check);
+    assert_eq!(text(&check["ok"]), "0");
+    assert!(
+        format!("{:?}", check["violations"]).contains("g2 holds booking b1, which is for g1"),
+        "{:?}",
+        check["violations"]
+    );
+    fields(&mut con, &["GPUCACHE.REPAIR", "eu"]);
+    assert_consistent(&mut con, "eu");
+    let g2 = fields(&mut con, &["GPUCACHE.GET", "eu", "g2"]);
+    assert_eq!(
+        (g2["status"].as_str(), g2["booking_id"].as_str()),
+        ("available", "(nil)")
+    );
+    let g1 = fields(&mut con, &["GPUCACHE.GET", "eu", "g1"]);
+    assert_eq!(g1["booking_id"], "b1");
+}

@@ -97,6 +97,12 @@ return run(function()
   local booking_key = k.booking(booking_id)
   local now = now_ms()
   local existing = load_booking(k, booking_id)
+  if not existing then
+    -- Its record may have vanished with the booking still active: the repair rebuilds it from
+    -- its GPU's copy of the terms (or ends it); what it leaves is what this id names.
+    settle_vanished_booking(k, booking_id)
+    existing = load_booking(k, booking_id)
+  end
   if existing and existing.end_ms > now then
     -- A repeated request is idempotent; the same id for anything else is refused.
     if existing.gpu ~= gpu_id or existing.user ~= user_id or existing.duration_s ~= duration_s then
@@ -109,12 +115,10 @@ return run(function()
   -- (The module refuses BOOK here under an allkeys-* eviction policy unless
   -- gpucache.accept-eviction-risk is set; a script cannot read the server's configuration, so
   -- the twin books regardless. loadgen verify runs without such a policy.)
-  -- A booking whose time is up but which the booking clock has not ended yet, or one whose
-  -- record vanished: settled first, so the id can be reused and the GPU it held is free.
+  -- A booking whose time is up but which the booking clock has not ended yet: ended first, so
+  -- the id can be reused and the GPU it held is free.
   if existing then
     settle_ended(k, booking_id, now)
-  else
-    settle_vanished_booking(k, booking_id)
   end
   local old = require_gpu(k, gpu_id)
   if old.booking and settle_ended(k, old.booking, now) then

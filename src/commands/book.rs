@@ -45,7 +45,14 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let booking_key = region.keys.booking(&booking_id);
     store.expect_types(&[(booking_key.as_str(), KeyType::Hash)])?;
     let now = store.now_ms();
-    let existing = region.load_booking(&booking_id)?;
+    let mut existing = region.load_booking(&booking_id)?;
+    if existing.is_none() {
+        // Its record may have vanished (a hand `DEL`, an `allkeys-*` eviction) with the booking
+        // still active: the repair rebuilds it from its GPU's copy of its terms (or ends it, if
+        // its time is up). What it leaves is what this id names.
+        crate::heal::settle_vanished(store.ctx(), &booking_key);
+        existing = region.load_booking(&booking_id)?;
+    }
     if let Some(existing) = existing.as_ref().filter(|b| !b.has_ended(now)) {
         check_repeated_booking(&booking_id, existing, &gpu_id, &user_id, duration_s)?;
         let version = region.load_gpu(&gpu_id)?.map_or(0, |g| g.version);
@@ -55,14 +62,10 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
         return Ok(booking_reply(&booking_id, existing, "existing", version));
     }
     crate::eviction::check_bookings_are_safe()?;
-    // A booking whose time is up but which the booking clock has not ended yet (it runs every
-    // 100 ms), or one written by an earlier version that expired and awaits its repair: end it
-    // first, so the id can be reused and the GPU it held is free.
-    match existing {
-        Some(_) => {
-            crate::booking_clock::settle_ended(store.ctx(), &region.name, &booking_id, now)?;
-        }
-        None => crate::heal::settle_vanished(store.ctx(), &booking_key),
+    // A booking whose time is up but which the booking clock has not ended yet (it runs `hz`
+    // times a second): end it first, so the id can be reused and the GPU it held is free.
+    if existing.is_some() {
+        crate::booking_clock::settle_ended(store.ctx(), &region.name, &booking_id, now)?;
     }
     let mut old = region.require_gpu(&gpu_id)?;
     if let Some(holder) = old.booking.clone() {
