@@ -413,23 +413,26 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
 /// in a timer just after the command: a `REGISTER` of the same GPU id (or a `BOOK` reusing an
 /// ended booking id) would otherwise build on the old record's index entries and counters.
 /// Called once the command found the record gone; does nothing when no repair is pending.
-pub fn settle_vanished(ctx: &Context, key: &str) {
+/// Returns whether one was.
+pub fn settle_vanished(ctx: &Context, key: &str) -> bool {
     let Some((region, entity, id)) = RegionKeys::parse(key) else {
-        return;
+        return false;
     };
     let keys = RegionKeys::new(region);
     let registry = match entity {
         "gpu" => keys.gpu_registry(),
         "booking" => keys.booking_registry(),
-        _ => return,
+        _ => return false,
     };
     // Cheap test first: a repair is pending only while the registry still lists the id.
     let store = Store::new(ctx);
-    if let Ok(Some(_)) = store.hget(&registry, id) {
-        if heal_key(ctx, key) {
-            queue_region_repair(ctx, region);
-        }
+    if !matches!(store.hget(&registry, id), Ok(Some(_))) {
+        return false;
     }
+    if heal_key(ctx, key) {
+        queue_region_repair(ctx, region);
+    }
+    true
 }
 
 /// Repairs what one vanished record left behind. Returns whether some of its writes were

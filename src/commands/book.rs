@@ -50,8 +50,9 @@ pub fn book(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
         // Its record may have vanished (a hand `DEL`, an `allkeys-*` eviction) with the booking
         // still active: the repair rebuilds it from its GPU's copy of its terms (or ends it, if
         // its time is up). What it leaves is what this id names.
-        crate::heal::settle_vanished(store.ctx(), &booking_key);
-        existing = region.load_booking(&booking_id)?;
+        if crate::heal::settle_vanished(store.ctx(), &booking_key) {
+            existing = region.load_booking(&booking_id)?;
+        }
     }
     if let Some(existing) = existing.as_ref().filter(|b| !b.has_ended(now)) {
         check_repeated_booking(&booking_id, existing, &gpu_id, &user_id, duration_s)?;

@@ -85,8 +85,9 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     if old.is_none() {
         // An earlier record of this id may have just vanished, its repair still queued (which
         // brings a booked GPU's record back, holding its booking).
-        crate::heal::settle_vanished(store.ctx(), &region.keys.gpu(&req.gpu_id));
-        old = region.load_gpu(&req.gpu_id)?;
+        if crate::heal::settle_vanished(store.ctx(), &region.keys.gpu(&req.gpu_id)) {
+            old = region.load_gpu(&req.gpu_id)?;
+        }
     }
     region.check_gpu_key_types(&req.gpu_id, &req.gpu_type, &req.provider)?;
     if let Some(old) = &old {
