@@ -34,10 +34,15 @@ fn workload(con: &mut redis::Connection) {
 }
 
 fn start_replica(primary: &Server, module_args: &[&str]) -> Server {
-    let replica = Server::start(
-        module_args,
-        &["--replicaof", "127.0.0.1", &primary.port.to_string()],
-    );
+    start_replica_with(primary, module_args, &[])
+}
+
+/// A replica of `primary` with extra `--name value` settings, once its link is up.
+fn start_replica_with(primary: &Server, module_args: &[&str], server_args: &[&str]) -> Server {
+    let port = primary.port.to_string();
+    let mut args = vec!["--replicaof", "127.0.0.1", &port];
+    args.extend_from_slice(server_args);
+    let replica = Server::start(module_args, &args);
     let mut con = replica.connect();
     eventually("replica link up", Duration::from_secs(10), || {
         let info: String = redis::cmd("INFO")
@@ -161,24 +166,8 @@ fn digest(con: &mut redis::Connection) -> String {
 fn booking_ends_and_repairs_reach_the_replica_as_decided() {
     let debug = ["--enable-debug-command", "yes"];
     let primary = Server::start(&["JITTER", "20"], &debug);
-    let replica = Server::start(
-        &["JITTER", "20"],
-        &[
-            "--enable-debug-command",
-            "yes",
-            "--replicaof",
-            "127.0.0.1",
-            &primary.port.to_string(),
-        ],
-    );
+    let replica = start_replica_with(&primary, &["JITTER", "20"], &debug);
     let mut rcon = replica.connect();
-    eventually("replica link up", Duration::from_secs(10), || {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query(&mut rcon)
-            .unwrap();
-        info.contains("master_link_status:up")
-    });
     let mut pcon = primary.connect();
     seed(&mut pcon);
     for (gpu, booking, seconds) in [("g1", "b1", "1"), ("g2", "b2", "3600"), ("g3", "b3", "2")] {
