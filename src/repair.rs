@@ -169,8 +169,9 @@ pub struct Sweep {
 }
 
 /// After a load or a promotion: records whose time passed while the server was down are not
-/// loaded and no event announces them, so each registry entry whose record is gone is healed
-/// exactly as the healing timer would (same events). Bookings whose end passed meanwhile are
+/// loaded and no event announces them, so each registry entry whose record is gone, and each
+/// type price that is gone while GPUs still show it, is healed exactly as the healing timer
+/// would (same events). Bookings whose end passed meanwhile are
 /// the booking clock's. The whole-region survey (`repair_region`, several times slower) runs
 /// only when a cheap look finds something else wrong: keys of a foreign type, lost counters, a
 /// booking clock that does not hold every active booking (as after an upgrade from a version
@@ -195,6 +196,18 @@ pub fn sweep_region(ctx: &Context, region_name: &str) -> MarketResult<Sweep> {
     for gpu_id in gpu_ids {
         keys.key_into(&mut key, "gpu", &gpu_id);
         if store.key_type(&key) == redis_module::KeyType::Empty {
+            if crate::heal::heal_key(ctx, &key) {
+                sweep.failed_writes += 1;
+            }
+            sweep.healed += 1;
+        }
+    }
+    // Type prices whose time passed: their GPUs go back to their own prices.
+    for gpu_type in store.set_members(&keys.types())? {
+        keys.key_into(&mut key, "price", &gpu_type);
+        if store.zcard(&keys.available_typed(&gpu_type))? > 0
+            && store.key_type(&key) == redis_module::KeyType::Empty
+        {
             if crate::heal::heal_key(ctx, &key) {
                 sweep.failed_writes += 1;
             }

@@ -372,3 +372,31 @@ fn repair_fixes_a_registry_entry_whose_record_vanished_silently() {
     assert_consistent(&mut con, "eu");
     assert_eq!(available_ids(&mut con, &["eu"]), ["g3", "g1", "g4"]);
 }
+
+#[test]
+fn a_type_price_that_expires_while_the_server_is_down_is_healed_after_loading() {
+    let args = ["PRICING_TTL", "1", "JITTER", "0"];
+    let server = Server::start(&args, &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    run(&mut con, &["GPUCACHE.PRICE", "eu", "A100", "9"]).unwrap();
+    redis::cmd("SAVE").query::<()>(&mut con).unwrap();
+    drop(con);
+    let dir = server.stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    let restarted = Server::start_in(dir, free_port(), &args, &[]);
+    let mut con = restarted.connect();
+    eventually(
+        "the sweep after loading handed the A100s back their own prices",
+        Duration::from_secs(10),
+        || {
+            let report = run(&mut con, &["GPUCACHE.CHECK", "eu"]).unwrap();
+            text(&as_map(&report)["ok"]) == "1"
+        },
+    );
+    assert_eq!(available_ids(&mut con, &["eu"]), ["g2", "g3", "g1", "g4"]);
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.GET", "eu", "g2"])["price"],
+        "1.5"
+    );
+}
