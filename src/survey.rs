@@ -115,6 +115,8 @@ struct StreamFacts {
     max_version: i64,
     /// Bookings made per 15-minute bucket: (count, volume in micro-units).
     bookings: BTreeMap<i64, (i64, i64)>,
+    /// Each provider's status as its newest `provider_status_changed` event set it.
+    provider_status: BTreeMap<String, String>,
 }
 
 /// A provider's record as read.
@@ -741,50 +743,63 @@ impl Surveyor<'_, '_, '_> {
             }
         }
 
-        // A provider record that is gone or cannot be read: its status is inferred from the
-        // availability indexes — a provider whose available GPUs are all unlisted was not
-        // online (a provider nobody set is online, and its record need not exist).
+        // A provider record that is gone or cannot be read: its status is its last change the
+        // event stream recorded; without one, it is inferred from the availability indexes — a
+        // provider whose available GPUs are all unlisted while the same indexes list other
+        // GPUs was not online. Otherwise it is online, as a provider nobody set is (its record
+        // need not exist).
         let mut statuses: BTreeMap<String, ProviderStatus> = BTreeMap::new();
-        // Per provider: whether it has available GPUs, and whether any of them is listed.
-        let mut listing: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
+        // Per provider: whether it has available GPUs, whether any of them is listed, and
+        // whether the indexes of their types list any GPU at all (they are not lost).
+        let mut listing: BTreeMap<&str, (bool, bool, bool)> = BTreeMap::new();
         for (gpu_id, gpu) in desired
             .iter()
             .filter(|(_, g)| g.status == GpuStatus::Available)
         {
-            let listed = indexes
-                .get(&gpu.gpu_type)
-                .is_some_and(|sets| sets.iter().any(|s| s.contains_key(gpu_id)));
-            let entry = listing.entry(gpu.provider.as_str()).or_default();
+            let sets = indexes.get(&gpu.gpu_type);
+            let listed = sets.is_some_and(|sets| sets.iter().any(|s| s.contains_key(gpu_id)));
+            let indexed = sets.is_some_and(|sets| sets.iter().any(|s| !s.is_empty()));
+            let entry = listing
+                .entry(gpu.provider.as_str())
+                .or_insert((false, false, true));
             entry.0 = true;
             entry.1 |= listed;
+            entry.2 &= indexed;
         }
         for (provider, read) in &provider_status {
             let status = match read {
                 ProviderRead::Known(status) => *status,
                 ProviderRead::Missing | ProviderRead::Broken => {
-                    let (has_available, any_listed) =
+                    let recorded = stream
+                        .provider_status
+                        .get(provider)
+                        .and_then(|s| ProviderStatus::parse(s.as_bytes()).ok());
+                    let (has_available, any_listed, indexed) =
                         listing.get(provider.as_str()).copied().unwrap_or_default();
-                    let inferred = if has_available && !any_listed {
-                        ProviderStatus::Offline
-                    } else {
-                        ProviderStatus::Online
+                    let (status, source) = match recorded {
+                        Some(status) => (status, "its last change in the event stream"),
+                        None if has_available && !any_listed && indexed => (
+                            ProviderStatus::Offline,
+                            "inferred: its available GPUs are all unlisted",
+                        ),
+                        None => (ProviderStatus::Online, "as for a provider nobody set"),
                     };
                     let lost = matches!(read, ProviderRead::Broken);
-                    if lost || inferred != ProviderStatus::Online {
+                    if lost || status != ProviderStatus::Online {
                         let key = keys.provider(provider);
                         self.add(
                             format!(
-                                "the record of provider {provider} is {}: its status is set to {} (inferred from its listed GPUs)",
+                                "the record of provider {provider} is {}: its status is set to {} ({source})",
                                 if lost { "unreadable" } else { "gone" },
-                                inferred.as_str()
+                                status.as_str()
                             ),
                             Self::write(
                                 "HSET",
-                                &[&key, crate::market::provider_field::STATUS, inferred.as_str()],
+                                &[&key, crate::market::provider_field::STATUS, status.as_str()],
                             ),
                         );
                     }
-                    inferred
+                    status
                 }
             };
             statuses.insert(provider.clone(), status);
@@ -1156,8 +1171,21 @@ impl Surveyor<'_, '_, '_> {
                 if let Some(version) = json.get("version").and_then(serde_json::Value::as_i64) {
                     facts.max_version = facts.max_version.max(version);
                 }
-                let is_booking =
-                    field("type").map(String::as_str) == Some(EventKind::BookingCreated.as_str());
+                let kind = field("type").map(String::as_str);
+                if kind == Some(EventKind::ProviderStatusChanged.as_str()) {
+                    let provider = json.get("provider_id").and_then(serde_json::Value::as_str);
+                    let status = json
+                        .get("new")
+                        .and_then(|n| n.get("status"))
+                        .and_then(serde_json::Value::as_str);
+                    if let (Some(provider), Some(status)) = (provider, status) {
+                        facts
+                            .provider_status
+                            .insert(provider.to_owned(), status.to_owned());
+                    }
+                    continue;
+                }
+                let is_booking = kind == Some(EventKind::BookingCreated.as_str());
                 // A rebuilt booking was counted when it was made.
                 if !is_booking || json.get("reason").is_some() {
                     continue;

@@ -532,6 +532,19 @@ fn garbled_fields_of_market_state_are_repaired() {
             cmd(con, &["HSET", key, field, value]);
         });
     }
+    // Every availability index of a type at once: the providers that were never set stay
+    // online (their GPUs are listed again), the one that was set offline stays offline.
+    repaired_after(&mut con, "every A100 index", &|con| {
+        cmd(
+            con,
+            &[
+                "DEL",
+                "gpucache:{eu}:avail-own:A100",
+                "gpucache:{eu}:avail-type:A100",
+                "gpucache:{eu}:avail-score:A100",
+            ],
+        );
+    });
     repaired_after(&mut con, "HDEL seq", &|con| {
         cmd(con, &["HDEL", "gpucache:{eu}:stats:market", "seq"]);
     });
