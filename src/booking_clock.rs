@@ -17,7 +17,7 @@
 use crate::core::booking::Booking;
 use crate::core::error::MarketResult;
 use crate::market::{BookingEnd, Region};
-use crate::store::{select_db, selected_db, Store};
+use crate::store::{select_db, selected_db, Store, WriteAccess};
 use redis_module::logging::RedisLogLevel;
 use redis_module::Context;
 use std::collections::{HashMap, HashSet};
@@ -32,6 +32,8 @@ struct Clock {
     last_full_look_ms: i64,
     /// Bookings ended by the clock since the module loaded.
     ended: u64,
+    /// Failures in a row per (db, region), for the retry back-off.
+    failures: HashMap<(i32, String), u32>,
 }
 
 static CLOCK: LazyLock<Mutex<Clock>> = LazyLock::new(|| {
@@ -39,6 +41,7 @@ static CLOCK: LazyLock<Mutex<Clock>> = LazyLock::new(|| {
         next_end: HashMap::new(),
         last_full_look_ms: 0,
         ended: 0,
+        failures: HashMap::new(),
     })
 });
 
@@ -118,11 +121,16 @@ pub fn on_tick(ctx: &Context, now_ms: i64, deadline: Instant) -> bool {
 /// already past when due bookings are left, or a retry time when they cannot be ended now.
 fn end_due_bookings(ctx: &Context, region: &str, now_ms: i64, deadline: Instant) -> i64 {
     let store = Store::new(ctx);
-    let ends_key = crate::keys::RegionKeys::new(region).booking_ends();
-    if !store.accepts_writes_to(&ends_key) {
-        return now_ms.saturating_add(RETRY_MS);
+    let keys = crate::keys::RegionKeys::new(region);
+    let ends_key = keys.booking_ends();
+    match store.write_access(keys.prefix()) {
+        WriteAccess::Now => {}
+        WriteAccess::Later => return now_ms.saturating_add(RETRY_MS),
+        // Another node serves the region: the full look every few seconds sees if it is back.
+        WriteAccess::Elsewhere => return i64::MAX,
     }
-    let mut attempted: HashSet<String> = HashSet::new();
+    let db = selected_db(ctx);
+    let mut attempted: HashSet<Vec<u8>> = HashSet::new();
     loop {
         let due = match store.members_up_to(&ends_key, now_ms as f64, BATCH) {
             Ok(due) => due,
@@ -133,22 +141,30 @@ fn end_due_bookings(ctx: &Context, region: &str, now_ms: i64, deadline: Instant)
                     &format!("gpucache: region {region}: cannot read its booking ends: {e}"),
                 );
                 crate::heal::queue_region_repair(ctx, region);
-                return now_ms.saturating_add(RETRY_MS);
+                return retry_later(db, region, now_ms);
             }
         };
         if due.is_empty() {
             break;
         }
-        for booking_id in due {
+        for member in due {
             if Instant::now() >= deadline {
                 return now_ms;
             }
             // An entry that survives its own ending would loop: leave it to a repair.
-            if !attempted.insert(booking_id.clone()) {
+            if !attempted.insert(member.clone()) {
                 crate::heal::queue_region_repair(ctx, region);
-                return now_ms.saturating_add(RETRY_MS);
+                return retry_later(db, region, now_ms);
             }
-            match end_on_clock(ctx, region, &booking_id, now_ms) {
+            // Not a booking id gpucache would write (another client's hand): removed as is.
+            let Some(booking_id) = std::str::from_utf8(&member)
+                .ok()
+                .filter(|id| crate::core::input::id("booking id", id.as_bytes()).is_ok())
+            else {
+                store.write("ZREM", &[ends_key.as_bytes(), &member]);
+                continue;
+            };
+            match end_on_clock(ctx, region, booking_id, now_ms) {
                 Ok(true) => clock().ended += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -161,16 +177,30 @@ fn end_due_bookings(ctx: &Context, region: &str, now_ms: i64, deadline: Instant)
                         ),
                     );
                     crate::heal::queue_region_repair(ctx, region);
-                    return now_ms.saturating_add(RETRY_MS);
+                    return retry_later(db, region, now_ms);
                 }
             }
         }
     }
+    clock().failures.remove(&(db, region.to_owned()));
     match store.first_score(&ends_key) {
         Ok(Some(end)) if end.is_finite() => end as i64,
         Ok(_) => i64::MAX,
-        Err(_) => now_ms.saturating_add(RETRY_MS),
+        Err(_) => retry_later(db, region, now_ms),
     }
+}
+
+/// When to look at a region again after its bookings could not be ended: a second, doubling
+/// with each failure in a row up to a minute (a region a repair cannot fix is not retried, and
+/// repaired, every second forever).
+fn retry_later(db: i32, region: &str, now_ms: i64) -> i64 {
+    let mut clock = clock();
+    let failures = clock.failures.entry((db, region.to_owned())).or_insert(0);
+    *failures = failures.saturating_add(1);
+    let delay = RETRY_MS
+        .saturating_mul(1i64 << (*failures).min(7).saturating_sub(1))
+        .min(60_000);
+    now_ms.saturating_add(delay)
 }
 
 /// Ends one booking the clock found due. Returns whether a booking was ended.

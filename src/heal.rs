@@ -22,7 +22,7 @@ use crate::core::price::Price;
 use crate::core::status::GpuStatus;
 use crate::keys::RegionKeys;
 use crate::market::{stat, BookingEnd, Region};
-use crate::store::{select_db, selected_db, Store};
+use crate::store::{select_db, selected_db, Store, WriteAccess};
 use redis_module::logging::RedisLogLevel;
 use redis_module::{Context, ContextFlags, NotifyEvent};
 use std::collections::{BTreeSet, VecDeque};
@@ -56,11 +56,15 @@ struct Queue {
     /// itself per entry keep healing from costing more evictions than it answers.
     fresh: Vec<u8>,
     read: usize,
-    /// Region repairs and retries (few): each with its attempt count and time.
+    /// Entries in `fresh` after `read`.
+    fresh_count: usize,
+    /// Region repairs, sweeps and their retries (few): each with its attempt count and time.
     jobs: VecDeque<Job>,
-    /// Regions with a whole-region repair queued (each is queued once).
+    /// Regions with a whole-region repair queued, and with a sweep queued (each once).
     regions: BTreeSet<(i32, String)>,
-    timer_armed: bool,
+    sweeps: BTreeSet<(i32, String)>,
+    /// When the earliest armed timer fires (ms), if one is armed.
+    timer_due_ms: Option<i64>,
     retries: u64,
     healed: u64,
     region_repairs: u64,
@@ -77,6 +81,7 @@ impl Queue {
         self.fresh.extend_from_slice(&db.to_le_bytes());
         self.fresh.extend_from_slice(&len.to_le_bytes());
         self.fresh.extend_from_slice(key.as_bytes());
+        self.fresh_count += 1;
         true
     }
 
@@ -86,6 +91,7 @@ impl Queue {
         let len = u32::from_le_bytes(rest.get(4..8)?.try_into().ok()?) as usize;
         let key = String::from_utf8_lossy(rest.get(8..8 + len)?).into_owned();
         self.read += 8 + len;
+        self.fresh_count = self.fresh_count.saturating_sub(1);
         if self.read >= self.fresh.len() {
             self.fresh.clear();
             self.read = 0;
@@ -97,21 +103,6 @@ impl Queue {
             self.read = 0;
         }
         Some((db, key))
-    }
-
-    fn fresh_count(&self) -> usize {
-        let mut count = 0;
-        let mut at = self.read;
-        while let Some(len) = self
-            .fresh
-            .get(at + 4..at + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
-        {
-            count += 1;
-            at += 8 + len as usize;
-        }
-        count
     }
 }
 
@@ -131,6 +122,8 @@ const BUDGET: Duration = Duration::from_millis(2);
 /// Retry delays double from the first to the last.
 const FIRST_RETRY_MS: i64 = 100;
 const LAST_RETRY_MS: i64 = 5_000;
+/// Attempts at a region whose slot another node serves before giving it up (about a minute).
+const GIVE_UP_ELSEWHERE: u32 = 16;
 
 /// What `INFO gpucache` shows of healing.
 #[derive(Debug, Clone, Copy, Default)]
@@ -145,7 +138,7 @@ pub struct HealFigures {
 pub fn figures() -> HealFigures {
     let queue = queue();
     HealFigures {
-        queued: queue.jobs.len() + queue.fresh_count(),
+        queued: queue.jobs.len() + queue.fresh_count,
         retrying: queue.jobs.iter().filter(|j| j.attempts > 0).count(),
         retries: queue.retries,
         healed: queue.healed,
@@ -217,30 +210,51 @@ fn queue_region_repair_in(ctx: &Context, db: i32, region: &str) {
 /// promotion (repairs the old primary had queued). One job per region, worked through within
 /// the timer's budget like any other.
 pub fn queue_every_region(ctx: &Context) {
+    for (db, region) in crate::regions::known_everywhere() {
+        queue_sweep_in(ctx, db, &region);
+    }
+}
+
+/// Queues a sweep of a region (once): heals its vanished records, and repairs it whole if a
+/// cheap look finds more wrong.
+fn queue_sweep_in(ctx: &Context, db: i32, region: &str) {
     {
         let mut queue = queue();
-        for (db, region) in crate::regions::known_everywhere() {
-            queue.jobs.push_back(Job {
-                db,
-                target: Target::Sweep(region),
-                attempts: 0,
-                not_before_ms: 0,
-            });
+        if !queue.sweeps.insert((db, region.to_owned())) {
+            return;
         }
+        queue.jobs.push_back(Job {
+            db,
+            target: Target::Sweep(region.to_owned()),
+            attempts: 0,
+            not_before_ms: 0,
+        });
     }
     arm(ctx, 1);
 }
 
+/// Makes sure a timer fires within `delay_ms`: one armed for later (a retry's back-off) does
+/// not hold back a key that just vanished.
 fn arm(ctx: &Context, delay_ms: i64) {
-    let must_arm = !std::mem::replace(&mut queue().timer_armed, true);
+    let delay = delay_ms.clamp(1, LAST_RETRY_MS);
+    let due = Store::new(ctx).now_ms().saturating_add(delay);
+    let must_arm = {
+        let mut queue = queue();
+        let earlier = queue.timer_due_ms.is_none_or(|armed| due < armed);
+        if earlier {
+            queue.timer_due_ms = Some(due);
+        }
+        earlier
+    };
     if must_arm {
-        let delay = u64::try_from(delay_ms.clamp(1, LAST_RETRY_MS)).unwrap_or(1);
+        let delay = u64::try_from(delay).unwrap_or(1);
         ctx.create_timer(Duration::from_millis(delay), drain, ());
     }
 }
 
 fn drain(ctx: &Context, _: ()) {
-    queue().timer_armed = false;
+    // A later timer may still be armed: it finds the queue done and arms nothing.
+    queue().timer_due_ms = None;
     let flags = ctx.get_flags();
     if flags.contains(ContextFlags::SLAVE) {
         // The primary repairs; its writes arrive by replication. A promotion queues every
@@ -248,8 +262,10 @@ fn drain(ctx: &Context, _: ()) {
         let mut queue = queue();
         queue.jobs.clear();
         queue.regions.clear();
+        queue.sweeps.clear();
         queue.fresh.clear();
         queue.read = 0;
+        queue.fresh_count = 0;
         return;
     }
     if flags.contains(ContextFlags::LOADING) {
@@ -276,7 +292,7 @@ fn drain(ctx: &Context, _: ()) {
             queue.jobs.push_back(job);
         }
         let now = Store::new(ctx).now_ms();
-        let fresh = (queue.read < queue.fresh.len()).then_some(0);
+        let fresh = (queue.fresh_count > 0).then_some(0);
         queue
             .jobs
             .iter()
@@ -302,9 +318,11 @@ fn next_job(now_ms: i64) -> Option<Job> {
         });
     };
     let job = queue.jobs.remove(index)?;
-    if let Target::Region(region) = &job.target {
-        queue.regions.remove(&(job.db, region.clone()));
-    }
+    match &job.target {
+        Target::Region(region) => queue.regions.remove(&(job.db, region.clone())),
+        Target::Sweep(region) => queue.sweeps.remove(&(job.db, region.clone())),
+        Target::Key(_) => false,
+    };
     Some(job)
 }
 
@@ -313,66 +331,44 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
     if !select_db(ctx, job.db) {
         return None;
     }
-    let (region, outcome) = match &job.target {
-        Target::Key(key) => {
-            let region = RegionKeys::parse(key).map(|(r, _, _)| r.to_owned())?;
-            let store = Store::new(ctx);
-            if !store.accepts_writes_to(key) {
-                (
-                    region,
-                    Err("Redis does not accept writes to the region now".to_owned()),
-                )
-            } else {
-                let failed = heal_key(ctx, key);
-                if failed {
-                    // Half-applied: recount the whole region instead of replaying.
+    let region = match &job.target {
+        Target::Key(key) => RegionKeys::parse(key).map(|(r, _, _)| r.to_owned())?,
+        Target::Region(region) | Target::Sweep(region) => region.clone(),
+    };
+    let access = Store::new(ctx).write_access(RegionKeys::new(&region).prefix());
+    let outcome = match (&job.target, access) {
+        // A vanished record whose healing Redis refuses: the region is swept once it accepts
+        // writes again (one job per region, however many records vanished meanwhile).
+        (Target::Key(_), WriteAccess::Later | WriteAccess::Elsewhere) => {
+            queue_sweep_in(ctx, job.db, &region);
+            Ok(())
+        }
+        (_, WriteAccess::Later) => Err("the cluster is down".to_owned()),
+        (_, WriteAccess::Elsewhere) => Err("the region's slot is not served here".to_owned()),
+        (Target::Key(key), WriteAccess::Now) => {
+            if heal_key(ctx, key) {
+                // Half-applied: recount the whole region instead of replaying.
+                queue_region_repair(ctx, &region);
+            }
+            queue().healed += 1;
+            Ok(())
+        }
+        (Target::Sweep(_), WriteAccess::Now) => match crate::repair::sweep_region(ctx, &region) {
+            Ok(sweep) => {
+                queue().healed += sweep.healed;
+                if sweep.needs_repair || sweep.failed_writes > 0 {
                     queue_region_repair(ctx, &region);
                 }
-                queue().healed += 1;
-                (region, Ok(()))
+                Ok(())
             }
-        }
-        Target::Sweep(region) => {
-            let store = Store::new(ctx);
-            if !store.accepts_writes_to(&RegionKeys::new(region).stats()) {
-                (
-                    region.clone(),
-                    Err("Redis does not accept writes to the region now".to_owned()),
-                )
-            } else {
-                match crate::repair::sweep_region(ctx, region) {
-                    Ok(sweep) if sweep.failed_writes == 0 => {
-                        if sweep.needs_repair {
-                            queue_region_repair(ctx, region);
-                        }
-                        queue().healed += sweep.healed;
-                        (region.clone(), Ok(()))
-                    }
-                    Ok(_) => (
-                        region.clone(),
-                        Err("some healing writes were refused".to_owned()),
-                    ),
-                    Err(e) => (region.clone(), Err(e.to_string())),
-                }
-            }
-        }
-        Target::Region(region) => {
-            let store = Store::new(ctx);
-            if !store.accepts_writes_to(&RegionKeys::new(region).stats()) {
-                (
-                    region.clone(),
-                    Err("Redis does not accept writes to the region now".to_owned()),
-                )
-            } else {
-                queue().region_repairs += 1;
-                match crate::repair::repair_region(ctx, region) {
-                    Ok(report) if report.failed_writes == 0 => (region.clone(), Ok(())),
-                    Ok(_) => (
-                        region.clone(),
-                        Err("some repair writes were refused".to_owned()),
-                    ),
-                    Err(e) => (region.clone(), Err(e.to_string())),
-                }
+            Err(e) => Err(e.to_string()),
+        },
+        (Target::Region(_), WriteAccess::Now) => {
+            queue().region_repairs += 1;
+            match crate::repair::repair_region(ctx, &region) {
+                Ok(report) if report.failed_writes == 0 => Ok(()),
+                Ok(_) => Err("some repair writes were refused".to_owned()),
+                Err(e) => Err(e.to_string()),
             }
         }
     };
@@ -380,15 +376,25 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
         return None;
     };
     let attempts = job.attempts.saturating_add(1);
+    let what = match &job.target {
+        Target::Key(key) => format!("healing after {key}"),
+        Target::Region(_) => format!("repairing region {region}"),
+        Target::Sweep(_) => format!("sweeping region {region}"),
+    };
+    // A region whose slot another node serves is that node's to repair once it takes charge
+    // of it; this one stops asking after a minute.
+    if access == WriteAccess::Elsewhere && attempts > GIVE_UP_ELSEWHERE {
+        crate::log(
+            ctx,
+            RedisLogLevel::Warning,
+            &format!("gpucache: {what} given up: the region's slot is served by another node"),
+        );
+        return None;
+    }
     let delay = FIRST_RETRY_MS
         .saturating_mul(1i64 << attempts.min(10).saturating_sub(1))
         .min(LAST_RETRY_MS);
     if attempts == 1 || attempts.is_multiple_of(10) {
-        let what = match &job.target {
-            Target::Key(key) => format!("healing after {key}"),
-            Target::Region(_) => format!("repairing region {region}"),
-            Target::Sweep(_) => format!("sweeping region {region}"),
-        };
         crate::log(
             ctx,
             RedisLogLevel::Warning,
@@ -397,8 +403,13 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
             ),
         );
     }
-    if let Target::Region(region) = &job.target {
-        queue().regions.insert((job.db, region.clone()));
+    {
+        let mut queue = queue();
+        match &job.target {
+            Target::Region(region) => queue.regions.insert((job.db, region.clone())),
+            Target::Sweep(region) => queue.sweeps.insert((job.db, region.clone())),
+            Target::Key(_) => false,
+        };
     }
     Some(Job {
         attempts,

@@ -69,7 +69,7 @@ pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairRep
         match &finding.fix {
             Fix::Report => report.unrecoverable += 1,
             Fix::Write(command, args) => {
-                let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+                let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
                 store.write(command, &args);
             }
             Fix::Gpu {

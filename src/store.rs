@@ -17,6 +17,16 @@ use std::cell::{OnceCell, RefCell};
 use std::marker::PhantomData;
 use std::os::raw::{c_char, c_int};
 
+/// Whether Redis accepts a module's writes to a region (`Store::write_access`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteAccess {
+    Now,
+    /// Not now: the cluster is down (a node's first seconds, a failed master).
+    Later,
+    /// The region's slot is served by another node (or is moving).
+    Elsewhere,
+}
+
 /// A stream entry as read: its id and its (field, value) pairs.
 pub type StreamEntry = (String, Vec<(String, String)>);
 
@@ -62,20 +72,26 @@ impl<'a> Store<'a> {
         self.failed_writes.get()
     }
 
-    /// Whether Redis would accept a write to `key` now. Always so on a plain server; in a
-    /// cluster a module's write is refused while the cluster is down or the key's slot is not
-    /// served here, and a timer-driven repair must find that out before its first write rather
-    /// than half-way through. Probed with a read of the key through `RedisModule_Call`, which
-    /// applies the same cluster checks as a write.
-    pub fn accepts_writes_to(&self, key: &str) -> bool {
+    /// Whether Redis would accept writes to the region whose keys start with `prefix` now.
+    /// Always so on a plain server; in a cluster a module's write is refused while the cluster is
+    /// down or the region's slot is not served here, and a timer-driven repair must find that
+    /// out before its first write rather than half-way through. Probed with `PERSIST` of a key of
+    /// the region's slot that never exists: a write command, so the cluster checks it as one
+    /// (even with `cluster-allow-reads-when-down`), and it changes nothing.
+    pub fn write_access(&self, prefix: &str) -> WriteAccess {
         if !self
             .ctx
             .get_flags()
             .contains(redis_module::ContextFlags::CLUSTER)
         {
-            return true;
+            return WriteAccess::Now;
         }
-        self.read("EXISTS", &[key.as_bytes()]).is_ok()
+        let probe = [prefix, "write-probe"].concat();
+        match self.read("PERSIST", &[probe.as_bytes()]) {
+            Ok(_) => WriteAccess::Now,
+            Err(e) if e.to_string().contains("cluster is down") => WriteAccess::Later,
+            Err(_) => WriteAccess::Elsewhere,
+        }
     }
 
     /// Whether the server is near `maxmemory` (95 % or more of it in use; never without a
@@ -447,11 +463,11 @@ impl<'a> Store<'a> {
         }
     }
 
-    /// Up to `limit` members of a sorted set with scores up to `max`, lowest first.
-    pub fn members_up_to(&self, key: &str, max: f64, limit: usize) -> MarketResult<Vec<String>> {
+    /// Up to `limit` members of a sorted set with scores up to `max`, lowest first, as stored.
+    pub fn members_up_to(&self, key: &str, max: f64, limit: usize) -> MarketResult<Vec<Vec<u8>>> {
         let mut members = Vec::new();
         self.zwalk(key, (f64::NEG_INFINITY, false), max, false, |member, _| {
-            members.push(String::from_utf8_lossy(member).into_owned());
+            members.push(member.to_vec());
             members.len() < limit
         })?;
         Ok(members)
@@ -1245,17 +1261,24 @@ impl Store<'_> {
     /// than an `SMEMBERS` call. Members that are not UTF-8 (written by hand) are skipped; another
     /// type is refused.
     pub fn set_members(&self, key: &str) -> MarketResult<Vec<String>> {
+        let mut members = Vec::new();
+        self.scan_set(key, |member| {
+            if let Ok(member) = std::str::from_utf8(member) {
+                members.push(member.to_owned());
+            }
+        })?;
+        Ok(members)
+    }
+
+    /// Visits every member of a set as stored, with `RedisModule_ScanKey`. A missing key has no
+    /// members; another type is refused.
+    pub fn scan_set(&self, key: &str, mut visit: impl FnMut(&[u8])) -> MarketResult<()> {
         let opened = self.open_read(key);
         match opened.key_type() {
-            KeyType::Empty => Ok(Vec::new()),
+            KeyType::Empty => Ok(()),
             KeyType::Set => {
-                let mut members = Vec::new();
-                opened.scan(&mut |member, _| {
-                    if let Ok(member) = std::str::from_utf8(member) {
-                        members.push(member.to_owned());
-                    }
-                });
-                Ok(members)
+                opened.scan(&mut |member, _| visit(member));
+                Ok(())
             }
             _ => Err(MarketError::WrongType(key.to_owned())),
         }

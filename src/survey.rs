@@ -47,7 +47,7 @@ pub enum Fix {
     /// Nothing a repair can write: reported only.
     Report,
     /// One replicated command, as (command, arguments).
-    Write(&'static str, Vec<String>),
+    Write(&'static str, Vec<Vec<u8>>),
     /// A GPU record to write, with a fresh version drawn from the sequence when applied.
     /// `before` is the record as stored (`None`: written whole).
     Gpu {
@@ -177,7 +177,22 @@ impl Surveyor<'_, '_, '_> {
     }
 
     fn write(command: &'static str, args: &[&str]) -> Fix {
-        Fix::Write(command, args.iter().map(|a| (*a).to_owned()).collect())
+        Fix::Write(
+            command,
+            args.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        )
+    }
+
+    /// A field or member that is not text (another client's hand: gpucache writes only ASCII
+    /// ids) is removed as it is stored, rather than read under a name that matches nothing.
+    fn drop_unreadable(&mut self, command: &'static str, key: &str, name: &[u8]) {
+        self.add(
+            format!(
+                "{key} holds '{}', which is not a name gpucache writes: it is removed",
+                crate::core::input::shown(name, 64)
+            ),
+            Fix::Write(command, vec![key.as_bytes().to_vec(), name.to_vec()]),
+        );
     }
 
     /// Checks a key's type; a foreign one is replaced (reported, deleted, read as empty).
@@ -219,26 +234,43 @@ impl Surveyor<'_, '_, '_> {
     // parse): a survey reads every index of the region.
     fn hash(&mut self, key: &str) -> MarketResult<BTreeMap<String, String>> {
         let mut fields = BTreeMap::new();
+        let mut unreadable = Vec::new();
         if self.usable(key, KeyType::Hash) {
-            self.store.scan_hash(key, |name, value| {
-                fields.insert(
-                    String::from_utf8_lossy(name).into_owned(),
-                    String::from_utf8_lossy(value).into_owned(),
-                );
-            })?;
+            self.store
+                .scan_hash(key, |name, value| match std::str::from_utf8(name) {
+                    Ok(name) => {
+                        fields.insert(name.to_owned(), String::from_utf8_lossy(value).into_owned());
+                    }
+                    Err(_) => unreadable.push(name.to_vec()),
+                })?;
+        }
+        for name in unreadable {
+            self.drop_unreadable("HDEL", key, &name);
         }
         Ok(fields)
     }
 
     fn set(&mut self, key: &str) -> MarketResult<BTreeSet<String>> {
-        if !self.usable(key, KeyType::Set) {
-            return Ok(BTreeSet::new());
+        let mut members = BTreeSet::new();
+        let mut unreadable = Vec::new();
+        if self.usable(key, KeyType::Set) {
+            self.store
+                .scan_set(key, |member| match std::str::from_utf8(member) {
+                    Ok(member) => {
+                        members.insert(member.to_owned());
+                    }
+                    Err(_) => unreadable.push(member.to_vec()),
+                })?;
         }
-        Ok(self.store.set_members(key)?.into_iter().collect())
+        for member in unreadable {
+            self.drop_unreadable("SREM", key, &member);
+        }
+        Ok(members)
     }
 
     fn zset(&mut self, key: &str) -> MarketResult<BTreeMap<String, f64>> {
         let mut members = BTreeMap::new();
+        let mut unreadable = Vec::new();
         if self.usable(key, KeyType::ZSet) {
             self.store.zwalk(
                 key,
@@ -246,10 +278,18 @@ impl Surveyor<'_, '_, '_> {
                 f64::INFINITY,
                 false,
                 |member, score| {
-                    members.insert(String::from_utf8_lossy(member).into_owned(), score);
+                    match std::str::from_utf8(member) {
+                        Ok(member) => {
+                            members.insert(member.to_owned(), score);
+                        }
+                        Err(_) => unreadable.push(member.to_vec()),
+                    }
                     true
                 },
             )?;
+        }
+        for member in unreadable {
+            self.drop_unreadable("ZREM", key, &member);
         }
         Ok(members)
     }

@@ -676,3 +676,50 @@ fn a_gpu_holding_another_gpus_booking_is_found_and_released() {
     let g1 = fields(&mut con, &["GPUCACHE.GET", "eu", "g1"]);
     assert_eq!(g1["booking_id"], "b1");
 }
+
+/// Another client's non-text names in gpucache's indexes: the booking clock drops one from its
+/// index (instead of queueing a repair every second), and REPAIR removes the rest as stored.
+#[test]
+fn names_that_are_not_text_are_removed_not_looped_on() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    fields(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "u", "3600"]);
+    let garbage: &[u8] = b"\xff\xfe";
+    redis::cmd("ZADD")
+        .arg("gpucache:{eu}:index:booking-ends")
+        .arg(0)
+        .arg(garbage)
+        .query::<()>(&mut con)
+        .unwrap();
+    eventually("the clock dropped the member", Duration::from_secs(10), || {
+        let n: i64 = redis::cmd("ZCARD")
+            .arg("gpucache:{eu}:index:booking-ends")
+            .query(&mut con)
+            .unwrap();
+        n == 1
+    });
+    assert_eq!(info_field(&mut con, "gpucache_region_repairs"), 0);
+    for (command, key) in [
+        ("SADD", "gpucache:{eu}:provider-gpus:p1"),
+        ("ZADD", "gpucache:{eu}:avail-own:A100"),
+        ("HSET", "gpucache:{eu}:index:gpus"),
+    ] {
+        let mut cmd = redis::cmd(command);
+        cmd.arg(key);
+        match command {
+            "ZADD" => cmd.arg(1).arg(garbage),
+            "HSET" => cmd.arg(garbage).arg("available A100 p1"),
+            _ => cmd.arg(garbage),
+        };
+        cmd.query::<()>(&mut con).unwrap();
+    }
+    let check = run(&mut con, &["GPUCACHE.CHECK", "eu"]).unwrap();
+    assert_eq!(text(&as_map(&check)["ok"]), "0");
+    fields(&mut con, &["GPUCACHE.REPAIR", "eu"]);
+    assert_consistent(&mut con, "eu");
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.GET", "eu", "g1"])["booking_id"],
+        "b1"
+    );
+}
