@@ -627,7 +627,18 @@ impl Surveyor<'_, '_, '_> {
                         );
                     }
                 }
-                Some(gpu) if gpu.booking.is_some() => {
+                // The GPU holds another booking, and rightly so — that booking's record names
+                // it, or it has only the GPU's copy: this one loses the GPU. (A GPU holding a
+                // booking whose record names another GPU holds nothing, and this one takes it.)
+                Some(gpu)
+                    if gpu
+                        .booking
+                        .as_ref()
+                        .is_some_and(|holder| match bookings.get(holder) {
+                            Some(Read::Present(b)) => b.gpu_id == gpu_id,
+                            _ => gpu.booking_terms.is_some(),
+                        }) =>
+                {
                     self.out.dropped_bookings += 1;
                     closing.insert(booking_id.clone());
                     self.add(

@@ -692,13 +692,17 @@ fn names_that_are_not_text_are_removed_not_looped_on() {
         .arg(garbage)
         .query::<()>(&mut con)
         .unwrap();
-    eventually("the clock dropped the member", Duration::from_secs(10), || {
-        let n: i64 = redis::cmd("ZCARD")
-            .arg("gpucache:{eu}:index:booking-ends")
-            .query(&mut con)
-            .unwrap();
-        n == 1
-    });
+    eventually(
+        "the clock dropped the member",
+        Duration::from_secs(10),
+        || {
+            let n: i64 = redis::cmd("ZCARD")
+                .arg("gpucache:{eu}:index:booking-ends")
+                .query(&mut con)
+                .unwrap();
+            n == 1
+        },
+    );
     assert_eq!(info_field(&mut con, "gpucache_region_repairs"), 0);
     for (command, key) in [
         ("SADD", "gpucache:{eu}:provider-gpus:p1"),
@@ -722,4 +726,48 @@ fn names_that_are_not_text_are_removed_not_looped_on() {
         fields(&mut con, &["GPUCACHE.GET", "eu", "g1"])["booking_id"],
         "b1"
     );
+}
+
+/// A GPU record that claims another GPU's booking does not cost its own booking anything:
+/// REPAIR gives each booking back its GPU and drops none.
+#[test]
+fn a_wrong_claim_on_a_gpu_does_not_end_the_booking_that_holds_it() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    fields(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "3600"],
+    );
+    fields(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g2", "b2", "bob", "3600"],
+    );
+    // g1's record now claims b2, whose record names g2 (which holds it).
+    cmd(
+        &mut con,
+        &[
+            "HSET",
+            "gpucache:{eu}:gpu:g1",
+            "booking",
+            "b2",
+            "booking_user",
+            "bob",
+        ],
+    );
+    let report = fields(&mut con, &["GPUCACHE.REPAIR", "eu"]);
+    assert_eq!(report["bookings"], "0", "no booking dropped");
+    assert_consistent(&mut con, "eu");
+    for (gpu, booking, user) in [("g1", "b1", "alice"), ("g2", "b2", "bob")] {
+        let record = fields(&mut con, &["GPUCACHE.GET", "eu", gpu]);
+        assert_eq!(
+            (
+                record["booking_id"].as_str(),
+                record["booking_user"].as_str()
+            ),
+            (booking, user)
+        );
+    }
+    let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
+    assert_eq!(stats["bookings_active"], "2");
 }
