@@ -9,7 +9,8 @@ use crate::config;
 use crate::core::error::MarketResult;
 use crate::core::events::{notify, Event, EventKind};
 use crate::core::ttl::jittered_ttl_ms;
-use crate::market::{stat, Region};
+use crate::keys::RegionKeys;
+use crate::market::{stat, BookingEnd, Region};
 use crate::store::Store;
 use crate::survey::{survey, Fix};
 use redis_module::logging::RedisLogLevel;
@@ -62,6 +63,12 @@ pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairRep
     let mut counters: Vec<(String, String)> = Vec::new();
     let mut version = found.seq_floor;
     let mut closed = 0i64;
+    // Types whose availability or counts the repair changes: their demand multipliers are read
+    // now, so `publish` can tell which moved (`pricing_updated`, `order_book_updated`).
+    // (A type whose keys the repair replaces cannot be read before: it gets no such event.)
+    for gpu_type in touched_types(&found) {
+        let _ = region.touch_type(&gpu_type, true);
+    }
     for finding in &found.findings {
         if report.repairs.len() < MAX_LISTED {
             report.repairs.push(finding.message.clone());
@@ -116,9 +123,19 @@ pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairRep
                 store.hset(&region.keys.booking(booking_id), &booking.to_fields());
                 report.booking_records += 1;
             }
-            Fix::Close { booking_id } => {
+            Fix::Close {
+                booking_id,
+                booking,
+            } => {
                 store.write("DEL", &[region.keys.booking(booking_id).as_bytes()]);
                 closed += 1;
+                let mut event = Event::new(EventKind::BookingCancelled, &region.name, now);
+                event.reason = Some(BookingEnd::Conflict.reason());
+                event.booking_id = Some(booking_id.clone());
+                event.gpu_id = Some(booking.gpu_id.clone());
+                event.user_id = Some(booking.user_id.clone());
+                event.keys = vec![region.keys.booking(booking_id)];
+                region.append_event(&event);
             }
             Fix::Counter(field, value) => counters.push((field.clone(), value.to_string())),
         }
@@ -139,6 +156,9 @@ pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairRep
             .map(|(f, v)| (f.as_str(), v.clone()))
             .collect();
         store.hset(&region.keys.stats(), &fields);
+        for (field, _) in &counters {
+            region.forget_counter(field);
+        }
     }
     if report.fixed > 0 {
         crate::log(
@@ -225,6 +245,36 @@ pub fn sweep_region(ctx: &Context, region_name: &str) -> MarketResult<Sweep> {
         );
     }
     Ok(sweep)
+}
+
+/// The types whose availability index, GPU counts or own-price sums a repair's fixes change.
+fn touched_types(found: &crate::survey::Survey) -> std::collections::BTreeSet<String> {
+    let mut types = std::collections::BTreeSet::new();
+    for finding in &found.findings {
+        match &finding.fix {
+            Fix::Write(_, args) => {
+                let key = args.first().map(|k| String::from_utf8_lossy(k));
+                if let Some((_, entity, id)) = key.as_deref().and_then(RegionKeys::parse) {
+                    if entity.starts_with("avail-") {
+                        types.insert(id.to_owned());
+                    }
+                }
+            }
+            Fix::Gpu { record, before, .. } => {
+                types.insert(record.gpu_type.clone());
+                if let Some(before) = before {
+                    types.insert(before.gpu_type.clone());
+                }
+            }
+            Fix::Counter(field, _) => {
+                if let Some(gpu_type) = field.strip_prefix(stat::TYPE_TOTAL_PREFIX) {
+                    types.insert(gpu_type.to_owned());
+                }
+            }
+            Fix::Report | Fix::Booking { .. } | Fix::Close { .. } => {}
+        }
+    }
+    types
 }
 
 fn count(n: usize) -> i64 {

@@ -62,7 +62,10 @@ pub enum Fix {
     },
     /// A booking that loses its GPU to another booking: its record goes (its index entries go
     /// with the derived indexes) and it counts as cancelled.
-    Close { booking_id: String },
+    Close {
+        booking_id: String,
+        booking: Box<Booking>,
+    },
     /// A field of the counters hash (all written with one `HSET`).
     Counter(String, i64),
 }
@@ -648,6 +651,7 @@ impl Surveyor<'_, '_, '_> {
                         ),
                         Fix::Close {
                             booking_id: booking_id.clone(),
+                            booking: Box::new(booking.clone()),
                         },
                     );
                     continue;
@@ -679,6 +683,7 @@ impl Surveyor<'_, '_, '_> {
                             format!("booking {booking_id} is for {gpu_id}, which is not registered and whose type is unknown: {booking_id} ends"),
                             Fix::Close {
                                 booking_id: booking_id.clone(),
+                                booking: Box::new(booking.clone()),
                             },
                         );
                         continue;

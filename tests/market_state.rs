@@ -771,3 +771,92 @@ fn a_wrong_claim_on_a_gpu_does_not_end_the_booking_that_holds_it() {
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
     assert_eq!(stats["bookings_active"], "2");
 }
+
+/// The events of a repair: a booking that loses its GPU to the one holding it is announced as
+/// cancelled (`conflict`), and a type whose index the repair changed gets its order-book event.
+#[test]
+fn a_repair_announces_what_it_changed() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    let booked = fields(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g1", "b1", "alice", "3600"],
+    );
+    // A second booking naming g1, written by hand.
+    cmd(
+        &mut con,
+        &[
+            "HSET",
+            "gpucache:{eu}:booking:b9",
+            "gpu",
+            "g1",
+            "user",
+            "eve",
+            "price",
+            "1",
+            "duration_s",
+            "3600",
+            "start_ms",
+            &booked["start_ms"],
+            "end_ms",
+            &booked["end_ms"],
+        ],
+    );
+    cmd(
+        &mut con,
+        &["HSET", "gpucache:{eu}:index:bookings", "b9", "g1"],
+    );
+    cmd(&mut con, &["DEL", "gpucache:{eu}:avail-own:A100"]);
+    let last_id: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg("gpucache:{eu}:events")
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(&mut con)
+        .unwrap();
+    let report = fields(&mut con, &["GPUCACHE.REPAIR", "eu"]);
+    assert_eq!(report["bookings"], "1");
+    assert_consistent(&mut con, "eu");
+    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("gpucache:{eu}:events")
+        .arg(format!("({}", last_id[0].0))
+        .arg("+")
+        .query(&mut con)
+        .unwrap();
+    let payloads: Vec<String> = events
+        .iter()
+        .filter_map(|(_, f)| {
+            f.iter()
+                .find(|(k, _)| k == "payload")
+                .map(|(_, v)| v.clone())
+        })
+        .collect();
+    assert!(
+        payloads.iter().any(|p| p.contains("\"booking_cancelled\"")
+            && p.contains("\"reason\":\"conflict\"")
+            && p.contains("\"booking_id\":\"b9\"")),
+        "{payloads:?}"
+    );
+    assert!(
+        payloads
+            .iter()
+            .any(|p| p.contains("\"order_book_updated\"") && p.contains("\"gpu_type\":\"A100\"")),
+        "{payloads:?}"
+    );
+    assert!(
+        payloads
+            .iter()
+            .any(|p| p.contains("\"manual_invalidation\"") && p.contains("\"reason\":\"repaired\"")),
+        "{payloads:?}"
+    );
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.STATS", "eu"])["bookings_cancelled"],
+        "1"
+    );
+    assert_eq!(
+        fields(&mut con, &["GPUCACHE.GET", "eu", "g1"])["booking_id"],
+        "b1"
+    );
+}
