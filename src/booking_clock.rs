@@ -79,6 +79,14 @@ pub fn look_again() {
     clock().next_end.clear();
 }
 
+/// Forgets one region's earliest end (a repair may have put bookings back on its clock), so
+/// the next tick looks at it.
+pub fn look_again_at(ctx: &Context, region: &str) {
+    clock()
+        .next_end
+        .remove(&(selected_db(ctx), region.to_owned()));
+}
+
 /// Bookings the clock has ended since the module loaded.
 pub fn ended_count() -> u64 {
     clock().ended

@@ -421,10 +421,11 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
 /// Completes a pending repair inside a write command that is about to create `key` anew.
 ///
 /// Redis deletes an expired key when a command reads it, and announces it, but the repair runs
-/// in a timer just after the command: a `REGISTER` of the same GPU id (or a `BOOK` reusing an
-/// ended booking id) would otherwise build on the old record's index entries and counters.
-/// Called once the command found the record gone; does nothing when no repair is pending.
-/// Returns whether one was.
+/// in a timer just after the command: a `REGISTER` of the same GPU id would otherwise build on
+/// the old record's index entries and counters. A record deleted by hand (announced by nothing)
+/// is repaired the same way: a `BOOK` reusing the id of a booking whose record is gone gets it
+/// rebuilt from its GPU's copy first. Called once the command found the record gone; does
+/// nothing when the registry does not list the id. Returns whether it did.
 pub fn settle_vanished(ctx: &Context, key: &str) -> bool {
     let Some((region, entity, id)) = RegionKeys::parse(key) else {
         return false;
@@ -512,29 +513,35 @@ pub(crate) fn heal_gpu(region: &Region, gpu_id: &str) -> MarketResult<bool> {
         return Ok(false);
     };
     let Some(entry) = RegistryEntry::parse(&String::from_utf8_lossy(&entry)) else {
-        store.write("HDEL", &[registry.as_bytes(), gpu_id.as_bytes()]);
-        return Ok(true);
+        // A garbled entry says nothing of what the GPU left in the indexes and counters: the
+        // region is repaired whole (from a recount).
+        crate::heal::queue_region_repair(store.ctx(), &region.name);
+        return Ok(false);
     };
     let (gpu_type, provider) = (entry.gpu_type.as_str(), entry.provider.as_str());
     region.check_gpu_key_types(gpu_id, gpu_type, provider)?;
     let booking_registry = region.keys.booking_registry();
+    let mut orphan = None;
     if let Some(booking_id) = &entry.booking {
-        if let Some(booking) = region
-            .load_booking(booking_id)?
-            .filter(|b| b.gpu_id == gpu_id)
-        {
-            rebuild_booked_gpu(region, gpu_id, &entry, booking_id, &booking)?;
-            return Ok(true);
+        match region.load_booking(booking_id)? {
+            Some(booking) if booking.gpu_id == gpu_id => {
+                rebuild_booked_gpu(region, gpu_id, &entry, booking_id, &booking)?;
+                return Ok(true);
+            }
+            // The booking names another GPU: records disagree, a recount decides.
+            Some(_) => {
+                crate::heal::queue_region_repair(store.ctx(), &region.name);
+                return Ok(false);
+            }
+            // Its record is gone too: its registry entry goes with the GPU.
+            None => {
+                orphan = store
+                    .hget(&booking_registry, booking_id)?
+                    .filter(|holder| holder.as_slice() == gpu_id.as_bytes())
+                    .map(|_| booking_id.clone());
+            }
         }
     }
-    // A booking registry entry for a booking whose record is gone too goes with the GPU.
-    let orphan = match &entry.booking {
-        Some(booking_id) => store
-            .hget(&booking_registry, booking_id)?
-            .filter(|holder| holder.as_slice() == gpu_id.as_bytes())
-            .map(|_| booking_id.clone()),
-        None => None,
-    };
 
     region.touch_type(gpu_type, false)?;
     region.unlist(gpu_id, gpu_type)?;

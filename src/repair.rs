@@ -5,10 +5,8 @@
 //! Every fix is a plain replicated write, so a repair reaches replicas and the AOF as the
 //! primary decided it. A repair recounts rather than replays: running it again is always safe.
 
-use crate::config;
 use crate::core::error::MarketResult;
 use crate::core::events::{notify, Event, EventKind};
-use crate::core::ttl::jittered_ttl_ms;
 use crate::keys::RegionKeys;
 use crate::market::{stat, BookingEnd, Region};
 use crate::store::Store;
@@ -102,17 +100,10 @@ pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairRep
                     }
                 }
                 // Held: market state, no TTL. Idle: a cached record with a fresh one.
-                if record.booking.is_some() {
-                    if before.is_some() {
-                        store.write("PERSIST", &[key.as_bytes()]);
-                    }
-                } else {
-                    let at = now.saturating_add(jittered_ttl_ms(
-                        config::get(&config::AVAILABILITY_TTL),
-                        config::get(&config::JITTER_PERCENT),
-                        fastrand::f64(),
-                    ));
-                    store.pexpire_at(&key, at);
+                match region.gpu_expiry(now, record.booking.is_some()) {
+                    Some(at) => store.pexpire_at(&key, at),
+                    None if before.is_some() => store.write("PERSIST", &[key.as_bytes()]),
+                    None => {}
                 }
                 report.gpu_records += 1;
             }
@@ -174,6 +165,7 @@ pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairRep
         event.reason = Some("repaired");
         region.publish(notify::REPAIRED, event)?;
     }
+    crate::booking_clock::look_again_at(ctx, region_name);
     report.failed_writes = store.failed_writes();
     Ok(report)
 }

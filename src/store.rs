@@ -489,22 +489,6 @@ impl<'a> Store<'a> {
         Ok(first)
     }
 
-    /// The first member and score of a sorted set (its cheapest entry).
-    pub fn zfirst(&self, key: &str) -> MarketResult<Option<(String, f64)>> {
-        let reply = self.read("ZRANGE", &[key.as_bytes(), b"0", b"0", b"WITHSCORES"])?;
-        let RedisValue::Array(items) = reply else {
-            return Ok(None);
-        };
-        let mut items = items.iter().filter_map(text);
-        match (
-            items.next(),
-            items.next().and_then(|s| s.parse::<f64>().ok()),
-        ) {
-            (Some(member), Some(score)) => Ok(Some((member, score))),
-            _ => Ok(None),
-        }
-    }
-
     fn members_of(&self, command: &str, args: &[&[u8]]) -> MarketResult<Vec<String>> {
         match self.read(command, args)? {
             RedisValue::Array(items) => Ok(items.iter().filter_map(text).collect()),
@@ -1285,7 +1269,7 @@ impl Store<'_> {
     }
 
     /// The lowest-scored member of a sorted set and its score, through the key API's range
-    /// iterator rather than a `ZRANGE` call (like `zfirst`). A member that is not UTF-8 reads as
+    /// iterator rather than a `ZRANGE` call. A member that is not UTF-8 reads as
     /// none; another type is refused.
     pub fn zset_first(&self, key: &str) -> MarketResult<Option<(String, f64)>> {
         let mut first = None;

@@ -20,14 +20,12 @@
 //!   least it can be. The 24-hour window is checked against the event stream, as far back as
 //!   the stream reaches.
 
-use crate::config;
 use crate::core::booking::Booking;
 use crate::core::error::MarketResult;
 use crate::core::events::EventKind;
 use crate::core::gpu::{price_source, GpuRecord, PriceSource, RegistryEntry, TypePrice};
 use crate::core::price::Price;
 use crate::core::status::{is_listed, GpuStatus, ProviderStatus};
-use crate::core::ttl::jittered_ttl_ms;
 use crate::core::window;
 use crate::market::{stat, Region};
 use crate::store::Store;
@@ -70,7 +68,6 @@ pub enum Fix {
     Counter(String, i64),
 }
 
-/// What kind of repair a finding is, for the counts `REPAIR` replies with.
 impl Finding {
     fn new(message: String, fix: Fix) -> Finding {
         Finding { message, fix }
@@ -785,11 +782,7 @@ impl Surveyor<'_, '_, '_> {
                     Self::write("PERSIST", &[&key]),
                 ),
                 (false, None) => {
-                    let at = now.saturating_add(jittered_ttl_ms(
-                        config::get(&config::AVAILABILITY_TTL),
-                        config::get(&config::JITTER_PERCENT),
-                        fastrand::f64(),
-                    ));
+                    let at = self.region.gpu_expiry(now, false).unwrap_or(now);
                     self.add(
                         format!("{gpu_id} is an idle GPU's cached record without a TTL"),
                         Self::write("PEXPIREAT", &[&key, &at.to_string()]),
@@ -1183,6 +1176,12 @@ impl Surveyor<'_, '_, '_> {
             ),
             None if floor > 0 => self.add(
                 format!("seq is missing: it resumes at {floor}, above every version still visible"),
+                Fix::Counter(stat::SEQ.to_owned(), floor),
+            ),
+            // Writes refuse a region with state but no counters hash: it must exist again, if
+            // only with its sequence.
+            None if counters.is_empty() && self.region.has_market_state() => self.add(
+                "the market counters are gone: they are written anew".to_owned(),
                 Fix::Counter(stat::SEQ.to_owned(), floor),
             ),
             None => {}

@@ -860,3 +860,60 @@ fn a_repair_announces_what_it_changed() {
         "b1"
     );
 }
+
+/// A region whose GPUs have all gone, with its counters and stream lost too: REPAIR writes the
+/// counters anew, so writes are no longer refused.
+#[test]
+fn counters_lost_in_an_empty_region_are_written_anew() {
+    let server = Server::start(&["AVAILABILITY_TTL", "1", "JITTER", "0"], &[]);
+    let mut con = server.connect();
+    register(&mut con, "eu", "g1", "p1", "A100", "2");
+    eventually("g1 expired and healed", Duration::from_secs(10), || {
+        let n: i64 = redis::cmd("HLEN")
+            .arg("gpucache:{eu}:index:gpus")
+            .query(&mut con)
+            .unwrap();
+        n == 0
+    });
+    cmd(
+        &mut con,
+        &["DEL", "gpucache:{eu}:stats:market", "gpucache:{eu}:events"],
+    );
+    let err = error(
+        &mut con,
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g2",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "1",
+        ],
+    );
+    assert!(err.starts_with("CORRUPT"), "{err}");
+    eventually(
+        "a write goes through again",
+        Duration::from_secs(10),
+        || {
+            run(
+                &mut con,
+                &[
+                    "GPUCACHE.REGISTER",
+                    "eu",
+                    "g2",
+                    "PROVIDER",
+                    "p1",
+                    "TYPE",
+                    "A100",
+                    "PRICE",
+                    "1",
+                ],
+            )
+            .is_ok()
+        },
+    );
+    assert_consistent(&mut con, "eu");
+}
