@@ -221,12 +221,7 @@ fn end_on_clock(
     let store = Store::new(ctx);
     let region = Region::new(&store, region_name.to_owned());
     let ends_key = region.keys.booking_ends();
-    let booking = match region.load_booking(booking_id)? {
-        Some(booking) => Some(booking),
-        // Its record is gone (a hand `DEL`): the GPU that holds it keeps a copy of its terms.
-        None => terms_on_holder(&region, booking_id)?,
-    };
-    let Some(booking) = booking else {
+    let Some(booking) = booking_or_copy(&region, booking_id)? else {
         // Nothing holds it: a stale entry. What the registry still lists is released by the
         // repair of a vanished booking.
         crate::heal::settle_vanished(ctx, &region.keys.booking(booking_id));
@@ -247,6 +242,15 @@ fn end_on_clock(
         crate::heal::queue_region_repair(ctx, region_name);
     }
     Ok(true)
+}
+
+/// A booking from its own record, or — when that is gone (a hand `DEL`) — from the copy of its
+/// terms on the GPU that holds it.
+fn booking_or_copy(region: &Region, booking_id: &str) -> MarketResult<Option<Booking>> {
+    match region.load_booking(booking_id)? {
+        Some(booking) => Ok(Some(booking)),
+        None => terms_on_holder(region, booking_id),
+    }
 }
 
 /// The booking as the GPU holding it records it, when its own record is gone.
@@ -279,16 +283,10 @@ pub fn settle_ended(
 ) -> MarketResult<bool> {
     let store = Store::new(ctx);
     let region = Region::new(&store, region_name.to_owned());
-    let booking = match region.load_booking(booking_id)? {
-        Some(booking) => booking,
-        None => match terms_on_holder(&region, booking_id)? {
-            Some(booking) => booking,
-            None => return Ok(false),
-        },
-    };
-    if !booking.has_ended(now_ms) {
+    let Some(booking) = booking_or_copy(&region, booking_id)?.filter(|b| b.has_ended(now_ms))
+    else {
         return Ok(false);
-    }
+    };
     region.close_booking(booking_id, &booking, BookingEnd::Ended)?;
     clock().ended += 1;
     Ok(true)

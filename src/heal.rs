@@ -607,20 +607,14 @@ pub(crate) fn rebuild_booked_gpu(
         region.prefetch_status_change(&entry.gpu_type, entry.status, GpuStatus::Busy, &[])?;
     }
     let version = region.next_seq()?;
-    let record = GpuRecord {
-        provider: entry.provider.clone(),
-        gpu_type: entry.gpu_type.clone(),
-        own_price: booking.price,
-        price_seq: 0,
-        memory_gb: None,
-        cores: None,
-        score: None,
-        status: GpuStatus::Busy,
-        booking: Some(booking_id.to_owned()),
-        booking_terms: Some(booking.terms()),
+    let record = GpuRecord::rebuilt_for(
+        &entry.gpu_type,
+        &entry.provider,
+        booking_id,
+        booking,
         version,
-        updated_ms: now,
-    };
+        now,
+    );
     let key = region.keys.gpu(gpu_id);
     store.hset(&key, &record.to_fields());
     if *entry != held {

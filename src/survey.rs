@@ -685,20 +685,9 @@ impl Surveyor<'_, '_, '_> {
                         );
                         continue;
                     };
-                    let rebuilt = GpuRecord {
-                        provider: provider.clone(),
-                        gpu_type: gpu_type.clone(),
-                        own_price: booking.price,
-                        price_seq: 0,
-                        memory_gb: None,
-                        cores: None,
-                        score: None,
-                        status: GpuStatus::Busy,
-                        booking: Some(booking_id.clone()),
-                        booking_terms: Some(booking.terms()),
-                        version: 0,
-                        updated_ms: now,
-                    };
+                    // Its version is drawn when the repair writes it.
+                    let rebuilt =
+                        GpuRecord::rebuilt_for(&gpu_type, &provider, booking_id, &booking, 0, now);
                     providers.insert(provider);
                     types.insert(gpu_type);
                     changed(

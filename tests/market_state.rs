@@ -879,41 +879,23 @@ fn counters_lost_in_an_empty_region_are_written_anew() {
         &mut con,
         &["DEL", "gpucache:{eu}:stats:market", "gpucache:{eu}:events"],
     );
-    let err = error(
-        &mut con,
-        &[
-            "GPUCACHE.REGISTER",
-            "eu",
-            "g2",
-            "PROVIDER",
-            "p1",
-            "TYPE",
-            "A100",
-            "PRICE",
-            "1",
-        ],
-    );
+    let register_g2 = [
+        "GPUCACHE.REGISTER",
+        "eu",
+        "g2",
+        "PROVIDER",
+        "p1",
+        "TYPE",
+        "A100",
+        "PRICE",
+        "1",
+    ];
+    let err = error(&mut con, &register_g2);
     assert!(err.starts_with("CORRUPT"), "{err}");
     eventually(
         "a write goes through again",
         Duration::from_secs(10),
-        || {
-            run(
-                &mut con,
-                &[
-                    "GPUCACHE.REGISTER",
-                    "eu",
-                    "g2",
-                    "PROVIDER",
-                    "p1",
-                    "TYPE",
-                    "A100",
-                    "PRICE",
-                    "1",
-                ],
-            )
-            .is_ok()
-        },
+        || run(&mut con, &register_g2).is_ok(),
     );
     assert_consistent(&mut con, "eu");
 }

@@ -199,6 +199,34 @@ impl std::fmt::Display for RegistryEntry {
 }
 
 impl GpuRecord {
+    /// The record of a booked GPU whose own record was lost, rebuilt from its booking and the
+    /// type and provider known elsewhere. What only the lost record knew — its own price and
+    /// attributes — is not known: it shows the booking's hourly price as its own, set before any
+    /// type price (sequence 0), until the GPU is registered again.
+    pub fn rebuilt_for(
+        gpu_type: &str,
+        provider: &str,
+        booking_id: &str,
+        booking: &super::booking::Booking,
+        version: i64,
+        now_ms: i64,
+    ) -> GpuRecord {
+        GpuRecord {
+            provider: provider.to_owned(),
+            gpu_type: gpu_type.to_owned(),
+            own_price: booking.price,
+            price_seq: 0,
+            memory_gb: None,
+            cores: None,
+            score: None,
+            status: GpuStatus::Busy,
+            booking: Some(booking_id.to_owned()),
+            booking_terms: Some(booking.terms()),
+            version,
+            updated_ms: now_ms,
+        }
+    }
+
     /// Reads a record from its hash fields; `None` when a field this module always writes is
     /// missing or malformed (someone edited the hash by hand).
     pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Option<Self> {
