@@ -87,6 +87,45 @@ pub fn look_again_at(ctx: &Context, region: &str) {
         .remove(&(selected_db(ctx), region.to_owned()));
 }
 
+/// Forgets a region that is gone (`regions.rs`).
+pub fn forget(db: i32, region: &str) {
+    let key = (db, region.to_owned());
+    let mut clock = clock();
+    clock.next_end.remove(&key);
+    clock.failures.remove(&key);
+    shrink(&mut clock);
+}
+
+/// Forgets a flushed db's regions (`None`: every db's).
+pub fn forget_db(db: Option<i32>) {
+    let mut clock = clock();
+    clock
+        .next_end
+        .retain(|(d, _), _| db.is_some_and(|db| *d != db));
+    clock
+        .failures
+        .retain(|(d, _), _| db.is_some_and(|db| *d != db));
+    shrink(&mut clock);
+}
+
+/// `SWAPDB`: what the clock knew of each db's regions now describes the other db; it looks at
+/// every region again (rare enough not to track the swap).
+pub fn forget_all_ends() {
+    let mut clock = clock();
+    clock.next_end.clear();
+    clock.failures.clear();
+}
+
+/// Gives memory back after many regions were forgotten (a map keeps its largest size).
+fn shrink(clock: &mut Clock) {
+    if clock.next_end.capacity() > 64 && clock.next_end.len() * 4 < clock.next_end.capacity() {
+        clock.next_end.shrink_to_fit();
+    }
+    if clock.failures.capacity() > 64 && clock.failures.len() * 4 < clock.failures.capacity() {
+        clock.failures.shrink_to_fit();
+    }
+}
+
 /// Bookings the clock has ended since the module loaded.
 pub fn ended_count() -> u64 {
     clock().ended
@@ -101,10 +140,9 @@ pub fn on_tick(ctx: &Context, now_ms: i64, deadline: Instant) -> bool {
             clock.next_end.clear();
             clock.last_full_look_ms = now_ms;
         }
-        crate::regions::known_everywhere()
-            .into_iter()
-            .filter(|region| clock.next_end.get(region).is_none_or(|end| *end <= now_ms))
-            .collect()
+        crate::regions::known_where(|region| {
+            clock.next_end.get(region).is_none_or(|end| *end <= now_ms)
+        })
     };
     let original = selected_db(ctx);
     let mut unfinished = false;

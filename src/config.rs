@@ -2,8 +2,6 @@
 //! and `CONFIG SET/GET gpucache.<name>` both land in these values.
 
 use crate::core::demand::DemandTiers;
-use redis_module::configuration::{ConfigurationContext, ConfigurationValue};
-use redis_module::{RedisError, RedisString};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -61,7 +59,8 @@ pub const SETTINGS: [Setting; 4] = [
 ];
 
 /// Demand-pricing tiers (`gpucache.demand-tiers`, load argument `DEMAND_TIERS`): validated when
-/// set, so `CONFIG SET` with a malformed value fails and keeps the old tiers.
+/// set, so `CONFIG SET` with a malformed value fails and keeps the old tiers. Registered with
+/// Redis in `config_registration.rs`.
 pub struct DemandTiersSetting(OnceLock<Mutex<DemandTiers>>);
 
 pub static DEMAND_TIERS: DemandTiersSetting = DemandTiersSetting(OnceLock::new());
@@ -86,19 +85,6 @@ impl DemandTiersSetting {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = tiers;
         Ok(())
-    }
-}
-
-impl ConfigurationValue<RedisString> for DemandTiersSetting {
-    fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        RedisString::create(None, self.current().to_string().as_str())
-    }
-
-    fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
-        let text = val
-            .try_as_str()
-            .map_err(|_| RedisError::Str("demand tiers must be text"))?;
-        self.replace(text).map_err(RedisError::String)
     }
 }
 

@@ -108,12 +108,14 @@ fn value_text(value: &RedisValue) -> Option<String> {
 
 #[config_changed_event_handler]
 fn on_config_changed(ctx: &Context, changed: &[&str]) {
-    if changed
-        .iter()
-        .any(|name| name.eq_ignore_ascii_case("maxmemory-policy"))
-    {
-        refresh(ctx);
-    }
+    crate::logging::guarded(|| {
+        if changed
+            .iter()
+            .any(|name| name.eq_ignore_ascii_case("maxmemory-policy"))
+        {
+            refresh(ctx);
+        }
+    });
 }
 
 #[cfg(test)]

@@ -168,6 +168,10 @@ pub fn reserve() {
 
 /// Keyspace-event handler for `expired` and `evicted`.
 pub fn on_key_gone(ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &[u8]) {
+    crate::logging::guarded(|| queue_gone_key(ctx, key));
+}
+
+fn queue_gone_key(ctx: &Context, key: &[u8]) {
     let Ok(key) = std::str::from_utf8(key) else {
         return;
     };
@@ -280,7 +284,8 @@ fn drain(ctx: &Context, _: ()) {
         let Some(job) = next_job(now) else {
             break;
         };
-        if let Some(retry) = run(ctx, job, now) {
+        // A job that panics (a bug; the log has it) is dropped rather than retried forever.
+        if let Some(Some(retry)) = crate::logging::guarded(|| run(ctx, job, now)) {
             deferred.push(retry);
         }
     }
@@ -488,19 +493,23 @@ pub(crate) fn heal_key(ctx: &Context, key: &str) -> bool {
 /// gets the primary's repairs through replication), and let the booking clock look at all.
 #[redis_module_macros::loading_event_handler]
 fn after_loading(ctx: &Context, event: redis_module::server_events::LoadingSubevent) {
-    if event == redis_module::server_events::LoadingSubevent::Ended {
-        crate::booking_clock::look_again();
-        queue_every_region(ctx);
-    }
+    crate::logging::guarded(|| {
+        if event == redis_module::server_events::LoadingSubevent::Ended {
+            crate::booking_clock::look_again();
+            queue_every_region(ctx);
+        }
+    });
 }
 
 /// A replica promoted to primary takes over healing and the booking clock.
 #[redis_module_macros::role_changed_event_handler]
 fn after_promotion(ctx: &Context, role: redis_module::server_events::ServerRole) {
-    if role == redis_module::server_events::ServerRole::Primary {
-        crate::booking_clock::look_again();
-        queue_every_region(ctx);
-    }
+    crate::logging::guarded(|| {
+        if role == redis_module::server_events::ServerRole::Primary {
+            crate::booking_clock::look_again();
+            queue_every_region(ctx);
+        }
+    });
 }
 
 /// A GPU record vanished. A booked GPU's record is market state and comes back, rebuilt from

@@ -27,6 +27,7 @@ fn gpucache_info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> 
         .field("heal_retries", big(heal.retries))?
         .field("healed", big(heal.healed))?
         .field("region_repairs", big(heal.region_repairs))?
+        .field("panics_caught", big(crate::logging::panics_caught()))?
         .field(
             "bookings_ended_by_clock",
             big(crate::booking_clock::ended_count()),

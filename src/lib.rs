@@ -8,11 +8,13 @@ pub mod booking_clock;
 mod command_info;
 pub mod commands;
 pub mod config;
+mod config_registration;
 pub mod core;
 pub mod eviction;
 pub mod heal;
 mod info;
 pub mod keys;
+pub mod logging;
 pub mod market;
 mod regions;
 pub mod repair;
@@ -20,7 +22,6 @@ pub mod store;
 pub mod survey;
 mod ticker;
 
-use redis_module::configuration::ConfigurationFlags;
 use redis_module::logging::RedisLogLevel;
 use redis_module::{redis_module, Context, RedisResult, RedisString, Status};
 
@@ -73,9 +74,16 @@ command!(invalidate, commands::invalidate::command);
 
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
     // A panic would abort redis-server; make sure it at least says why in the log.
-    std::panic::set_hook(Box::new(|info| {
-        eprintln!("gpucache: panic: {info}");
-    }));
+    logging::install_panic_hook();
+    // Settings first, so redis.conf's `gpucache.*` directives apply; load arguments win over them.
+    if config_registration::register(ctx) == Status::Err {
+        log(
+            ctx,
+            RedisLogLevel::Warning,
+            "gpucache: cannot register its configuration",
+        );
+        return Status::Err;
+    }
     let raw: Vec<&[u8]> = args.iter().map(RedisString::as_slice).collect();
     if let Err(message) = config::apply_load_args(&raw) {
         log(ctx, RedisLogLevel::Warning, &format!("gpucache: {message}"));
@@ -97,6 +105,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     );
     eviction::refresh(ctx);
     heal::reserve();
+    regions::subscribe(ctx);
     Status::Ok
 }
 
@@ -130,28 +139,11 @@ redis_module! {
     event_handlers: [
         [@EXPIRED @EVICTED: heal::on_key_gone],
         [@HASH @LOADED: regions::on_counters_written],
+        [@GENERIC @EXPIRED @EVICTED: regions::on_key_moved],
     ],
-    configurations: [
-        i64: [
-            ["availability-ttl", &config::AVAILABILITY_TTL, 300, 1, 31_536_000, ConfigurationFlags::DEFAULT, None],
-            ["pricing-ttl", &config::PRICING_TTL, 600, 1, 31_536_000, ConfigurationFlags::DEFAULT, None],
-            ["jitter", &config::JITTER_PERCENT, 10, 0, 50, ConfigurationFlags::DEFAULT, None],
-            ["stream-maxlen", &config::STREAM_MAXLEN, 10_000, 1, 100_000_000, ConfigurationFlags::DEFAULT, None],
-        ],
-        string: [
-            ["demand-tiers", &config::DEMAND_TIERS, config::DEFAULT_DEMAND_TIERS, ConfigurationFlags::DEFAULT, None],
-        ],
-        bool: [
-            ["accept-eviction-risk", &config::ACCEPT_EVICTION_RISK, false, ConfigurationFlags::DEFAULT, None],
-        ],
-        enum: [],
-        // Load arguments are parsed in `init` (case-insensitive, range-checked).
-        module_args_as_configuration: false,
-    ]
 }
 
-/// Writes to the Redis log. `RedisModule_Log` treats its message as a printf format, so every
-/// `%` is doubled: a key or error text with `%s` in it must not make Redis read stray memory.
+/// Writes to the Redis log, whatever bytes `message` holds (see `logging.rs`).
 pub fn log(ctx: &Context, level: redis_module::logging::RedisLogLevel, message: &str) {
-    ctx.log(level, &message.replace('%', "%%"));
+    logging::log(ctx, level, message);
 }

@@ -353,7 +353,9 @@ impl<'a> Store<'a> {
         match opened.key_type() {
             KeyType::Empty => Ok(None),
             KeyType::Hash => {
-                opened.scan(&mut visit);
+                if !opened.scan(&mut visit) {
+                    return Err(MarketError::Corrupt(key.to_owned()));
+                }
                 Ok(Some(then(&opened)))
             }
             _ => Err(MarketError::WrongType(key.to_owned())),
@@ -1033,36 +1035,50 @@ impl ReadKey {
     }
 }
 
-/// `RedisModuleScanKeyCB` handing each field and value to the closure behind `privdata`.
+/// What `scan_callback` gets behind `privdata`: the visitor, and whether it panicked.
+struct ScanState<'v> {
+    visit: &'v mut dyn FnMut(&[u8], &[u8]),
+    panicked: bool,
+}
+
+/// `RedisModuleScanKeyCB` handing each field and value to the visitor behind `privdata`.
 ///
 /// # Safety
-/// `privdata` must point to a live `&mut dyn FnMut(&[u8], &[u8])`; `field` and `value` are
-/// NULL or strings Redis keeps alive for the duration of the call.
+/// `privdata` must point to a live `ScanState`; `field` and `value` are NULL or strings Redis
+/// keeps alive for the duration of the call.
 unsafe extern "C" fn scan_callback(
     _key: *mut raw::RedisModuleKey,
     field: *mut raw::RedisModuleString,
     value: *mut raw::RedisModuleString,
     privdata: *mut std::ffi::c_void,
 ) {
-    let visit = &mut *privdata.cast::<&mut dyn FnMut(&[u8], &[u8])>();
+    let state = &mut *privdata.cast::<ScanState>();
+    if state.panicked {
+        return;
+    }
     // A set's members come as fields without a value.
     if let Some(field) = string_bytes(field) {
         let value = string_bytes(value).unwrap_or_default();
-        // Unwinding out of a function Redis called aborts the server; today's visitors
-        // cannot panic, and a future one that does loses only the rest of this scan.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| visit(field, value)));
+        // Unwinding out of a function Redis called aborts the server. A visitor that panics
+        // marks the whole read as failed: half a record must never be stored back.
+        let visit = &mut state.visit;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| visit(field, value))).is_err() {
+            state.panicked = true;
+        }
     }
 }
 
 impl ReadKey {
     /// Every field and value of this hash, or member of this set (with an empty value), through
-    /// `RedisModule_ScanKey` until the cursor is done (the caller checked the type).
-    fn scan(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
+    /// `RedisModule_ScanKey` until the cursor is done (the caller checked the type). False when
+    /// the visitor panicked (what it saw is incomplete) or the scan could not run.
+    #[must_use]
+    fn scan(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> bool {
         if self.key.is_null() {
-            return;
+            return true;
         }
         // SAFETY: `self.key` is an open hash or set; the cursor is created and destroyed here; the
-        // callback gets a pointer to `visit`, which outlives every ScanKey call, and only reads
+        // callback gets a pointer to `state`, which outlives every ScanKey call, and only reads
         // the field and value strings during the call.
         unsafe {
             let (Some(create), Some(scan), Some(destroy)) = (
@@ -1070,16 +1086,20 @@ impl ReadKey {
                 raw::RedisModule_ScanKey,
                 raw::RedisModule_ScanCursorDestroy,
             ) else {
-                return;
+                return false;
             };
             let cursor = create();
             if cursor.is_null() {
-                return;
+                return false;
             }
-            let mut visit: &mut dyn FnMut(&[u8], &[u8]) = visit;
-            let privdata = std::ptr::addr_of_mut!(visit).cast::<std::ffi::c_void>();
+            let mut state = ScanState {
+                visit,
+                panicked: false,
+            };
+            let privdata = std::ptr::addr_of_mut!(state).cast::<std::ffi::c_void>();
             while scan(self.key, cursor, Some(scan_callback), privdata) != 0 {}
             destroy(cursor);
+            !state.panicked
         }
     }
 }
@@ -1261,7 +1281,9 @@ impl Store<'_> {
         match opened.key_type() {
             KeyType::Empty => Ok(()),
             KeyType::Set => {
-                opened.scan(&mut |member, _| visit(member));
+                if !opened.scan(&mut |member, _| visit(member)) {
+                    return Err(MarketError::Corrupt(key.to_owned()));
+                }
                 Ok(())
             }
             _ => Err(MarketError::WrongType(key.to_owned())),

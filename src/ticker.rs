@@ -28,11 +28,16 @@ fn now_ms(ctx: &Context) -> i64 {
 
 #[cron_event_handler]
 fn on_cron(ctx: &Context, _hz: u64) {
+    crate::logging::guarded(|| tick(ctx));
+}
+
+fn tick(ctx: &Context) {
     let now = now_ms(ctx);
     if now.saturating_sub(POLICY_READ_MS.load(Ordering::Relaxed)) >= POLICY_EVERY_MS {
         POLICY_READ_MS.store(now, Ordering::Relaxed);
         crate::eviction::refresh(ctx);
     }
+    crate::regions::round_step(ctx);
     if is_primary(ctx) && !ARMED.swap(true, Ordering::Relaxed) {
         ctx.create_timer(AGAIN, run, ());
     }
@@ -45,7 +50,11 @@ fn is_primary(ctx: &Context) -> bool {
 
 fn run(ctx: &Context, _: ()) {
     let deadline = Instant::now() + BUDGET;
-    let unfinished = is_primary(ctx) && crate::booking_clock::on_tick(ctx, now_ms(ctx), deadline);
+    // After a panic (a bug; the log has it) the next cron tick arms the clock again.
+    let unfinished = crate::logging::guarded(|| {
+        is_primary(ctx) && crate::booking_clock::on_tick(ctx, now_ms(ctx), deadline)
+    })
+    .unwrap_or(false);
     if unfinished {
         ctx.create_timer(AGAIN, run, ());
     } else {

@@ -92,7 +92,18 @@ pub fn run(
     body: impl FnOnce(&Store, &[RedisString]) -> MarketResult<Out>,
 ) -> RedisResult {
     let store = Store::new(ctx);
-    match body(&store, args) {
+    let Some(outcome) = crate::logging::guarded(|| body(&store, args)) else {
+        // A bug, not the caller's fault: the log has the panic. Writes made before it may be
+        // half done, so the region is repaired (a recount) rather than trusted.
+        let region = args.get(1).map(RedisString::as_slice).unwrap_or_default();
+        if let Ok(region) = input::region(region) {
+            crate::heal::queue_region_repair(ctx, &region);
+        }
+        return Err(RedisError::Str(
+            "ERR gpucache internal error (see the server log); the region is being repaired",
+        ));
+    };
+    match outcome {
         Ok(out) => {
             out.emit(ctx.get_raw());
             Ok(RedisValue::NoReply)

@@ -48,20 +48,22 @@ impl DemandTiers {
     pub fn parse(text: &str) -> Result<DemandTiers, String> {
         let mut tiers = Vec::new();
         for item in text.split([' ', ',']).filter(|s| !s.is_empty()) {
+            // Quoted in errors as printable ASCII: the text may hold any byte.
+            let shown = super::input::shown(item.as_bytes(), 64);
             let (below, multiplier) = item.split_once(':').ok_or_else(|| {
-                format!("tier '{item}' must look like 10:2.0 (percent:multiplier)")
+                format!("tier '{shown}' must look like 10:2.0 (percent:multiplier)")
             })?;
             let below_percent: u32 = below
                 .parse()
                 .ok()
                 .filter(|p| (1..=100).contains(p))
                 .ok_or_else(|| {
-                    format!("tier '{item}': percent must be an integer from 1 to 100")
+                    format!("tier '{shown}': percent must be an integer from 1 to 100")
                 })?;
             let multiplier_hundredths = parse_hundredths(multiplier)
                 .filter(|m| (1..=MAX_MULTIPLIER_HUNDREDTHS).contains(m))
                 .ok_or_else(|| {
-                    format!("tier '{item}': multiplier must be a decimal from 0.01 to 100 with at most 2 decimals")
+                    format!("tier '{shown}': multiplier must be a decimal from 0.01 to 100 with at most 2 decimals")
                 })?;
             tiers.push(Tier {
                 below_percent,
