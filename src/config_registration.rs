@@ -128,7 +128,7 @@ unsafe extern "C" fn set_demand_tiers(
     _privdata: *mut c_void,
     err: *mut *mut raw::RedisModuleString,
 ) -> c_int {
-    let bytes = string_bytes(value);
+    let bytes = crate::store::string_bytes(value).unwrap_or_default();
     let outcome = std::str::from_utf8(bytes)
         .map_err(|_| "demand tiers must be text".to_owned())
         .and_then(|text| DEMAND_TIERS.replace(text));
@@ -152,23 +152,4 @@ unsafe extern "C" fn set_demand_tiers(
             raw::REDISMODULE_ERR as c_int
         }
     }
-}
-
-/// The bytes of a Redis string (empty for NULL).
-///
-/// # Safety
-/// `value` is NULL or a string alive for the lifetime the caller gives the result.
-unsafe fn string_bytes<'a>(value: *mut raw::RedisModuleString) -> &'a [u8] {
-    let Some(ptr_len) = raw::RedisModule_StringPtrLen else {
-        return &[];
-    };
-    if value.is_null() {
-        return &[];
-    }
-    let mut len = 0usize;
-    let ptr = ptr_len(value, &mut len);
-    if ptr.is_null() {
-        return &[];
-    }
-    std::slice::from_raw_parts(ptr.cast::<u8>(), len)
 }

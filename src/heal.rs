@@ -24,7 +24,7 @@ use crate::keys::RegionKeys;
 use crate::market::{stat, BookingEnd, Region};
 use crate::store::{select_db, selected_db, Store, WriteAccess};
 use redis_module::logging::RedisLogLevel;
-use redis_module::{Context, ContextFlags, NotifyEvent};
+use redis_module::{Context, ContextFlags};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -167,11 +167,7 @@ pub fn reserve() {
 }
 
 /// Keyspace-event handler for `expired` and `evicted`.
-pub fn on_key_gone(ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &[u8]) {
-    crate::logging::guarded(|| queue_gone_key(ctx, key));
-}
-
-fn queue_gone_key(ctx: &Context, key: &[u8]) {
+pub fn on_key_gone(ctx: &Context, key: &[u8]) {
     let Ok(key) = std::str::from_utf8(key) else {
         return;
     };

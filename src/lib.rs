@@ -14,6 +14,7 @@ pub mod eviction;
 pub mod heal;
 mod info;
 pub mod keys;
+mod keyspace_events;
 pub mod logging;
 pub mod market;
 mod regions;
@@ -106,6 +107,14 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     eviction::refresh(ctx);
     heal::reserve();
     regions::subscribe(ctx);
+    if keyspace_events::subscribe(ctx) == Status::Err {
+        log(
+            ctx,
+            RedisLogLevel::Warning,
+            "gpucache: cannot subscribe to keyspace events",
+        );
+        return Status::Err;
+    }
     Status::Ok
 }
 
@@ -136,11 +145,8 @@ redis_module! {
         ["gpucache.repair", repair, "write", 1, 1, 1, ""],
         ["gpucache.invalidate", invalidate, "write deny-oom", 1, 1, 1, ""],
     ],
-    event_handlers: [
-        [@EXPIRED @EVICTED: heal::on_key_gone],
-        [@HASH @LOADED: regions::on_counters_written],
-        [@GENERIC @EXPIRED @EVICTED: regions::on_key_moved],
-    ],
+    // Keyspace events are subscribed in `init` (`keyspace_events.rs`).
+    event_handlers: [],
 }
 
 /// Writes to the Redis log, whatever bytes `message` holds (see `logging.rs`).

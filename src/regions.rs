@@ -19,7 +19,7 @@
 
 use crate::keys::RegionKeys;
 use crate::store::{select_db, selected_db, Store};
-use redis_module::{raw, Context, KeyType, NotifyEvent};
+use redis_module::{raw, Context, KeyType};
 use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
@@ -70,15 +70,13 @@ const ANCHORS: [(&str, &str); 4] = [
 ];
 
 /// Keyspace-event handler for hash writes and keys loaded from RDB.
-pub fn on_counters_written(ctx: &Context, _event_type: NotifyEvent, _event: &str, key: &[u8]) {
+pub fn on_counters_written(ctx: &Context, key: &[u8]) {
     if !key.ends_with(b":stats:market") {
         return;
     }
-    crate::logging::guarded(|| {
-        if let Some(region) = region_of(key, &[COUNTERS]) {
-            remember(selected_db(ctx), region);
-        }
-    });
+    if let Some(region) = region_of(key, &[COUNTERS]) {
+        remember(selected_db(ctx), region);
+    }
 }
 
 fn remember(db: i32, region: &str) {
@@ -90,22 +88,15 @@ fn remember(db: i32, region: &str) {
 
 /// Keyspace-event handler for generic events (`del`, `rename_*`, `move_*`, `restore`, ...),
 /// expiries and evictions.
-pub fn on_key_moved(ctx: &Context, _event_type: NotifyEvent, event: &str, key: &[u8]) {
-    if !key.starts_with(b"gpucache:{") {
-        return; // every other key in the server: the common case, as cheap as possible
-    }
-    crate::logging::guarded(|| key_moved(ctx, event, key));
-}
-
-fn key_moved(ctx: &Context, event: &str, key: &[u8]) {
+pub fn on_key_moved(ctx: &Context, event: &[u8], key: &[u8]) {
     match event {
-        "del" | "expired" | "evicted" | "rename_from" | "move_from" => {
+        b"del" | b"expired" | b"evicted" | b"rename_from" | b"move_from" => {
             if let Some(region) = region_of(key, &ANCHORS) {
                 forget_if_gone(ctx, selected_db(ctx), region);
             }
         }
         // A region's counters arriving by migration, `RESTORE`, `RENAME`, `MOVE` or `COPY`.
-        "restore" | "rename_to" | "move_to" | "copy_to" => {
+        b"restore" | b"rename_to" | b"move_to" | b"copy_to" => {
             if let Some(region) = region_of(key, &[COUNTERS]) {
                 remember(selected_db(ctx), region);
             }

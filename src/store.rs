@@ -692,7 +692,7 @@ struct FieldValues {
 ///
 /// # Safety
 /// `s` must be NULL or a live `RedisModuleString`; the slice is valid while it lives.
-unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> Option<&'a [u8]> {
+pub(crate) unsafe fn string_bytes<'a>(s: *const raw::RedisModuleString) -> Option<&'a [u8]> {
     if s.is_null() {
         return None;
     }
