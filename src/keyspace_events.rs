@@ -43,6 +43,14 @@ unsafe extern "C" fn on_event(
     } else {
         CStr::from_ptr(event).to_bytes()
     };
+    // Commands' own writes raise most events here (`hset`, `expire`, `zadd`, ...): those that
+    // concern nobody are dropped before any work.
+    let wanted = class & GONE != 0
+        || (class & WRITTEN != 0 && key.ends_with(b":stats:market"))
+        || (class & MOVED != 0 && crate::regions::follows_event(event));
+    if !wanted {
+        return raw::REDISMODULE_OK as c_int;
+    }
     let ctx = Context::new(ctx);
     crate::logging::guarded(|| {
         if class & GONE != 0 {

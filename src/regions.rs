@@ -86,22 +86,26 @@ fn remember(db: i32, region: &str) {
     }
 }
 
+const GONE_EVENTS: [&[u8]; 5] = [b"del", b"expired", b"evicted", b"rename_from", b"move_from"];
+const ARRIVED_EVENTS: [&[u8]; 4] = [b"restore", b"rename_to", b"move_to", b"copy_to"];
+
+/// Whether `on_key_moved` does anything for this event.
+pub fn follows_event(event: &[u8]) -> bool {
+    GONE_EVENTS.contains(&event) || ARRIVED_EVENTS.contains(&event)
+}
+
 /// Keyspace-event handler for generic events (`del`, `rename_*`, `move_*`, `restore`, ...),
 /// expiries and evictions.
 pub fn on_key_moved(ctx: &Context, event: &[u8], key: &[u8]) {
-    match event {
-        b"del" | b"expired" | b"evicted" | b"rename_from" | b"move_from" => {
-            if let Some(region) = region_of(key, &ANCHORS) {
-                forget_if_gone(ctx, selected_db(ctx), region);
-            }
+    if GONE_EVENTS.contains(&event) {
+        if let Some(region) = region_of(key, &ANCHORS) {
+            forget_if_gone(ctx, selected_db(ctx), region);
         }
+    } else if ARRIVED_EVENTS.contains(&event) {
         // A region's counters arriving by migration, `RESTORE`, `RENAME`, `MOVE` or `COPY`.
-        b"restore" | b"rename_to" | b"move_to" | b"copy_to" => {
-            if let Some(region) = region_of(key, &[COUNTERS]) {
-                remember(selected_db(ctx), region);
-            }
+        if let Some(region) = region_of(key, &[COUNTERS]) {
+            remember(selected_db(ctx), region);
         }
-        _ => {}
     }
 }
 

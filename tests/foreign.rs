@@ -724,6 +724,37 @@ fn deleting_a_regions_only_key_forgets_it() {
     eventually("UNLINK forgets the region", Duration::from_secs(10), || {
         regions(&mut con) == 1
     });
+    // Gone by expiry, by RENAME away (and back in by RENAME), by MOVE to another db.
+    for region in ["gone1", "gone2", "gone3"] {
+        let key = format!("gpucache:{{{region}}}:stats:market");
+        run(&mut con, &["HSET", &key, "x", "1"]).expect("HSET");
+    }
+    assert_eq!(regions(&mut con), 4);
+    run(&mut con, &["PEXPIRE", "gpucache:{gone1}:stats:market", "5"]).expect("PEXPIRE");
+    run(
+        &mut con,
+        &["RENAME", "gpucache:{gone2}:stats:market", "elsewhere"],
+    )
+    .expect("RENAME");
+    run(&mut con, &["MOVE", "gpucache:{gone3}:stats:market", "1"]).expect("MOVE");
+    eventually(
+        "expiry, RENAME and MOVE forget",
+        Duration::from_secs(10),
+        || {
+            // MOVE took gone3 to db 1: still known there.
+            regions(&mut con) == 2
+        },
+    );
+    run(
+        &mut con,
+        &["RENAME", "elsewhere", "gpucache:{back}:stats:market"],
+    )
+    .expect("RENAME");
+    assert_eq!(
+        regions(&mut con),
+        3,
+        "a RENAME onto a counters key makes its region known"
+    );
     assert_alive(&server, pid, "the end");
     assert_consistent(&mut con, "eu");
 }
