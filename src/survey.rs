@@ -117,6 +117,10 @@ struct StreamFacts {
     bookings: BTreeMap<i64, (i64, i64)>,
     /// Each provider's status as its newest `provider_status_changed` event set it.
     provider_status: BTreeMap<String, String>,
+    /// Types and providers the entries name (valid names only): where to look for GPUs that
+    /// the lost registry and sets no longer name.
+    types: BTreeSet<String>,
+    providers: BTreeSet<String>,
 }
 
 /// A provider's record as read.
@@ -378,8 +382,15 @@ impl Surveyor<'_, '_, '_> {
         gpu_ids.extend(booking_registry.values().cloned());
         let mut booking_ids: BTreeSet<String> = booking_registry.keys().cloned().collect();
         booking_ids.extend(booking_ends.keys().cloned());
+        let stream = if self.replaced.contains(&keys.events()) {
+            StreamFacts::default()
+        } else {
+            self.read_stream(&keys)?
+        };
         let mut providers: BTreeSet<String> = providers_set.clone();
         let mut types: BTreeSet<String> = types_set.clone();
+        providers.extend(stream.providers.iter().cloned());
+        types.extend(stream.types.iter().cloned());
         for entry in registry.values().flatten() {
             providers.insert(entry.provider.clone());
             types.insert(entry.gpu_type.clone());
@@ -418,6 +429,10 @@ impl Surveyor<'_, '_, '_> {
                 let read = self.booking(&booking_id);
                 if let Read::Present(booking) = &read {
                     gpu_ids.insert(booking.gpu_id.clone());
+                    // A booking whose GPU record is gone still leads to its type's indexes and
+                    // its provider's GPUs (and through them to GPUs nothing else names).
+                    types.extend(booking.gpu_type.clone());
+                    providers.extend(booking.provider.clone());
                 }
                 bookings.insert(booking_id, read);
             }
@@ -509,11 +524,6 @@ impl Surveyor<'_, '_, '_> {
                 seen_version = seen_version.max(version);
             }
         }
-        let stream = if self.replaced.contains(&keys.events()) {
-            StreamFacts::default()
-        } else {
-            self.read_stream(&keys)?
-        };
 
         // Who holds what: start from the records as stored.
         let mut desired: BTreeMap<String, GpuRecord> = BTreeMap::new();
@@ -1215,6 +1225,14 @@ impl Surveyor<'_, '_, '_> {
                 if let Some(version) = json.get("version").and_then(serde_json::Value::as_i64) {
                     facts.max_version = facts.max_version.max(version);
                 }
+                let name = |field: &str| {
+                    json.get(field)
+                        .and_then(serde_json::Value::as_str)
+                        .filter(|n| crate::core::input::id(field, n.as_bytes()).is_ok())
+                        .map(str::to_owned)
+                };
+                facts.types.extend(name("gpu_type"));
+                facts.providers.extend(name("provider_id"));
                 let kind = field("type").map(String::as_str);
                 if kind == Some(EventKind::ProviderStatusChanged.as_str()) {
                     let provider = json.get("provider_id").and_then(serde_json::Value::as_str);

@@ -507,6 +507,21 @@ fn any_lost_market_state_key_is_repaired_and_nothing_goes_back() {
             cmd(con, &["SET", key, "garbage"]);
         });
     }
+    // Every way to find GPUs lost at once but a booking (which names its GPU's type and
+    // provider) and the event stream (which names every type and provider): one REPAIR finds
+    // them all, a GPU in maintenance of a provider nothing else names (g6) included.
+    repaired_after(&mut con, "DEL of the registries, the sets and g1", &|con| {
+        cmd(
+            con,
+            &[
+                "DEL",
+                "gpucache:{eu}:index:gpus",
+                "gpucache:{eu}:index:types",
+                "gpucache:{eu}:index:providers",
+                "gpucache:{eu}:gpu:g1",
+            ],
+        )
+    });
 }
 
 #[test]
