@@ -331,10 +331,13 @@ impl<'s, 'c> Region<'s, 'c> {
                 return Ok(None);
             };
             let price = Price::parse_stored(price_text).ok_or(())?;
+            // Missing: 0 (written before they were recorded); beyond what gpucache issues: not
+            // a record gpucache wrote.
+            let version = |i: usize| field(i).map_or(Some(0), crate::core::version).ok_or(());
             Ok(Some(TypePrice {
                 price,
-                seq: parse_int(field(1)).unwrap_or(0),
-                version: parse_int(field(2)).unwrap_or(0),
+                seq: version(1)?,
+                version: version(2)?,
             }))
         })?;
         price.map_err(|()| MarketError::Corrupt(key))
@@ -412,9 +415,8 @@ impl<'s, 'c> Region<'s, 'c> {
             Some(current) => current,
             None => match self.stored_counter(stat::SEQ)? {
                 None => self.lost_seq_floor()?,
-                Some(text) => {
-                    parse_int(Some(&text)).ok_or_else(|| MarketError::Corrupt(self.keys.stats()))?
-                }
+                Some(text) => crate::core::version(&text)
+                    .ok_or_else(|| MarketError::Corrupt(self.keys.stats()))?,
             },
         };
         let next = current.saturating_add(1);
@@ -428,7 +430,7 @@ impl<'s, 'c> Region<'s, 'c> {
             self.stored_counter(stat::SEQ)
                 .ok()
                 .flatten()
-                .and_then(|text| parse_int(Some(&text)))
+                .and_then(|text| crate::core::version(&text))
         })
     }
 
@@ -782,7 +784,13 @@ impl<'s, 'c> Region<'s, 'c> {
             args.extend_from_slice(&[b"seq", seq.as_bytes()]);
         }
         args.extend_from_slice(&[b"payload", json.as_bytes()]);
+        let failed = self.store.failed_writes();
         self.store.write("XADD", &args);
+        if self.store.failed_writes() > failed {
+            // The stream refused the event (its last id set far ahead by another hand, say):
+            // consumers would miss it. A repair of the region sets the stream right.
+            crate::heal::queue_region_repair(self.store.ctx(), &self.name);
+        }
     }
 
     /// The price a GPU shows now.

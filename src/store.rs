@@ -177,6 +177,17 @@ impl<'a> Store<'a> {
         })
     }
 
+    /// A stream's last id (`XINFO STREAM`'s `last-generated-id`).
+    pub fn stream_last_id(&self, key: &str) -> MarketResult<Option<String>> {
+        let RedisValue::Array(info) = self.read("XINFO", &[b"STREAM", key.as_bytes()])? else {
+            return Ok(None);
+        };
+        Ok(info.chunks_exact(2).find_map(|pair| match pair {
+            [k, v] if text(k).as_deref() == Some("last-generated-id") => text(v),
+            _ => None,
+        }))
+    }
+
     /// The region sequence recorded with the newest entry of an event stream (`seq` field), if
     /// that entry has one.
     pub fn last_recorded_seq(&self, events_key: &str) -> MarketResult<Option<i64>> {
@@ -199,7 +210,7 @@ impl<'a> Store<'a> {
         let mut pairs = fields.chunks_exact(2);
         Ok(pairs.find_map(|pair| match pair {
             [name, value] if text(name).as_deref() == Some("seq") => {
-                text(value).and_then(|v| v.parse::<i64>().ok())
+                text(value).and_then(|v| crate::core::version(v.as_bytes()))
             }
             _ => None,
         }))

@@ -121,6 +121,22 @@ struct StreamFacts {
     /// the lost registry and sets no longer name.
     types: BTreeSet<String>,
     providers: BTreeSet<String>,
+    /// The stream's last id (`XINFO STREAM`'s `last-generated-id`), as (ms, seq).
+    last_generated: Option<(u64, u64)>,
+    /// Entries whose id lies more than `FUTURE_TOLERANCE_MS` ahead of the clock, and the newest
+    /// id of the others.
+    future_ids: Vec<String>,
+    last_sound_id: Option<String>,
+}
+
+/// A stream id this far ahead of the clock was not drawn by gpucache (whose ids are the time,
+/// with clocks a little apart across a failover at most): the stream would hand every new
+/// event an id after it, and at the largest id there is, refuse new events altogether.
+const FUTURE_TOLERANCE_MS: i64 = 24 * 3600 * 1000;
+
+fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// A provider's record as read.
@@ -519,7 +535,7 @@ impl Surveyor<'_, '_, '_> {
                     &keys.provider(provider),
                     crate::market::provider_field::VERSION,
                 )
-                .map(|v| v.and_then(|v| int(&String::from_utf8_lossy(&v))))
+                .map(|v| v.and_then(|v| crate::core::version(&v)))
             {
                 seen_version = seen_version.max(version);
             }
@@ -1153,8 +1169,11 @@ impl Surveyor<'_, '_, '_> {
             .unwrap_or(0);
 
         // The sequence: above every version still visible.
-        let stored_seq = counters.get(stat::SEQ).map(|t| (t, int(t)));
+        let stored_seq = counters
+            .get(stat::SEQ)
+            .map(|t| (t, crate::core::version(t.as_bytes())));
         self.out.stored_seq = stored_seq.as_ref().and_then(|(_, v)| *v);
+        self.check_stream_ids(&keys.events(), &stream);
         let floor = self
             .out
             .stored_seq
@@ -1170,7 +1189,7 @@ impl Surveyor<'_, '_, '_> {
                 Fix::Counter(stat::SEQ.to_owned(), floor),
             ),
             Some((text, None)) => self.add(
-                format!("seq holds '{text}', not a number: it resumes at {floor}, above every version still visible"),
+                format!("seq holds '{text}', not a sequence gpucache issues: it resumes at {floor}, above every version still visible"),
                 Fix::Counter(stat::SEQ.to_owned(), floor),
             ),
             None if floor > 0 => self.add(
@@ -1200,6 +1219,12 @@ impl Surveyor<'_, '_, '_> {
             return Ok(facts);
         }
         facts.trimmed = self.store.stream_lost_entries(&events)?;
+        facts.last_generated = self
+            .store
+            .stream_last_id(&events)?
+            .as_deref()
+            .and_then(stream_id);
+        let horizon = u64::try_from(self.now_ms.saturating_add(FUTURE_TOLERANCE_MS)).unwrap_or(0);
         let mut from = "-".to_owned();
         loop {
             let entries = self.store.stream_range(&events, &from, 1000)?;
@@ -1209,11 +1234,16 @@ impl Surveyor<'_, '_, '_> {
             from = format!("({last_id}");
             let done = entries.len() < 1000;
             for (id, fields) in entries {
+                if stream_id(&id).is_some_and(|(ms, _)| ms > horizon) {
+                    facts.future_ids.push(id);
+                    continue;
+                }
+                facts.last_sound_id = Some(id.clone());
                 if facts.first_ms.is_none() {
                     facts.first_ms = id.split('-').next().and_then(int);
                 }
                 let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-                if let Some(seq) = field("seq").and_then(|v| int(v)) {
+                if let Some(seq) = field("seq").and_then(|v| crate::core::version(v.as_bytes())) {
                     facts.max_seq = facts.max_seq.max(seq);
                 }
                 let Some(payload) = field("payload") else {
@@ -1222,7 +1252,11 @@ impl Surveyor<'_, '_, '_> {
                 let Ok(json) = serde_json::from_str::<serde_json::Value>(payload) else {
                     continue;
                 };
-                if let Some(version) = json.get("version").and_then(serde_json::Value::as_i64) {
+                if let Some(version) = json
+                    .get("version")
+                    .and_then(serde_json::Value::as_i64)
+                    .filter(|v| (0..crate::core::MAX_VERSION).contains(v))
+                {
                     facts.max_version = facts.max_version.max(version);
                 }
                 let name = |field: &str| {
@@ -1276,6 +1310,37 @@ impl Surveyor<'_, '_, '_> {
             }
         }
         Ok(facts)
+    }
+
+    /// An event stream whose last id lies far ahead of the clock (another client's `XADD` with
+    /// an id of its choosing): its entries from the future are deleted and its last id set back
+    /// to the newest entry left, so new events are appended again in time order.
+    fn check_stream_ids(&mut self, events: &str, stream: &StreamFacts) {
+        let horizon = u64::try_from(self.now_ms.saturating_add(FUTURE_TOLERANCE_MS)).unwrap_or(0);
+        let Some((last_ms, last_seq)) = stream.last_generated else {
+            return;
+        };
+        if last_ms <= horizon {
+            return;
+        }
+        if !stream.future_ids.is_empty() {
+            let mut args = vec![events.as_bytes().to_vec()];
+            args.extend(stream.future_ids.iter().map(|id| id.as_bytes().to_vec()));
+            self.add(
+                format!(
+                    "the event stream holds {} entries with ids from the future (up to {last_ms}-{last_seq}): they are deleted",
+                    stream.future_ids.len()
+                ),
+                Fix::Write("XDEL", args),
+            );
+        }
+        let back_to = stream.last_sound_id.as_deref().unwrap_or("0-1");
+        self.add(
+            format!(
+                "the event stream's last id {last_ms}-{last_seq} is ahead of the clock, so new events would be appended after it (or not at all): it is set back to {back_to}"
+            ),
+            Self::write("XSETID", &[events, back_to, "MAXDELETEDID", back_to]),
+        );
     }
 
     /// The 24-hour window: garbled fields go, and buckets the event stream shows bookings for

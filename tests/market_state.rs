@@ -542,6 +542,17 @@ fn garbled_fields_of_market_state_are_repaired() {
         ("gpucache:{eu}:gpu:g4", "status", "available"),
         ("gpucache:{eu}:stats:24h", "count:1", "abc"),
         ("gpucache:{eu}:provider:p2", "status", "sleepy"),
+        // Sequences and versions beyond any gpucache issues (2^53): taken as they are, the
+        // sequence would stop growing at the largest integer. (A type price with one is
+        // dropped, as any garbled type price: it is a cached record.)
+        ("gpucache:{eu}:stats:market", "seq", "9223372036854775807"),
+        ("gpucache:{eu}:gpu:g1", "version", "9223372036854775807"),
+        ("gpucache:{eu}:gpu:g1", "price_seq", "9223372036854775807"),
+        (
+            "gpucache:{eu}:provider:p2",
+            "version",
+            "9223372036854775807",
+        ),
     ] {
         repaired_after(&mut con, &format!("HSET {key} {field} {value}"), &|con| {
             cmd(con, &["HSET", key, field, value]);
@@ -913,4 +924,102 @@ fn counters_lost_in_an_empty_region_are_written_anew() {
         || run(&mut con, &register_g2).is_ok(),
     );
     assert_consistent(&mut con, "eu");
+}
+
+/// Another client's stream entries: a `seq` and a version beyond any gpucache issues are not
+/// taken up by a repair, and an id at the very end of the id space (no entry can follow it)
+/// is noticed by the first event it refuses: the module repairs the region itself, and events
+/// are appended again.
+#[test]
+fn a_stream_given_ids_and_versions_from_elsewhere_is_set_right() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    rich_region(&mut con);
+    let events = "gpucache:{eu}:events";
+    cmd(
+        &mut con,
+        &[
+            "XADD",
+            events,
+            "*",
+            "seq",
+            "9223372036854775807",
+            "payload",
+            r#"{"version":9223372036854775807}"#,
+        ],
+    );
+    cmd(&mut con, &["HDEL", "gpucache:{eu}:stats:market", "seq"]);
+    run(&mut con, &["GPUCACHE.REPAIR", "eu"]).unwrap();
+    assert_consistent(&mut con, "eu");
+    let fresh = fields(
+        &mut con,
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g8",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "1.5",
+        ],
+    );
+    let version: i64 = fresh["version"].parse().unwrap();
+    assert!(
+        version < 1 << 53,
+        "the sequence took up a foreign seq: {version}"
+    );
+    let again = fields(
+        &mut con,
+        &[
+            "GPUCACHE.REGISTER",
+            "eu",
+            "g8",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "1.6",
+        ],
+    );
+    assert!(
+        again["version"].parse::<i64>().unwrap() > version,
+        "the sequence still grows"
+    );
+
+    cmd(
+        &mut con,
+        &[
+            "XADD",
+            events,
+            "18446744073709551615-18446744073709551615",
+            "a",
+            "b",
+        ],
+    );
+    fields(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g2", "b9", "carol", "60"],
+    );
+    eventually_consistent(&mut con, "eu");
+    let newest: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg(events)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(&mut con)
+        .unwrap();
+    let newest_ms: u64 = newest[0].0.split('-').next().unwrap().parse().unwrap();
+    assert!(
+        newest_ms < 4_000_000_000_000,
+        "the id from the end of time is gone"
+    );
+    let before: i64 = redis::cmd("XLEN").arg(events).query(&mut con).unwrap();
+    fields(&mut con, &["GPUCACHE.CANCEL", "eu", "b9"]);
+    let after: i64 = redis::cmd("XLEN").arg(events).query(&mut con).unwrap();
+    assert!(after > before, "events are appended again");
+    assert!(info_field(&mut con, "gpucache_region_repairs") >= 1);
 }

@@ -392,7 +392,10 @@ impl GpuFields {
             field::PROVIDER => self.provider = text(value),
             field::TYPE => self.gpu_type = text(value),
             field::PRICE => self.own_price = Price::parse_stored(value),
-            field::PRICE_SEQ => required_int(&mut self.price_seq, value),
+            field::PRICE_SEQ => match super::version(value) {
+                Some(seq) => self.price_seq = seq,
+                None => self.malformed = true,
+            },
             field::MEMORY_GB => self.memory_gb = int(value),
             field::CORES => self.cores = int(value),
             field::SCORE => {
@@ -403,7 +406,10 @@ impl GpuFields {
             }
             field::STATUS => self.status = GpuStatus::parse(value).ok(),
             field::BOOKING => self.booking = text(value).filter(|b| !b.is_empty()),
-            field::VERSION => required_int(&mut self.version, value),
+            field::VERSION => match super::version(value) {
+                Some(version) => self.version = version,
+                None => self.malformed = true,
+            },
             field::UPDATED_MS => required_int(&mut self.updated_ms, value),
             field::BOOKING_USER => self.booking_user = text(value).filter(|u| !u.is_empty()),
             field::BOOKING_PRICE => self.booking_price = Price::parse_stored(value),

@@ -13,3 +13,16 @@ pub mod price;
 pub mod status;
 pub mod ttl;
 pub mod window;
+
+/// No sequence or version gpucache issues reaches this (2^53: a million writes a second for
+/// 285 years). A larger one was written by another hand; taken as is, it would push the
+/// sequence to where it cannot grow, so it is refused as not gpucache's.
+pub const MAX_VERSION: i64 = 1 << 53;
+
+/// A sequence or version as gpucache issues them: a non-negative integer below `MAX_VERSION`.
+pub fn version(text: &[u8]) -> Option<i64> {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|v| (0..MAX_VERSION).contains(v))
+}
