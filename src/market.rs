@@ -415,8 +415,19 @@ impl<'s, 'c> Region<'s, 'c> {
             Some(current) => current,
             None => match self.stored_counter(stat::SEQ)? {
                 None => self.lost_seq_floor()?,
-                Some(text) => crate::core::version(&text)
-                    .ok_or_else(|| MarketError::Corrupt(self.keys.stats()))?,
+                Some(text) => match crate::core::version(&text) {
+                    Some(seq) => seq,
+                    None => {
+                        crate::heal::queue_region_repair(self.store.ctx(), &self.name);
+                        return Err(MarketError::Damaged(format!(
+                            "the sequence of region '{}' holds '{}', not a sequence gpucache \
+                             issues; a repair is queued, or run GPUCACHE.REPAIR {}",
+                            self.name,
+                            crate::core::input::shown(&text, 32),
+                            self.name
+                        )));
+                    }
+                },
             },
         };
         let next = current.saturating_add(1);
