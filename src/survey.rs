@@ -1356,7 +1356,8 @@ impl Surveyor<'_, '_, '_> {
         let mut buckets: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
         for (field, value) in stored {
             let bucket = window::bucket_of_field(field);
-            match (bucket, int(value)) {
+            // Counts and volumes only grow from 0: a negative one is another hand's.
+            match (bucket, int(value).filter(|v| *v >= 0)) {
                 (Some(bucket), Some(value)) if field.starts_with("count:") => {
                     buckets.entry(bucket).or_default().0 = value;
                 }

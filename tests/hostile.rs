@@ -112,7 +112,12 @@ fn hostile_setup(con: &mut Connection) {
 
 #[test]
 fn no_input_panics_or_half_applies() {
-    let server = Server::start(&[], &[]);
+    // One region serves every case: its records must outlive a long run (`HOSTILE_CASES`), or
+    // their expiry would change the state between a refused command's two snapshots.
+    let server = Server::start(
+        &["AVAILABILITY_TTL", "31536000", "PRICING_TTL", "31536000"],
+        &[],
+    );
     let con = RefCell::new(server.connect());
     hostile_setup(&mut con.borrow_mut());
     let cases: u32 = std::env::var("HOSTILE_CASES")

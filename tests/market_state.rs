@@ -1023,3 +1023,38 @@ fn a_stream_given_ids_and_versions_from_elsewhere_is_set_right() {
     assert!(after > before, "events are appended again");
     assert!(info_field(&mut con, "gpucache_region_repairs") >= 1);
 }
+
+/// A negative count in the 24-hour window is another hand's (counts only grow from 0): a
+/// repair drops it even when the event stream, replaced by another type, cannot say what the
+/// count should be — left alone, the next booking would count 0 (found by the foreign-writes
+/// hostile test).
+#[test]
+fn a_negative_window_count_is_dropped_by_a_repair() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    rich_region(&mut con);
+    let window: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg("gpucache:{eu}:stats:24h")
+        .query(&mut con)
+        .unwrap();
+    let count_field = window
+        .keys()
+        .find(|f| f.starts_with("count:"))
+        .expect("the window counts this bucket's bookings")
+        .clone();
+    cmd(
+        &mut con,
+        &["HSET", "gpucache:{eu}:stats:24h", &count_field, "-1"],
+    );
+    cmd(
+        &mut con,
+        &["RENAME", "gpucache:{eu}:index:gpus", "gpucache:{eu}:events"],
+    );
+    run(&mut con, &["GPUCACHE.REPAIR", "eu"]).unwrap();
+    assert_consistent(&mut con, "eu");
+    fields(
+        &mut con,
+        &["GPUCACHE.BOOK", "eu", "g2", "b9", "carol", "60"],
+    );
+    assert_consistent(&mut con, "eu");
+}
