@@ -16,15 +16,18 @@ use redis_module::{raw, Context, Status};
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::Mutex;
 
-/// The module's copy of `demand-tiers` as a Redis string, handed to every `CONFIG GET`. Made on
-/// the first `CONFIG GET` after a change and freed when the next change replaces it.
-struct OwnedString(*mut raw::RedisModuleString);
+/// The module's copy of `demand-tiers` as a Redis string, handed to every `CONFIG GET`, and the
+/// text it holds. Made again whenever the tiers in force read differently (a `CONFIG SET`, or a
+/// `DEMAND_TIERS` load argument applied after Redis already asked for the value), so Redis never
+/// compares a `CONFIG SET` against stale text and skips the setter.
+struct OwnedString(*mut raw::RedisModuleString, String);
 
 // SAFETY: the pointer is only created, read and freed while Redis runs a config callback, which
 // it does on the main thread with the GIL held; the mutex orders those calls.
 unsafe impl Send for OwnedString {}
 
-static DEMAND_TIERS_SHOWN: Mutex<OwnedString> = Mutex::new(OwnedString(std::ptr::null_mut()));
+static DEMAND_TIERS_SHOWN: Mutex<OwnedString> =
+    Mutex::new(OwnedString(std::ptr::null_mut(), String::new()));
 
 fn shown() -> std::sync::MutexGuard<'static, OwnedString> {
     DEMAND_TIERS_SHOWN
@@ -108,18 +111,19 @@ unsafe extern "C" fn get_demand_tiers(
     _name: *const c_char,
     _privdata: *mut c_void,
 ) -> *mut raw::RedisModuleString {
-    let mut shown = shown();
-    if shown.0.is_null() {
-        let text = DEMAND_TIERS.current().to_string();
+    let text = DEMAND_TIERS.current().to_string();
+    if shown().0.is_null() || shown().1 != text {
         if let Some(create) = raw::RedisModule_CreateString {
-            shown.0 = create(
+            let fresh = create(
                 std::ptr::null_mut(),
                 text.as_ptr().cast::<c_char>(),
                 text.len(),
             );
+            replace_shown(fresh);
+            shown().1 = text;
         }
     }
-    shown.0
+    shown().0
 }
 
 unsafe extern "C" fn set_demand_tiers(

@@ -74,6 +74,37 @@ command!(repair, commands::repair::command);
 command!(invalidate, commands::invalidate::command);
 
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
+    let status = load(ctx, args);
+    if status == Status::Err {
+        unsubscribe_server_events(ctx);
+    }
+    status
+}
+
+/// Redis 7.0 does not drop a module's server-event subscriptions when its `OnLoad` fails (it
+/// frees the module and unmaps the library): the crate subscribes before `init` runs, so a
+/// refused `MODULE LOAD`/`LOADEX` (a bad load argument or `CONFIG` value) would leave the cron
+/// callback pointing into unmapped code and crash the server on its next tick.
+fn unsubscribe_server_events(ctx: &Context) {
+    use redis_module::raw;
+    // SAFETY: reading a function pointer Redis filled at load.
+    let Some(subscribe) = (unsafe { raw::RedisModule_SubscribeToServerEvent }) else {
+        return;
+    };
+    // Exactly the events the crate subscribed (those gpucache has handlers for): on 7.0 a NULL
+    // callback for an event the module never subscribed *adds* a listener that calls NULL.
+    for id in [
+        raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED, // heal::after_promotion
+        raw::REDISMODULE_EVENT_LOADING,                  // heal::after_loading
+        raw::REDISMODULE_EVENT_CONFIG,                   // eviction::on_config_changed
+        raw::REDISMODULE_EVENT_CRON_LOOP,                // ticker::on_cron
+    ] {
+        // SAFETY: a NULL callback removes this module's listener for a subscribed event.
+        unsafe { subscribe(ctx.ctx, raw::RedisModuleEvent { id, dataver: 1 }, None) };
+    }
+}
+
+fn load(ctx: &Context, args: &[RedisString]) -> Status {
     // A panic would abort redis-server; make sure it at least says why in the log.
     logging::install_panic_hook();
     // Settings first, so redis.conf's `gpucache.*` directives apply; load arguments win over them.
@@ -106,7 +137,6 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     );
     eviction::refresh(ctx);
     heal::reserve();
-    regions::subscribe(ctx);
     if keyspace_events::subscribe(ctx) == Status::Err {
         log(
             ctx,
@@ -115,6 +145,8 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         );
         return Status::Err;
     }
+    // Last: nothing may fail after it (see `unsubscribe_server_events`).
+    regions::subscribe(ctx);
     Status::Ok
 }
 

@@ -30,6 +30,10 @@ struct Known {
     regions: BTreeSet<(i32, String)>,
     /// Where the slow round over every region goes on from.
     round_after: Option<(i32, String)>,
+    /// Known regions one of whose anchor keys went away: looked at on the next cron tick, never
+    /// from the keyspace event itself (on 7.0 a key opened there may be lazily expired while
+    /// Redis's active expiry walks the bucket that holds it: a use-after-free).
+    suspects: BTreeSet<(i32, String)>,
 }
 
 /// A `Mutex`, not a thread-local: a keyspace event may be raised on any thread that holds the
@@ -37,6 +41,7 @@ struct Known {
 static KNOWN: Mutex<Known> = Mutex::new(Known {
     regions: BTreeSet::new(),
     round_after: None,
+    suspects: BTreeSet::new(),
 });
 
 fn known_set() -> MutexGuard<'static, Known> {
@@ -47,6 +52,8 @@ fn known_set() -> MutexGuard<'static, Known> {
 
 /// Regions looked at per cron tick by the slow round (`hz` ticks a second, 10 by default).
 const ROUND_PER_TICK: usize = 32;
+/// Regions whose anchor keys went away looked at per cron tick (the rest wait for the next).
+const SUSPECTS_PER_TICK: usize = 1024;
 
 /// The region a key of gpucache's belongs to, when the key is one of `entities` and the region
 /// name is one gpucache would give.
@@ -99,7 +106,12 @@ pub fn follows_event(event: &[u8]) -> bool {
 pub fn on_key_moved(ctx: &Context, event: &[u8], key: &[u8]) {
     if GONE_EVENTS.contains(&event) {
         if let Some(region) = region_of(key, &ANCHORS) {
-            forget_if_gone(ctx, selected_db(ctx), region);
+            // No key is opened here (see `Known::suspects`).
+            let entry = (selected_db(ctx), region.to_owned());
+            let mut known = known_set();
+            if known.regions.contains(&entry) {
+                known.suspects.insert(entry);
+            }
         }
     } else if ARRIVED_EVENTS.contains(&event) {
         // A region's counters arriving by migration, `RESTORE`, `RENAME`, `MOVE` or `COPY`.
@@ -130,7 +142,12 @@ fn forget_if_gone(ctx: &Context, db: i32, region: &str) {
 }
 
 fn forget(db: i32, region: &str) {
-    known_set().regions.remove(&(db, region.to_owned()));
+    {
+        let mut known = known_set();
+        let entry = (db, region.to_owned());
+        known.regions.remove(&entry);
+        known.suspects.remove(&entry);
+    }
     crate::booking_clock::forget(db, region);
 }
 
@@ -142,9 +159,13 @@ fn forget_db(db: Option<i32>) {
         match db {
             None => {
                 known.regions = BTreeSet::new();
+                known.suspects = BTreeSet::new();
                 known.round_after = None;
             }
-            Some(db) => known.regions.retain(|(d, _)| *d != db),
+            Some(db) => {
+                known.regions.retain(|(d, _)| *d != db);
+                known.suspects.retain(|(d, _)| *d != db);
+            }
         }
     }
     crate::booking_clock::forget_db(db);
@@ -156,6 +177,11 @@ fn swap_dbs(a: i32, b: i32) {
         let mut known = known_set();
         let regions = std::mem::take(&mut known.regions);
         known.regions = regions
+            .into_iter()
+            .map(|(db, region)| (swap(db, a, b), region))
+            .collect();
+        let suspects = std::mem::take(&mut known.suspects);
+        known.suspects = suspects
             .into_iter()
             .map(|(db, region)| (swap(db, a, b), region))
             .collect();
@@ -183,22 +209,30 @@ pub fn round_step(ctx: &Context) {
 fn round(ctx: &Context) {
     let batch: Vec<(i32, String)> = {
         let mut known = known_set();
+        let mut batch: Vec<(i32, String)> = Vec::new();
+        while batch.len() < SUSPECTS_PER_TICK {
+            let Some(suspect) = known.suspects.pop_first() else {
+                break;
+            };
+            batch.push(suspect);
+        }
         let start = match known.round_after.take() {
             Some(after) => Bound::Excluded(after),
             None => Bound::Unbounded,
         };
-        let batch: Vec<(i32, String)> = known
+        let round: Vec<(i32, String)> = known
             .regions
             .range((start, Bound::Unbounded))
             .take(ROUND_PER_TICK)
             .cloned()
             .collect();
         // Wraps around to the start after the last region.
-        known.round_after = if batch.len() == ROUND_PER_TICK {
-            batch.last().cloned()
+        known.round_after = if round.len() == ROUND_PER_TICK {
+            round.last().cloned()
         } else {
             None
         };
+        batch.extend(round);
         batch
     };
     let original = selected_db(ctx);
