@@ -79,3 +79,36 @@ fn a_refused_module_load_leaves_the_server_running() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `DEMAND_TIERS` load argument wins over a redis.conf directive; when the directive held the
+/// tiers already in force, Redis asked for the value (and skipped the setter) before the load
+/// argument applied: `CONFIG GET` must still show the tiers in force, and a `CONFIG SET` back to
+/// the directive's value must reach the module.
+#[test]
+fn config_get_shows_the_tiers_a_load_argument_set() {
+    let server = Server::start_with_config(
+        "gpucache.demand-tiers \"10:2 30:1.5 50:1.2\"\n",
+        &["DEMAND_TIERS", "10:3"],
+    );
+    let mut con = server.connect();
+    let shown = |con: &mut redis::Connection| -> String {
+        let reply: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("gpucache.demand-tiers")
+            .query(con)
+            .expect("CONFIG GET");
+        reply.get(1).cloned().unwrap_or_default()
+    };
+    assert_eq!(shown(&mut con), "10:3");
+    run(
+        &mut con,
+        &[
+            "CONFIG",
+            "SET",
+            "gpucache.demand-tiers",
+            "10:2 30:1.5 50:1.2",
+        ],
+    )
+    .expect("CONFIG SET");
+    assert_eq!(shown(&mut con), "10:2 30:1.5 50:1.2");
+}
