@@ -96,6 +96,10 @@ pub fn register(ctx: &Context) -> Status {
 
 fn replace_shown(new: *mut raw::RedisModuleString) {
     let old = std::mem::replace(&mut shown().0, new);
+    free_shown(old);
+}
+
+fn free_shown(old: *mut raw::RedisModuleString) {
     if !old.is_null() {
         // SAFETY: `old` was created by `RedisModule_CreateString` with no context and is owned
         // by this module alone (Redis copies what `CONFIG GET` returns).
@@ -112,18 +116,19 @@ unsafe extern "C" fn get_demand_tiers(
     _privdata: *mut c_void,
 ) -> *mut raw::RedisModuleString {
     let text = DEMAND_TIERS.current().to_string();
-    if shown().0.is_null() || shown().1 != text {
+    let mut shown = shown();
+    if shown.0.is_null() || shown.1 != text {
         if let Some(create) = raw::RedisModule_CreateString {
             let fresh = create(
                 std::ptr::null_mut(),
                 text.as_ptr().cast::<c_char>(),
                 text.len(),
             );
-            replace_shown(fresh);
-            shown().1 = text;
+            free_shown(std::mem::replace(&mut shown.0, fresh));
+            shown.1 = text;
         }
     }
-    shown().0
+    shown.0
 }
 
 unsafe extern "C" fn set_demand_tiers(
