@@ -4,7 +4,24 @@ use redis_module::{InfoContext, RedisResult};
 use redis_module_macros::info_command_handler;
 
 #[info_command_handler]
-fn gpucache_info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
+fn gpucache_info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
+    if for_crash_report {
+        // The server is dying, maybe while one of the module's locks is held: only figures
+        // read without a lock.
+        ctx.builder()
+            .add_section("")
+            .field(
+                "eviction_policy_safe",
+                i64::from(!crate::eviction::is_unsafe()),
+            )?
+            .field(
+                "panics_caught",
+                i64::try_from(crate::logging::panics_caught()).unwrap_or(i64::MAX),
+            )?
+            .build_section()?
+            .build_info()?;
+        return Ok(());
+    }
     let heal = crate::heal::figures();
     let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);

@@ -407,6 +407,14 @@ impl Surveyor<'_, '_, '_> {
         let mut types: BTreeSet<String> = types_set.clone();
         providers.extend(stream.providers.iter().cloned());
         types.extend(stream.types.iter().cloned());
+        // The counters count GPUs per type: a type they name has indexes to look through.
+        types.extend(counters.keys().filter_map(|field| {
+            field
+                .strip_prefix(stat::TYPE_TOTAL_PREFIX)
+                .or_else(|| field.strip_prefix("own-sum:"))
+                .filter(|t| crate::core::input::id("type", t.as_bytes()).is_ok())
+                .map(str::to_owned)
+        }));
         for entry in registry.values().flatten() {
             providers.insert(entry.provider.clone());
             types.insert(entry.gpu_type.clone());
@@ -447,8 +455,10 @@ impl Surveyor<'_, '_, '_> {
                     gpu_ids.insert(booking.gpu_id.clone());
                     // A booking whose GPU record is gone still leads to its type's indexes and
                     // its provider's GPUs (and through them to GPUs nothing else names).
-                    types.extend(booking.gpu_type.clone());
-                    providers.extend(booking.provider.clone());
+                    let valid =
+                        |name: &&String| crate::core::input::id("name", name.as_bytes()).is_ok();
+                    types.extend(booking.gpu_type.iter().filter(valid).cloned());
+                    providers.extend(booking.provider.iter().filter(valid).cloned());
                 }
                 bookings.insert(booking_id, read);
             }

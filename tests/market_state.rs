@@ -1058,3 +1058,30 @@ fn a_negative_window_count_is_dropped_by_a_repair() {
     );
     assert_consistent(&mut con, "eu");
 }
+
+/// The only GPU of a type gone with the registry, the type set and the event stream: the
+/// counters, which count GPUs per type, still lead one REPAIR to that type's indexes (found
+/// by the foreign-writes hostile test: its stale index entries outlived the first REPAIR).
+#[test]
+fn a_type_only_the_counters_still_name_is_repaired_in_one_pass() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    seed(&mut con);
+    fields(&mut con, &["GPUCACHE.BOOK", "eu", "g1", "b1", "u1", "600"]);
+    cmd(&mut con, &["DEL", "gpucache:{eu}:index:gpus"]);
+    cmd(
+        &mut con,
+        &["RENAME", "gpucache:{eu}:gpu:g4", "gpucache:{eu}:events"],
+    );
+    cmd(
+        &mut con,
+        &[
+            "RENAME",
+            "gpucache:{eu}:index:types",
+            "gpucache:{eu}:gpu:g1",
+        ],
+    );
+    run(&mut con, &["GPUCACHE.REPAIR", "eu"]).unwrap();
+    assert_consistent(&mut con, "eu");
+    assert!(available_ids(&mut con, &["eu", "TYPE", "H100"]).is_empty());
+}
