@@ -14,26 +14,6 @@ use common::*;
 use redis::Connection;
 use std::time::Duration;
 
-/// Every key family gpucache writes, as the part after `gpucache:{R}:`.
-const FAMILIES: &[&str] = &[
-    "gpu",
-    "booking",
-    "price",
-    "provider",
-    "provider-gpus",
-    "avail-own",
-    "avail-type",
-    "avail-score",
-    "index:gpus",
-    "index:types",
-    "index:providers",
-    "index:bookings",
-    "index:booking-ends",
-    "stats:market",
-    "stats:24h",
-    "events",
-];
-
 /// Families whose keys end in an id (`gpucache:{R}:gpu:<id>`); the others are fixed names.
 fn has_id(family: &str) -> bool {
     !family.contains(':') && family != "events"
@@ -101,7 +81,7 @@ fn foreign_keys(real_region: &str) -> Vec<Foreign> {
         .into_iter()
         .chain(hostile_region_only())
         .collect();
-    for (f, family) in FAMILIES.iter().enumerate() {
+    for (f, family) in KEY_FAMILIES.iter().enumerate() {
         let tail: Vec<u8> = if has_id(family) {
             concat(&[family.as_bytes(), b":g1"])
         } else {

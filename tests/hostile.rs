@@ -450,24 +450,6 @@ fn key_in(families: &'static [&'static str]) -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
-const ANY_FAMILY: [&str; 16] = [
-    "gpu",
-    "booking",
-    "price",
-    "provider",
-    "provider-gpus",
-    "avail-own",
-    "avail-type",
-    "avail-score",
-    "index:gpus",
-    "index:types",
-    "index:providers",
-    "index:bookings",
-    "index:booking-ends",
-    "stats:market",
-    "stats:24h",
-    "events",
-];
 const HASH_FAMILIES: [&str; 8] = [
     "gpu",
     "booking",
@@ -582,12 +564,12 @@ fn foreign() -> impl Strategy<Value = Foreign> {
             .prop_map(|(k, m)| Foreign::Sadd(k, m)),
         2 => (key_in(&ZSET_FAMILIES), prop::collection::vec((pick(&SCORES), member()), 1..4))
             .prop_map(|(k, m)| Foreign::Zadd(k, m)),
-        1 => (key_in(&ANY_FAMILY), value()).prop_map(|(k, v)| Foreign::Set(k, v)),
+        1 => (key_in(&KEY_FAMILIES), value()).prop_map(|(k, v)| Foreign::Set(k, v)),
         2 => (key_in(&STREAM_FAMILIES), stream_id, stream_fields())
             .prop_map(|(k, i, f)| Foreign::Xadd(k, i, f)),
-        2 => key_in(&ANY_FAMILY).prop_map(Foreign::Del),
-        2 => (key_in(&ANY_FAMILY), 1..=20u64).prop_map(|(k, ms)| Foreign::Pexpire(k, ms)),
-        2 => (key_in(&ANY_FAMILY), pick(&REAL_KEYS)).prop_map(|(k, t)| Foreign::Rename(k, t)),
+        2 => key_in(&KEY_FAMILIES).prop_map(Foreign::Del),
+        2 => (key_in(&KEY_FAMILIES), 1..=20u64).prop_map(|(k, ms)| Foreign::Pexpire(k, ms)),
+        2 => (key_in(&KEY_FAMILIES), pick(&REAL_KEYS)).prop_map(|(k, t)| Foreign::Rename(k, t)),
     ]
 }
 

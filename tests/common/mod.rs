@@ -434,3 +434,24 @@ pub fn eventually_consistent(con: &mut Connection, region: &str) {
     }
     panic!("CHECK {region} never became clean: {last}");
 }
+
+/// Every key family gpucache writes, as the part after `gpucache:{R}:` (README "Keys"): what
+/// the tests of other clients' writes write into.
+pub const KEY_FAMILIES: [&str; 16] = [
+    "gpu",
+    "booking",
+    "price",
+    "provider",
+    "provider-gpus",
+    "avail-own",
+    "avail-type",
+    "avail-score",
+    "index:gpus",
+    "index:types",
+    "index:providers",
+    "index:bookings",
+    "index:booking-ends",
+    "stats:market",
+    "stats:24h",
+    "events",
+];
