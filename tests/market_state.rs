@@ -1085,3 +1085,41 @@ fn a_type_only_the_counters_still_name_is_repaired_in_one_pass() {
     assert_consistent(&mut con, "eu");
     assert!(available_ids(&mut con, &["eu", "TYPE", "H100"]).is_empty());
 }
+
+/// A record, booking or registry entry naming a type, provider, booking or user with a name
+/// gpucache never accepts (a space, say, which would split a registry entry) reads as garbled:
+/// one REPAIR leaves the region clean (found by the foreign-writes hostile test: the name was
+/// copied into the registry and the provider set, and CHECK then read it as another name).
+#[test]
+fn names_gpucache_never_accepts_in_records_are_garbage() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    for (key, field, value) in [
+        ("gpucache:{eu}:gpu:g2", "provider", "available A100"),
+        ("gpucache:{eu}:gpu:g3", "type", "A100 p2"),
+        ("gpucache:{eu}:gpu:g1", "provider", "p1 b1"),
+        ("gpucache:{eu}:gpu:g1", "booking_user", "alice\u{0}"),
+        ("gpucache:{eu}:booking:b1", "gpu_type", "A{100}"),
+        ("gpucache:{eu}:booking:b2", "user_id", "bob smith"),
+        ("gpucache:{eu}:index:gpus", "g5", "available A100 p1 b 7"),
+    ] {
+        redis::cmd("FLUSHALL").query::<()>(&mut con).unwrap();
+        rich_region(&mut con);
+        cmd(&mut con, &["HSET", key, field, value]);
+        run(&mut con, &["GPUCACHE.REPAIR", "eu"])
+            .unwrap_or_else(|e| panic!("HSET {key} {field}: REPAIR: {e}"));
+        let check = run(&mut con, &["GPUCACHE.CHECK", "eu"]).unwrap();
+        assert_eq!(
+            text(&as_map(&check)["ok"]),
+            "1",
+            "HSET {key} {field} {value:?}: CHECK after one REPAIR: {:?}",
+            as_map(&check)["violations"]
+        );
+        // Bookings are market state: both survive.
+        for booking in ["b1", "b2"] {
+            let key = format!("gpucache:{{eu}}:booking:{booking}");
+            let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut con).unwrap();
+            assert_eq!(exists, 1, "HSET {key} {field}: {booking} lost");
+        }
+    }
+}

@@ -126,7 +126,9 @@ impl Booking {
         let (mut gpu, mut user, mut price) = (None, None, None);
         let (mut duration, mut start, mut end) = (None, None, None);
         let (mut gpu_type, mut provider) = (None, None);
-        let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_owned);
+        // Names become parts of keys: only names gpucache accepts (a booking naming another is
+        // not gpucache's, and reads as garbled).
+        let text = |v: &[u8]| super::input::id("name", v).ok();
         let int = |v: &[u8]| {
             std::str::from_utf8(v)
                 .ok()

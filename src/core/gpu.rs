@@ -167,9 +167,14 @@ impl RegistryEntry {
     pub fn parse(text: &str) -> Option<RegistryEntry> {
         let mut parts = text.split(' ');
         let status = GpuStatus::parse(parts.next()?.as_bytes()).ok()?;
-        let gpu_type = parts.next().filter(|t| !t.is_empty())?.to_owned();
-        let provider = parts.next().filter(|p| !p.is_empty())?.to_owned();
-        let booking = parts.next().map(str::to_owned);
+        // Names gpucache accepts only: they become parts of keys.
+        let name = |part: Option<&str>| super::input::id("name", part?.as_bytes()).ok();
+        let gpu_type = name(parts.next())?;
+        let provider = name(parts.next())?;
+        let booking = match parts.next() {
+            Some(booking) => Some(name(Some(booking))?),
+            None => None,
+        };
         if parts.next().is_some() {
             return None;
         }
@@ -379,6 +384,7 @@ impl GpuFields {
     /// Takes one hash field; fields that are not part of a GPU record are ignored.
     pub fn add(&mut self, name: &[u8], value: &[u8]) {
         let text = |v: &[u8]| std::str::from_utf8(v).ok().map(str::to_owned);
+        let valid = |v: &[u8]| super::input::id("name", v).ok();
         let int = |v: &[u8]| {
             std::str::from_utf8(v)
                 .ok()
@@ -389,8 +395,10 @@ impl GpuFields {
             None => self.malformed = true,
         };
         match std::str::from_utf8(name).unwrap_or_default() {
-            field::PROVIDER => self.provider = text(value),
-            field::TYPE => self.gpu_type = text(value),
+            // Names become parts of keys and registry entries: only names gpucache accepts
+            // (a record naming another is not gpucache's, and reads as garbled).
+            field::PROVIDER => self.provider = valid(value),
+            field::TYPE => self.gpu_type = valid(value),
             field::PRICE => self.own_price = Price::parse_stored(value),
             field::PRICE_SEQ => match super::version(value) {
                 Some(seq) => self.price_seq = seq,
@@ -405,13 +413,18 @@ impl GpuFields {
                     .filter(|v| v.is_finite())
             }
             field::STATUS => self.status = GpuStatus::parse(value).ok(),
-            field::BOOKING => self.booking = text(value).filter(|b| !b.is_empty()),
+            field::BOOKING => {
+                self.booking = text(value).filter(|b| !b.is_empty());
+                if self.booking.is_some() && valid(value).is_none() {
+                    self.malformed = true;
+                }
+            }
             field::VERSION => match super::version(value) {
                 Some(version) => self.version = version,
                 None => self.malformed = true,
             },
             field::UPDATED_MS => required_int(&mut self.updated_ms, value),
-            field::BOOKING_USER => self.booking_user = text(value).filter(|u| !u.is_empty()),
+            field::BOOKING_USER => self.booking_user = valid(value),
             field::BOOKING_PRICE => self.booking_price = Price::parse_stored(value),
             field::BOOKING_DURATION_S => self.booking_duration_s = int(value),
             field::BOOKING_START_MS => self.booking_start_ms = int(value),
