@@ -215,6 +215,13 @@ pub fn queue_every_region(ctx: &Context) {
     }
 }
 
+/// A region arrived on this node (its counters came by `MIGRATE`/`RESTORE`): once the slot is
+/// wholly this node's (until then the sweep is refused and retried), heal the records that
+/// expired on the old owner while the slot moved, which nothing announced here.
+pub fn queue_sweep_of_arrived(ctx: &Context, region: &str) {
+    queue_sweep_in(ctx, selected_db(ctx), region);
+}
+
 /// Queues a sweep of a region (once): heals its vanished records, and repairs it whole if a
 /// cheap look finds more wrong.
 fn queue_sweep_in(ctx: &Context, db: i32, region: &str) {

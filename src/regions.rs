@@ -114,9 +114,13 @@ pub fn on_key_moved(ctx: &Context, event: &[u8], key: &[u8]) {
             }
         }
     } else if ARRIVED_EVENTS.contains(&event) {
-        // A region's counters arriving by migration, `RESTORE`, `RENAME`, `MOVE` or `COPY`.
+        // A region's counters arriving by migration, `RESTORE`, `RENAME`, `MOVE` or `COPY`:
+        // this node takes charge of the region (no key is opened here: the sweep and the
+        // booking clock look at it from their timers).
         if let Some(region) = region_of(key, &[COUNTERS]) {
             remember(selected_db(ctx), region);
+            crate::heal::queue_sweep_of_arrived(ctx, region);
+            crate::booking_clock::look_again_at(ctx, region);
         }
     }
 }

@@ -94,6 +94,34 @@ impl<'a> Store<'a> {
         }
     }
 
+    /// In a cluster, refuses a command on a region whose slot is being moved to this node: the
+    /// command came after an `ASK`, and only part of the region may have arrived. Redis let
+    /// the command in because its caller is `ASKING`; the module's own call on a key of the
+    /// region is not (Redis 7.0 refuses it as a non-local key; where a module call inherits
+    /// `ASKING`, a two-key read with a key that never exists gets `TRYAGAIN`). Either way the
+    /// call fails exactly while the slot is not wholly this node's. Outside a cluster it costs
+    /// nothing.
+    pub fn region_is_whole_here(&self, prefix: &str) -> MarketResult<()> {
+        if !self
+            .ctx
+            .get_flags()
+            .contains(redis_module::ContextFlags::CLUSTER)
+        {
+            return Ok(());
+        }
+        let counters = [prefix, "stats:market"].concat();
+        let probe = [prefix, "moving-probe"].concat();
+        match self.read("EXISTS", &[counters.as_bytes(), probe.as_bytes()]) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(MarketError::TryAgain(format!(
+                "region {} is being moved to this node; retry once the move is over",
+                prefix
+                    .trim_start_matches("gpucache:{")
+                    .trim_end_matches("}:")
+            ))),
+        }
+    }
+
     /// Whether the server is near `maxmemory` (95 % or more of it in use; never without a
     /// limit).
     pub fn memory_is_tight(&self) -> bool {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cluster::Cluster;
+use common::cluster::{key_slot, Cluster};
 use common::*;
 use redis::Value;
 use std::time::Duration;
@@ -130,4 +130,191 @@ fn healing_refused_while_the_cluster_is_down_is_retried_until_it_succeeds() {
     let stats = fields(&mut con, &["GPUCACHE.STATS", "eu"]);
     assert_eq!(stats["bookings_active"], "0");
     assert_eq!(stats["gpus_busy"], "0");
+}
+
+/// Sends `args` to `con` after `ASKING`, as a cluster client does after an `ASK` redirection.
+fn asking(con: &mut redis::Connection, args: &[&str]) -> redis::RedisResult<Value> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("ASKING").ignore();
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    pipe.add_command(cmd);
+    pipe.query::<Vec<Value>>(con)
+        .map(|mut replies| replies.pop().unwrap_or(Value::Nil))
+}
+
+/// While a region's slot moves, the node receiving it holds only part of the region: every
+/// gpucache command sent there (after `ASK`) is refused with `TRYAGAIN`, so cluster clients
+/// retry until the move is over, and nothing is read from, or written into, half a region.
+/// Once the slot is the new node's, the region is whole there and consistent.
+#[test]
+fn a_region_being_moved_is_never_served_in_part() {
+    let cluster = Cluster::start(2, 0, &[]);
+    let (source, target) = (&cluster.masters[0], &cluster.masters[1]);
+    let mut from = source.connect();
+    let mut to = target.connect();
+    // A region whose slot the first master serves.
+    let region = (0..1000)
+        .map(|i| format!("mv{i}"))
+        .find(|r| key_slot(&mut from, r) < 8192)
+        .unwrap();
+    let slot = key_slot(&mut from, &region);
+    for i in 0..3 {
+        register(&mut from, &region, &format!("g{i}"), "p1", "A100", "2");
+    }
+    fields(
+        &mut from,
+        &["GPUCACHE.BOOK", &region, "g0", "b0", "alice", "3600"],
+    );
+    let version_before: i64 = fields(&mut from, &["GPUCACHE.GET", &region, "g1"])["version"]
+        .parse()
+        .unwrap();
+
+    let setslot = |con: &mut redis::Connection, state: &str, node: &str| {
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(state)
+            .arg(node)
+            .query::<()>(con)
+            .unwrap();
+    };
+    setslot(&mut to, "IMPORTING", &source.id);
+    setslot(&mut from, "MIGRATING", &target.id);
+    // The source redirects (the region name is the declared key and never exists)...
+    let moved = error(&mut from, &["GPUCACHE.GET", &region, "g1"]);
+    assert!(moved.starts_with("ASK"), "{moved}");
+    // ...and the target refuses every command until the region is whole there.
+    let commands: Vec<Vec<String>> = [
+        vec!["GPUCACHE.GET", &region, "g1"],
+        vec!["GPUCACHE.STATS", &region],
+        vec!["GPUCACHE.AVAILABLE", &region],
+        vec!["GPUCACHE.CHECK", &region],
+        vec![
+            "GPUCACHE.REGISTER",
+            &region,
+            "g1",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "3",
+        ],
+        vec!["GPUCACHE.BOOK", &region, "g1", "b1", "bob", "60"],
+        vec!["GPUCACHE.PRICE", &region, "A100", "5"],
+        vec!["GPUCACHE.REPAIR", &region],
+    ]
+    .iter()
+    .map(|c| c.iter().map(|s| s.to_string()).collect())
+    .collect();
+    let mut move_some_keys = true;
+    for round in 0..2 {
+        for command in &commands {
+            let args: Vec<&str> = command.iter().map(String::as_str).collect();
+            let refused = asking(&mut to, &args).expect_err("served from part of a region");
+            assert_eq!(
+                refused.kind(),
+                redis::ErrorKind::TryAgain,
+                "round {round}, {args:?}: {refused}"
+            );
+        }
+        if move_some_keys {
+            // Half-way: everything but two GPU records has arrived.
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(1000)
+                .query(&mut from)
+                .unwrap();
+            let records: Vec<&String> = keys
+                .iter()
+                .filter(|k| !k.ends_with(":gpu:g1") && !k.ends_with(":gpu:g2"))
+                .collect();
+            let port = target.server.port.to_string();
+            let mut migrate = redis::cmd("MIGRATE");
+            migrate
+                .arg("127.0.0.1")
+                .arg(&port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS");
+            for key in &records {
+                migrate.arg(key.as_str());
+            }
+            migrate.query::<()>(&mut from).unwrap();
+            move_some_keys = false;
+        }
+    }
+    // An idle GPU's record expires on the old owner while its indexes are already on the new
+    // one: nothing announces it there.
+    let gone = format!("gpucache:{{{region}}}:gpu:g2");
+    redis::cmd("PEXPIRE")
+        .arg(&gone)
+        .arg(1)
+        .query::<()>(&mut from)
+        .unwrap();
+    eventually(
+        "g2 expired on the old owner",
+        Duration::from_secs(10),
+        || {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(1000)
+                .query(&mut from)
+                .unwrap();
+            !keys.contains(&gone)
+        },
+    );
+    // The rest of the region moves, and the slot is the target's.
+    let keys: Vec<String> = redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(1000)
+        .query(&mut from)
+        .unwrap();
+    let port = target.server.port.to_string();
+    let mut migrate = redis::cmd("MIGRATE");
+    migrate
+        .arg("127.0.0.1")
+        .arg(&port)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS");
+    for key in &keys {
+        migrate.arg(key.as_str());
+    }
+    migrate.query::<()>(&mut from).unwrap();
+    setslot(&mut to, "NODE", &target.id);
+    setslot(&mut from, "NODE", &target.id);
+    // The new owner took charge of the region: it knows it, and heals what expired mid-move.
+    eventually_consistent(&mut to, &region);
+    assert_eq!(info_field(&mut to, "gpucache_regions"), 1);
+    assert!(error(&mut to, &["GPUCACHE.GET", &region, "g2"]).starts_with("NOGPU"));
+    let booked = fields(&mut to, &["GPUCACHE.GET", &region, "g0"]);
+    assert_eq!(
+        booked["booking_id"], "b0",
+        "the acknowledged booking moved with the region"
+    );
+    let registered = fields(
+        &mut to,
+        &[
+            "GPUCACHE.REGISTER",
+            &region,
+            "g1",
+            "PROVIDER",
+            "p1",
+            "TYPE",
+            "A100",
+            "PRICE",
+            "3",
+        ],
+    );
+    assert!(registered["version"].parse::<i64>().unwrap() > version_before);
+    assert_consistent(&mut to, &region);
 }

@@ -92,7 +92,15 @@ pub fn run(
     body: impl FnOnce(&Store, &[RedisString]) -> MarketResult<Out>,
 ) -> RedisResult {
     let store = Store::new(ctx);
-    let Some(outcome) = crate::logging::guarded(|| body(&store, args)) else {
+    let Some(outcome) = crate::logging::guarded(|| {
+        // Every command names its region first (STATS may name none).
+        if let Some(region) = args.get(1).map(RedisString::as_slice) {
+            if let Ok(region) = input::region(region) {
+                store.region_is_whole_here(crate::keys::RegionKeys::new(&region).prefix())?;
+            }
+        }
+        body(&store, args)
+    }) else {
         // A bug, not the caller's fault: the log has the panic. Writes made before it may be
         // half done, so the region is repaired (a recount) rather than trusted.
         let region = args.get(1).map(RedisString::as_slice).unwrap_or_default();

@@ -30,6 +30,10 @@ pub enum MarketError {
     Damaged(String),
     /// The server's eviction policy could evict the booking this command would take.
     EvictionRisk(String),
+    /// The region's cluster slot is moving to this node and only part of the region is here
+    /// yet: Redis's own answer to a multi-key command split by a migration, which cluster
+    /// clients retry.
+    TryAgain(String),
 }
 
 impl MarketError {
@@ -58,6 +62,7 @@ impl fmt::Display for MarketError {
             ),
             MarketError::Damaged(m) => write!(f, "CORRUPT {m}"),
             MarketError::EvictionRisk(m) => write!(f, "EVICTIONRISK {m}"),
+            MarketError::TryAgain(m) => write!(f, "TRYAGAIN {m}"),
         }
     }
 }
