@@ -122,7 +122,8 @@ const BUDGET: Duration = Duration::from_millis(2);
 /// Retry delays double from the first to the last.
 const FIRST_RETRY_MS: i64 = 100;
 const LAST_RETRY_MS: i64 = 5_000;
-/// Attempts at a region whose slot another node serves before giving it up (about a minute).
+/// Attempts at a region whose slot another node serves before giving it up (about a minute),
+/// once none of the region's keys is left here.
 const GIVE_UP_ELSEWHERE: u32 = 16;
 
 /// What `INFO gpucache` shows of healing.
@@ -390,8 +391,13 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
         Target::Sweep(_) => format!("sweeping region {region}"),
     };
     // A region whose slot another node serves is that node's to repair once it takes charge
-    // of it; this one stops asking after a minute.
-    if access == WriteAccess::Elsewhere && attempts > GIVE_UP_ELSEWHERE {
+    // of it: this one stops asking after a minute, once the region's keys have left it too.
+    // While they are still here (the slot is being moved here, however long that takes), it
+    // keeps asking every few seconds, and repairs as soon as the slot is its own.
+    if access == WriteAccess::Elsewhere
+        && attempts > GIVE_UP_ELSEWHERE
+        && !crate::regions::is_known(job.db, &region)
+    {
         crate::log(
             ctx,
             RedisLogLevel::Warning,

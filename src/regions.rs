@@ -274,6 +274,11 @@ pub fn known_where(mut wanted: impl FnMut(&(i32, String)) -> bool) -> Vec<(i32, 
         .collect()
 }
 
+/// Whether this server holds the region in `db` (some of its keys are here).
+pub fn is_known(db: i32, region: &str) -> bool {
+    known_set().regions.contains(&(db, region.to_owned()))
+}
+
 /// How many regions this server holds (all dbs).
 pub fn count() -> usize {
     known_set().regions.len()
