@@ -236,6 +236,11 @@ fn move_a_region(hold: Duration) {
                 "round {round}, {args:?}: {refused}"
             );
         }
+        // STATS over every region counts the moving region on neither side while it moves.
+        for (side, con) in [("new owner", &mut to), ("old owner", &mut from)] {
+            let all = fields(con, &["GPUCACHE.STATS"]);
+            assert_eq!(all["regions"], "0", "round {round}, {side}: {all:?}");
+        }
         if move_some_keys {
             // Half-way: everything but two GPU records has arrived.
             let keys: Vec<String> = redis::cmd("CLUSTER")
@@ -310,6 +315,7 @@ fn move_a_region(hold: Duration) {
     setslot(&mut from, "NODE", &target.id);
     // The new owner took charge of the region: it knows it, and heals what expired mid-move.
     eventually_consistent(&mut to, &region);
+    assert_eq!(fields(&mut to, &["GPUCACHE.STATS"])["regions"], "1");
     assert_eq!(info_field(&mut to, "gpucache_regions"), 1);
     assert!(error(&mut to, &["GPUCACHE.GET", &region, "g2"]).starts_with("NOGPU"));
     let booked = fields(&mut to, &["GPUCACHE.GET", &region, "g0"]);

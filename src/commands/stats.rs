@@ -260,6 +260,13 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
         None => {
             // Only the regions the caller may read: Redis checked no key of this command.
             let caller = Caller::of(store.ctx());
+            // A master also holds part of a region whose slot is moving to or from it: that
+            // region is counted where it is whole, never here in part. (A replica holds its
+            // master's slots whole.)
+            let moving_here_or_away = !store
+                .ctx()
+                .get_flags()
+                .contains(redis_module::ContextFlags::SLAVE);
             let mut sum = RegionFigures::default();
             let mut regions = 0;
             for name in crate::regions::known(store.ctx()) {
@@ -268,6 +275,9 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
                     continue;
                 }
                 if store.key_type(&keys.stats()) == redis_module::KeyType::Empty {
+                    continue;
+                }
+                if moving_here_or_away && store.region_is_whole_here(keys.prefix()).is_err() {
                     continue;
                 }
                 let region = Region::new(store, name);
