@@ -72,6 +72,13 @@ impl<'a> Store<'a> {
         self.failed_writes.get()
     }
 
+    /// Whether this server runs in a Redis Cluster.
+    fn in_cluster(&self) -> bool {
+        self.ctx
+            .get_flags()
+            .contains(redis_module::ContextFlags::CLUSTER)
+    }
+
     /// Whether Redis would accept writes to the region whose keys start with `prefix` now.
     /// Always so on a plain server; in a cluster a module's write is refused while the cluster is
     /// down or the region's slot is not served here, and a timer-driven repair must find that
@@ -79,11 +86,7 @@ impl<'a> Store<'a> {
     /// the region's slot that never exists: a write command, so the cluster checks it as one
     /// (even with `cluster-allow-reads-when-down`), and it changes nothing.
     pub fn write_access(&self, prefix: &str) -> WriteAccess {
-        if !self
-            .ctx
-            .get_flags()
-            .contains(redis_module::ContextFlags::CLUSTER)
-        {
+        if !self.in_cluster() {
             return WriteAccess::Now;
         }
         let probe = [prefix, "write-probe"].concat();
@@ -102,11 +105,7 @@ impl<'a> Store<'a> {
     /// call fails exactly while the slot is not wholly this node's. Outside a cluster it costs
     /// nothing.
     pub fn region_is_whole_here(&self, prefix: &str) -> MarketResult<()> {
-        if !self
-            .ctx
-            .get_flags()
-            .contains(redis_module::ContextFlags::CLUSTER)
-        {
+        if !self.in_cluster() {
             return Ok(());
         }
         let counters = [prefix, "stats:market"].concat();

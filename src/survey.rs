@@ -1234,7 +1234,7 @@ impl Surveyor<'_, '_, '_> {
             .stream_last_id(&events)?
             .as_deref()
             .and_then(stream_id);
-        let horizon = u64::try_from(self.now_ms.saturating_add(FUTURE_TOLERANCE_MS)).unwrap_or(0);
+        let horizon = self.future_horizon();
         let mut from = "-".to_owned();
         loop {
             let entries = self.store.stream_range(&events, &from, 1000)?;
@@ -1322,11 +1322,16 @@ impl Surveyor<'_, '_, '_> {
         Ok(facts)
     }
 
+    /// Stream ids (ms) beyond this are from the future (`FUTURE_TOLERANCE_MS`).
+    fn future_horizon(&self) -> u64 {
+        u64::try_from(self.now_ms.saturating_add(FUTURE_TOLERANCE_MS)).unwrap_or(0)
+    }
+
     /// An event stream whose last id lies far ahead of the clock (another client's `XADD` with
     /// an id of its choosing): its entries from the future are deleted and its last id set back
     /// to the newest entry left, so new events are appended again in time order.
     fn check_stream_ids(&mut self, events: &str, stream: &StreamFacts) {
-        let horizon = u64::try_from(self.now_ms.saturating_add(FUTURE_TOLERANCE_MS)).unwrap_or(0);
+        let horizon = self.future_horizon();
         let Some((last_ms, last_seq)) = stream.last_generated else {
             return;
         };

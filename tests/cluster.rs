@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cluster::{key_slot, Cluster};
+use common::cluster::{key_slot, Cluster, ClusterNode};
 use common::*;
 use redis::Value;
 use std::time::Duration;
@@ -132,6 +132,32 @@ fn healing_refused_while_the_cluster_is_down_is_retried_until_it_succeeds() {
     assert_eq!(stats["gpus_busy"], "0");
 }
 
+/// The keys a node holds in `slot` (up to 1,000).
+fn keys_in_slot(con: &mut redis::Connection, slot: u16) -> Vec<String> {
+    redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(1000)
+        .query(con)
+        .unwrap()
+}
+
+/// Moves `keys` from the node behind `con` to `target` with one `MIGRATE`.
+fn migrate(con: &mut redis::Connection, target: &ClusterNode, keys: &[String]) {
+    let mut migrate = redis::cmd("MIGRATE");
+    migrate
+        .arg("127.0.0.1")
+        .arg(target.server.port)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS");
+    for key in keys {
+        migrate.arg(key.as_str());
+    }
+    migrate.query::<()>(con).unwrap();
+}
+
 /// Sends `args` to `con` after `ASKING`, as a cluster client does after an `ASK` redirection.
 fn asking(con: &mut redis::Connection, args: &[&str]) -> redis::RedisResult<Value> {
     let mut pipe = redis::pipe();
@@ -243,29 +269,11 @@ fn move_a_region(hold: Duration) {
         }
         if move_some_keys {
             // Half-way: everything but two GPU records has arrived.
-            let keys: Vec<String> = redis::cmd("CLUSTER")
-                .arg("GETKEYSINSLOT")
-                .arg(slot)
-                .arg(1000)
-                .query(&mut from)
-                .unwrap();
-            let records: Vec<&String> = keys
-                .iter()
+            let records: Vec<String> = keys_in_slot(&mut from, slot)
+                .into_iter()
                 .filter(|k| !k.ends_with(":gpu:g1") && !k.ends_with(":gpu:g2"))
                 .collect();
-            let port = target.server.port.to_string();
-            let mut migrate = redis::cmd("MIGRATE");
-            migrate
-                .arg("127.0.0.1")
-                .arg(&port)
-                .arg("")
-                .arg(0)
-                .arg(5000)
-                .arg("KEYS");
-            for key in &records {
-                migrate.arg(key.as_str());
-            }
-            migrate.query::<()>(&mut from).unwrap();
+            migrate(&mut from, target, &records);
             move_some_keys = false;
         }
     }
@@ -280,37 +288,13 @@ fn move_a_region(hold: Duration) {
     eventually(
         "g2 expired on the old owner",
         Duration::from_secs(10),
-        || {
-            let keys: Vec<String> = redis::cmd("CLUSTER")
-                .arg("GETKEYSINSLOT")
-                .arg(slot)
-                .arg(1000)
-                .query(&mut from)
-                .unwrap();
-            !keys.contains(&gone)
-        },
+        || !keys_in_slot(&mut from, slot).contains(&gone),
     );
-    std::thread::sleep(hold); // a slow move: the point of the test, not synchronisation
-                              // The rest of the region moves, and the slot is the target's.
-    let keys: Vec<String> = redis::cmd("CLUSTER")
-        .arg("GETKEYSINSLOT")
-        .arg(slot)
-        .arg(1000)
-        .query(&mut from)
-        .unwrap();
-    let port = target.server.port.to_string();
-    let mut migrate = redis::cmd("MIGRATE");
-    migrate
-        .arg("127.0.0.1")
-        .arg(&port)
-        .arg("")
-        .arg(0)
-        .arg(5000)
-        .arg("KEYS");
-    for key in &keys {
-        migrate.arg(key.as_str());
-    }
-    migrate.query::<()>(&mut from).unwrap();
+    // A slow move: the point of the test, not synchronisation.
+    std::thread::sleep(hold);
+    // The rest of the region moves, and the slot is the target's.
+    let rest = keys_in_slot(&mut from, slot);
+    migrate(&mut from, target, &rest);
     setslot(&mut to, "NODE", &target.id);
     setslot(&mut from, "NODE", &target.id);
     // The new owner took charge of the region: it knows it, and heals what expired mid-move.
