@@ -9,9 +9,11 @@
 //! booking as the caller's [`Durability`] requires.
 //!
 //! ```no_run
+//! use gpucache_edge::connect::{self, TlsConfig};
 //! use gpucache_edge::durable::{book_durably, BookOutcome, BookRequest, Durability};
 //! use std::time::Duration;
-//! let mut con = redis::Client::open("redis://10.0.0.5:6379/")?.get_connection()?;
+//! // Over TLS: connect::connection("rediss://10.0.0.5:6380/", &TlsConfig::with_ca_file("ca.pem"))
+//! let mut con = connect::connection("redis://10.0.0.5:6379/", &TlsConfig::default())?;
 //! let request = BookRequest::new("eu-west", "a100-1", "order-81723", "alice", 3600);
 //! let durability = Durability::replicas(1, Duration::from_millis(500));
 //! match book_durably(&mut con, &request, &durability)? {

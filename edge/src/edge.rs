@@ -1,6 +1,7 @@
 //! `Edge`: the L1 plus its invalidation links and a default loader, ready for an app server.
 
 use crate::cache::{InvalidationHook, L1Config, L1};
+use crate::connect::{self, TlsConfig};
 use crate::error::EdgeError;
 use crate::listener::{self, LinkConfig};
 use crate::query::Query;
@@ -15,8 +16,12 @@ use std::time::{Duration, Instant};
 /// Everything an edge node configures.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
-    /// `redis://[user:password@]host:port[/db]` of the primary that runs gpucache.
+    /// `redis://[user:password@]host:port[/db]` of the primary that runs gpucache;
+    /// `rediss://` for TLS (see `tls`).
     pub url: String,
+    /// For `rediss://`: the CA file to trust (default: the system's roots), and a client
+    /// certificate and key for servers that verify clients. Used by every connection.
+    pub tls: TlsConfig,
     /// Regions this node caches: their notifications and event streams are followed.
     pub regions: Vec<String>,
     pub l1: L1Config,
@@ -32,6 +37,7 @@ impl EdgeConfig {
     pub fn new(url: &str, regions: &[&str]) -> EdgeConfig {
         EdgeConfig {
             url: url.to_string(),
+            tls: TlsConfig::default(),
             regions: regions.iter().map(|r| r.to_string()).collect(),
             l1: L1Config::default(),
             link: LinkConfig::default(),
@@ -59,7 +65,7 @@ impl r2d2::ManageConnection for LoaderConnections {
     type Error = redis::RedisError;
 
     fn connect(&self) -> Result<LoaderConnection, redis::RedisError> {
-        let con = self.client.get_connection_with_timeout(self.timeout)?;
+        let con = connect::open(&self.client, Some(self.timeout))?;
         con.set_read_timeout(Some(self.timeout))?;
         con.set_write_timeout(Some(self.timeout))?;
         Ok(LoaderConnection { con, failed: false })
@@ -105,7 +111,7 @@ impl Edge {
         resp2.redis.protocol = redis::ProtocolVersion::RESP2;
         let mut resp3 = info;
         resp3.redis.protocol = redis::ProtocolVersion::RESP3;
-        let link_client = redis::Client::open(resp2)?;
+        let link_client = connect::client(resp2, &config.tls)?;
         let timeout = config
             .loader_timeout
             .clamp(Duration::from_millis(1), Duration::from_secs(3600));
@@ -115,7 +121,7 @@ impl Edge {
             .connection_timeout(timeout)
             .test_on_check_out(false)
             .build_unchecked(LoaderConnections {
-                client: redis::Client::open(resp3)?,
+                client: connect::client(resp3, &config.tls)?,
                 timeout,
             });
 

@@ -11,10 +11,12 @@
 //! - [`cache`]: the L1 (moka) with epoch- and version-guarded fills.
 //! - [`listener`]: the notification and stream links, reconnect and replay.
 //! - [`keyspace`]: which cached reads a changed key affects.
+//! - [`connect`]: the clients every connection is made from (`rediss://`: TLS, with a CA file).
 //! - [`durable`]: bookings confirmed only once replicas / AOFs acknowledged them
 //!   (`GPUCACHE.BOOK` then `WAIT`, and `WAITAOF` on Redis 7.2+).
 
 pub mod cache;
+pub mod connect;
 pub mod durable;
 pub mod edge;
 pub mod error;
@@ -26,6 +28,7 @@ pub mod stats;
 pub mod tags;
 
 pub use cache::{Eviction, InvalidationHook, L1Config, Source, L1};
+pub use connect::TlsConfig;
 pub use durable::{book_durably, BookOutcome, BookRequest, Booking, Durability, Shortfall};
 pub use edge::{Edge, EdgeConfig};
 pub use error::EdgeError;

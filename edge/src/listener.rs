@@ -117,7 +117,7 @@ fn run_link(
 ) {
     let mut backoff = Backoff::new(config);
     while !stop.load(Ordering::Acquire) {
-        if let Ok(mut con) = client.get_connection() {
+        if let Ok(mut con) = crate::connect::open(client, None) {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 session(&mut con, &mut backoff)
             }));
