@@ -2,7 +2,7 @@
 //! next to the floor (plain HSET → raw keyspace notification on a bare subscriber), and the
 //! L1's hit latency — all in one run against one server.
 
-use super::{connect, read_report, AnyResult};
+use super::{connect, read_report, AnyResult, TlsArgs};
 use gpucache_edge::{keyspace, Edge, EdgeConfig, L1Config, Query, Source, L1};
 use redis::Connection;
 use std::collections::HashMap;
@@ -29,6 +29,8 @@ pub struct BenchArgs {
     /// L1 reads per thread in the hit-latency measurement.
     #[arg(long, default_value_t = 2_000_000)]
     hits: usize,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -41,6 +43,8 @@ pub struct FollowArgs {
     gpus: usize,
     #[arg(long)]
     floor_prefix: String,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 const TYPES: usize = 8;
@@ -81,6 +85,7 @@ pub fn follow(args: &FollowArgs) -> AnyResult {
         }
     });
     let mut config = EdgeConfig::new(&args.url, &[&args.region]);
+    config.tls = args.tls.config();
     config.l1.max_entries = (args.gpus as u64).max(1) * 2;
     let edge = Edge::start_with_hook(config, Some(hook))?;
     if !edge.wait_connected(Duration::from_secs(10)) {
@@ -90,7 +95,7 @@ pub fn follow(args: &FollowArgs) -> AnyResult {
         edge.get(&Query::gpu(&args.region, &gpu_id(i)))?;
     }
 
-    let (mut bare, db) = connect(&args.url)?;
+    let (mut bare, db) = connect(&args.url, &args.tls.config())?;
     let pattern = format!("__keyspace@{db}__:{}*", args.floor_prefix);
     let floor_report = report.clone();
     std::thread::spawn(move || -> Result<(), redis::RedisError> {
@@ -154,7 +159,7 @@ fn timed(con: &mut Connection, series: &'static str, key: String, cmd: &redis::C
 }
 
 pub fn run(args: &BenchArgs) -> AnyResult {
-    let (mut con, db) = connect(&args.url)?;
+    let (mut con, db) = connect(&args.url, &args.tls.config())?;
     let region = args.region.as_str();
     let floor_prefix = format!("gpucache-floor:{{{region}}}:");
     let old_notify: Vec<String> = redis::cmd("CONFIG")
@@ -190,6 +195,7 @@ pub fn run(args: &BenchArgs) -> AnyResult {
             "--floor-prefix",
             &floor_prefix,
         ])
+        .args(args.tls.to_args())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;

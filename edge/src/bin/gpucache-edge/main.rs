@@ -2,14 +2,16 @@
 //!
 //! ```text
 //! gpucache-edge watch --region eu-west                 # notifications and stream events, live
+//! gpucache-edge watch --url rediss://10.0.0.5:6380/ --tls-ca-file ca.pem --region eu-west
 //! gpucache-edge bench --url redis://127.0.0.1:6379/   # propagation latency and L1 hit speed
 //! ```
 
 use clap::{Parser, Subcommand};
-use gpucache_edge::keyspace;
+use gpucache_edge::{connect, keyspace, TlsConfig};
 use redis::{Connection, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod bench;
@@ -30,6 +32,8 @@ enum Command {
         /// Region to watch (repeatable).
         #[arg(long, required = true)]
         region: Vec<String>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Measure invalidation propagation (writer → another process's L1) against the floor of a
     /// plain HSET → raw keyspace notification, and the L1's hit latency. Needs a server with
@@ -40,9 +44,49 @@ enum Command {
     Follow(bench::FollowArgs),
 }
 
+/// TLS for a `rediss://` URL (every connection the command opens).
+#[derive(clap::Args, Clone, Default)]
+pub struct TlsArgs {
+    /// CA certificate(s) (PEM) to trust for a rediss:// URL, instead of the system's roots.
+    #[arg(long)]
+    tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients (tls-auth-clients yes).
+    #[arg(long, requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn config(&self) -> TlsConfig {
+        TlsConfig {
+            ca_file: self.tls_ca_file.clone(),
+            client_cert_file: self.tls_cert_file.clone(),
+            client_key_file: self.tls_key_file.clone(),
+        }
+    }
+
+    /// The same options as command-line arguments (for a child process).
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        for (flag, path) in [
+            ("--tls-ca-file", &self.tls_ca_file),
+            ("--tls-cert-file", &self.tls_cert_file),
+            ("--tls-key-file", &self.tls_key_file),
+        ] {
+            if let Some(path) = path {
+                args.push(flag.into());
+                args.push(path.clone().into_os_string());
+            }
+        }
+        args
+    }
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Watch { url, region } => watch(&url, &region),
+        Command::Watch { url, region, tls } => watch(&url, &region, &tls.config()),
         Command::Bench(args) => bench::run(&args),
         Command::Follow(args) => bench::follow(&args),
     };
@@ -57,15 +101,15 @@ fn main() -> ExitCode {
 
 type AnyResult = Result<(), Box<dyn std::error::Error>>;
 
-fn connect(url: &str) -> Result<(Connection, i64), Box<dyn std::error::Error>> {
-    let client = redis::Client::open(url)?;
+fn connect(url: &str, tls: &TlsConfig) -> Result<(Connection, i64), Box<dyn std::error::Error>> {
+    let client = connect::client(url, tls)?;
     let db = client.get_connection_info().redis.db;
-    Ok((client.get_connection()?, db))
+    Ok((connect::open(&client, None)?, db))
 }
 
-fn watch(url: &str, regions: &[String]) -> AnyResult {
-    let (mut subscriber, db) = connect(url)?;
-    let (mut reader, _) = connect(url)?;
+fn watch(url: &str, regions: &[String], tls: &TlsConfig) -> AnyResult {
+    let (mut subscriber, db) = connect(url, tls)?;
+    let (mut reader, _) = connect(url, tls)?;
     let mut ids: Vec<String> = vec!["$".to_string(); regions.len()];
     let streams: Vec<String> = regions.iter().map(|r| keyspace::events_key(r)).collect();
     let stream_thread = std::thread::spawn(move || -> Result<(), redis::RedisError> {
