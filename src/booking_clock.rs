@@ -172,8 +172,11 @@ fn end_due_bookings(ctx: &Context, region: &str, now_ms: i64, deadline: Instant)
     match store.write_access(keys.prefix()) {
         WriteAccess::Now => {}
         WriteAccess::Later => return now_ms.saturating_add(RETRY_MS),
-        // Another node serves the region: the full look every few seconds sees if it is back.
-        WriteAccess::Elsewhere => return i64::MAX,
+        // The region's keys are here but its slot is not this node's: almost always a move in
+        // progress (a region that left is forgotten once its keys are gone). Looked at again
+        // like a refused write, so a booking whose end passed mid-move ends about a second
+        // after the slot becomes this node's, not at the next full look.
+        WriteAccess::Elsewhere => return now_ms.saturating_add(RETRY_MS),
     }
     let db = selected_db(ctx);
     let mut attempted: HashSet<Vec<u8>> = HashSet::new();
