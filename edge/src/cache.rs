@@ -9,8 +9,9 @@ use crate::tags::{Epochs, Stamp, Tag};
 use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use serde_json::Value;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Where an invalidation came from.
@@ -120,6 +121,9 @@ pub struct L1 {
     pub(crate) counters: Counters,
     serve_while_disconnected: bool,
     hook: Option<InvalidationHook>,
+    /// Per followed region, whether the stream link that reads it is up (its own link, on the
+    /// server that holds it now). Set once by the edge; without it, `set_link` decides.
+    region_links: OnceLock<HashMap<String, AtomicBool>>,
 }
 
 impl L1 {
@@ -147,15 +151,20 @@ impl L1 {
             counters: Counters::default(),
             serve_while_disconnected: config.serve_while_disconnected,
             hook,
+            region_links: OnceLock::new(),
         }
     }
 
-    fn link_up(&self) -> bool {
-        self.counters.stream_up.load(Ordering::Acquire)
+    /// Whether the stream link that follows `region` is up.
+    fn link_up(&self, region: &str) -> bool {
+        match self.region_links.get().and_then(|links| links.get(region)) {
+            Some(up) => up.load(Ordering::Acquire),
+            None => self.counters.stream_up.load(Ordering::Acquire),
+        }
     }
 
-    fn serving(&self) -> bool {
-        self.serve_while_disconnected || self.link_up()
+    fn serving(&self, region: &str) -> bool {
+        self.serve_while_disconnected || self.link_up(region)
     }
 
     fn valid(&self, entry: &Entry) -> bool {
@@ -171,7 +180,7 @@ impl L1 {
     }
 
     fn lookup(&self, query: &Query) -> Lookup {
-        let found = if self.serving() {
+        let found = if self.serving(query.region()) {
             self.entries.get(query)
         } else {
             None
@@ -214,7 +223,7 @@ impl L1 {
     where
         F: FnOnce(&Query) -> Result<Value, EdgeError>,
     {
-        if !self.serving() {
+        if !self.serving(query.region()) {
             self.counters.misses.incr();
             return self.load_uncached(query, loader);
         }
@@ -287,7 +296,7 @@ impl L1 {
     where
         F: FnOnce(&Query) -> Result<Value, EdgeError>,
     {
-        let cacheable = self.link_up();
+        let cacheable = self.link_up(query.region());
         add(&self.counters.loads, 1);
         let value = loader(query).map_err(|e| {
             add(&self.counters.load_errors, 1);
@@ -402,13 +411,39 @@ impl L1 {
     }
 
     pub fn stats(&self) -> Stats {
-        self.counters.snapshot(self.entries.entry_count())
+        let stream_up = match self.region_links.get() {
+            Some(links) if !links.is_empty() => links.values().all(|up| up.load(Ordering::Acquire)),
+            _ => self.counters.stream_up.load(Ordering::Acquire),
+        };
+        self.counters
+            .snapshot(self.entries.entry_count(), stream_up)
     }
 
-    /// Marks the invalidation link up or down (the listener's job; tests and benchmarks of the
+    /// Marks the invalidation link of every region up or down (tests and benchmarks of the
     /// cache alone set it by hand).
     pub fn set_link(&self, stream_up: bool) {
         self.counters.stream_up.store(stream_up, Ordering::Release);
+        for up in self.region_links.get().into_iter().flat_map(|l| l.values()) {
+            up.store(stream_up, Ordering::Release);
+        }
+    }
+
+    /// Gives each of `regions` a link state of its own, down until its link marks it up
+    /// (once; later calls change nothing).
+    pub(crate) fn follow_regions(&self, regions: &[String]) {
+        let _ = self.region_links.set(
+            regions
+                .iter()
+                .map(|r| (r.clone(), AtomicBool::new(false)))
+                .collect(),
+        );
+    }
+
+    /// Marks the stream link of `region` up or down (the listener's job).
+    pub(crate) fn set_region_link(&self, region: &str, up: bool) {
+        if let Some(flag) = self.region_links.get().and_then(|l| l.get(region)) {
+            flag.store(up, Ordering::Release);
+        }
     }
 }
 
@@ -528,6 +563,41 @@ mod tests {
         assert_eq!(l1.get_or_load(&q, load).unwrap()["n"], 2);
         assert_eq!(l1.get_or_load(&q, load).unwrap()["n"], 2);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_region_whose_link_is_down_is_bypassed_while_the_others_are_served() {
+        let l1 = L1::new(&L1Config::default(), None);
+        l1.follow_regions(&["eu".to_string(), "us".to_string()]);
+        let (eu, us) = (Query::stats("eu"), Query::stats("us"));
+        l1.set_region_link("eu", true);
+        l1.set_region_link("us", true);
+        l1.get_or_load(&eu, |_| Ok(json!({"n": 1}))).unwrap();
+        l1.get_or_load(&us, |_| Ok(json!({"n": 1}))).unwrap();
+        assert_eq!(
+            l1.stats().connection,
+            "degraded",
+            "streams up, no notifications"
+        );
+        // us's server fails over: its link is down until its stream is caught up elsewhere.
+        l1.set_region_link("us", false);
+        assert_eq!(l1.stats().connection, "disconnected");
+        assert!(l1.get(&eu).is_some());
+        assert!(l1.get(&us).is_none());
+        assert_eq!(
+            l1.get_or_load(&us, |_| Ok(json!({"n": 2}))).unwrap()["n"],
+            2
+        );
+        assert!(
+            l1.get(&us).is_none(),
+            "nothing cached for a region without its link"
+        );
+        l1.set_region_link("us", true);
+        assert_eq!(
+            l1.get(&us).unwrap()["n"],
+            1,
+            "its entries survive a caught-up move"
+        );
     }
 
     #[test]

@@ -3,10 +3,13 @@
 use crate::cache::{InvalidationHook, L1Config, L1};
 use crate::connect::{self, TlsConfig};
 use crate::error::EdgeError;
-use crate::listener::{self, LinkConfig};
+use crate::links;
+use crate::listener::LinkConfig;
 use crate::query::Query;
 use crate::reply;
 use crate::stats::Stats;
+use crate::topology::{self, Servers, Topology};
+use redis::ConnectionLike;
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,27 +20,40 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
     /// `redis://[user:password@]host:port[/db]` of the primary that runs gpucache;
-    /// `rediss://` for TLS (see `tls`).
+    /// `rediss://` for TLS (see `tls`). In a cluster or under Sentinel (`servers`), only its
+    /// user, password, database and scheme are used: host and port are those discovered.
     pub url: String,
     /// For `rediss://`: the CA file to trust (default: the system's roots), and a client
-    /// certificate and key for servers that verify clients. Used by every connection.
+    /// certificate and key for servers that verify clients. Used by every connection, to
+    /// discovered nodes too.
     pub tls: TlsConfig,
+    /// One primary (the default), a Redis Cluster, or a primary behind Sentinel.
+    pub servers: Servers,
     /// Regions this node caches: their notifications and event streams are followed.
     pub regions: Vec<String>,
     pub l1: L1Config,
     pub link: LinkConfig,
-    /// Connections of the default loader's pool.
+    /// Connections of the default loader's pool (in a cluster, each holds one connection per
+    /// node it has read from).
     pub loader_connections: u32,
     /// How long a default load may wait for a connection and for its reply before failing
-    /// with `EdgeError::Connection` (a reader never hangs on a dead or stuck server).
+    /// with `EdgeError::Connection` (a reader never hangs on a dead or stuck server). In a
+    /// cluster it bounds each attempt; redirections and `TRYAGAIN` are retried up to
+    /// `CLUSTER_RETRIES` times.
     pub loader_timeout: Duration,
 }
 
+/// How often a cluster load follows `MOVED`/`ASK` or waits out `TRYAGAIN`/`CLUSTERDOWN`
+/// (10–200 ms apart) before it fails.
+pub const CLUSTER_RETRIES: u32 = 4;
+
 impl EdgeConfig {
+    /// One primary at `url`.
     pub fn new(url: &str, regions: &[&str]) -> EdgeConfig {
         EdgeConfig {
             url: url.to_string(),
             tls: TlsConfig::default(),
+            servers: Servers::Primary,
             regions: regions.iter().map(|r| r.to_string()).collect(),
             l1: L1Config::default(),
             link: LinkConfig::default(),
@@ -45,38 +61,260 @@ impl EdgeConfig {
             loader_timeout: Duration::from_millis(500),
         }
     }
+
+    /// A Redis Cluster, found from any of `seeds` (node URLs; the first one's user, password
+    /// and scheme serve every node).
+    pub fn cluster(seeds: &[&str], regions: &[&str]) -> EdgeConfig {
+        EdgeConfig {
+            servers: Servers::Cluster {
+                seeds: seeds.iter().map(|s| s.to_string()).collect(),
+            },
+            ..EdgeConfig::new(seeds.first().copied().unwrap_or_default(), regions)
+        }
+    }
+
+    /// The primary that `sentinels` (Sentinel URLs) monitor as `master_name`. Set `url` for the
+    /// primary's user, password or database (its host and port are ignored).
+    pub fn sentinel(sentinels: &[&str], master_name: &str, regions: &[&str]) -> EdgeConfig {
+        EdgeConfig {
+            servers: Servers::Sentinel {
+                sentinels: sentinels.iter().map(|s| s.to_string()).collect(),
+                master_name: master_name.to_string(),
+            },
+            ..EdgeConfig::new("redis://127.0.0.1/", regions)
+        }
+    }
 }
 
-/// The default loader's connections: RESP3, with read and write timeouts, and discarded after
-/// any failure — a reply that timed out may still arrive, and must not be read as the answer
-/// to the next query on that connection.
-struct LoaderConnections {
-    client: redis::Client,
+/// A pooled loader connection: runs a read, and leaves the pool after any failure — a reply
+/// that timed out may still arrive, and must not be read as the answer to the next query.
+trait Pooled {
+    fn run(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value>;
+    fn fail(&mut self);
+}
+
+/// The default loader's connections to one server (the primary, or the one Sentinel names):
+/// RESP3, with read and write timeouts.
+struct ServerConnections {
+    topology: Arc<Topology>,
     timeout: Duration,
 }
 
-struct LoaderConnection {
+struct ServerConnection {
     con: redis::Connection,
     failed: bool,
+    /// The server it reads: a connection to a primary Sentinel has since demoted is stale.
+    node: String,
 }
 
-impl r2d2::ManageConnection for LoaderConnections {
-    type Connection = LoaderConnection;
+/// Whether `conn` reads another server than the one that holds the data now.
+fn stale(topology: &Topology, conn: &ServerConnection) -> bool {
+    topology
+        .node_for(None)
+        .is_some_and(|now| now.name != conn.node)
+}
+
+impl Pooled for ServerConnection {
+    fn run(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        cmd.query(&mut self.con)
+    }
+    fn fail(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl r2d2::ManageConnection for ServerConnections {
+    type Connection = ServerConnection;
     type Error = redis::RedisError;
 
-    fn connect(&self) -> Result<LoaderConnection, redis::RedisError> {
-        let con = connect::open(&self.client, Some(self.timeout))?;
-        con.set_read_timeout(Some(self.timeout))?;
-        con.set_write_timeout(Some(self.timeout))?;
-        Ok(LoaderConnection { con, failed: false })
+    fn connect(&self) -> Result<ServerConnection, redis::RedisError> {
+        let node = match self.topology.node_for(None) {
+            Some(node) => node,
+            None => {
+                self.topology.refresh()?;
+                self.topology.node_for(None).ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::MasterNameNotFoundBySentinel,
+                        "no primary known yet",
+                    ))
+                })?
+            }
+        };
+        let mut info = node.info.clone();
+        info.redis.protocol = redis::ProtocolVersion::RESP3;
+        let mut con = topology::connect(&info, self.timeout)?;
+        if let Err(e) = self.topology.confirm_primary(&mut con) {
+            let _ = self.topology.refresh();
+            return Err(e);
+        }
+        Ok(ServerConnection {
+            con,
+            failed: false,
+            node: node.name,
+        })
     }
 
-    fn is_valid(&self, conn: &mut LoaderConnection) -> Result<(), redis::RedisError> {
+    fn is_valid(&self, conn: &mut ServerConnection) -> Result<(), redis::RedisError> {
         redis::cmd("PING").query(&mut conn.con)
     }
 
-    fn has_broken(&self, conn: &mut LoaderConnection) -> bool {
-        conn.failed || !redis::ConnectionLike::is_open(&conn.con)
+    fn has_broken(&self, conn: &mut ServerConnection) -> bool {
+        conn.failed || !conn.con.is_open() || stale(&self.topology, conn)
+    }
+}
+
+/// The default loader's connections to a cluster: the `redis` crate's cluster client, which
+/// sends each read to the master of its region's slot and follows `MOVED`, `ASK`, `TRYAGAIN`.
+struct ClusterConnections {
+    client: redis::cluster::ClusterClient,
+}
+
+struct ClusterConnection {
+    con: redis::cluster::ClusterConnection,
+    failed: bool,
+}
+
+impl Pooled for ClusterConnection {
+    fn run(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        cmd.query(&mut self.con)
+    }
+    fn fail(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl r2d2::ManageConnection for ClusterConnections {
+    type Connection = ClusterConnection;
+    type Error = redis::RedisError;
+
+    fn connect(&self) -> Result<ClusterConnection, redis::RedisError> {
+        Ok(ClusterConnection {
+            con: self.client.get_connection()?,
+            failed: false,
+        })
+    }
+
+    fn is_valid(&self, conn: &mut ClusterConnection) -> Result<(), redis::RedisError> {
+        if conn.con.check_connection() {
+            Ok(())
+        } else {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "a cluster node does not answer",
+            )))
+        }
+    }
+
+    fn has_broken(&self, conn: &mut ClusterConnection) -> bool {
+        conn.failed || !conn.con.is_open()
+    }
+}
+
+enum Loader {
+    Server(r2d2::Pool<ServerConnections>, Arc<Topology>),
+    Cluster(r2d2::Pool<ClusterConnections>),
+}
+
+impl Loader {
+    fn new(
+        config: &EdgeConfig,
+        topology: &Arc<Topology>,
+        timeout: Duration,
+    ) -> Result<Loader, EdgeError> {
+        fn pool<M: r2d2::ManageConnection>(
+            config: &EdgeConfig,
+            timeout: Duration,
+        ) -> r2d2::Builder<M> {
+            r2d2::Pool::builder()
+                .max_size(config.loader_connections.max(1))
+                .min_idle(Some(0))
+                .connection_timeout(timeout)
+                .test_on_check_out(false)
+        }
+        match &config.servers {
+            Servers::Cluster { seeds } => {
+                let mut nodes = Vec::with_capacity(seeds.len());
+                for seed in seeds {
+                    let mut info = redis::IntoConnectionInfo::into_connection_info(seed.as_str())
+                        .map_err(|e| EdgeError::Connection(format!("{seed}: {e}")))?;
+                    info.redis.protocol = redis::ProtocolVersion::RESP3;
+                    nodes.push(info);
+                }
+                let mut builder = redis::cluster::ClusterClient::builder(nodes);
+                if config.tls.is_set() {
+                    builder = builder.certs(connect::certificates(&config.tls)?);
+                }
+                let client = builder
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(CLUSTER_RETRIES)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
+                    .retry_wait_formula(10, 2)
+                    .build()?;
+                Ok(Loader::Cluster(
+                    pool(config, timeout).build_unchecked(ClusterConnections { client }),
+                ))
+            }
+            Servers::Primary | Servers::Sentinel { .. } => Ok(Loader::Server(
+                pool(config, timeout).build_unchecked(ServerConnections {
+                    topology: topology.clone(),
+                    timeout,
+                }),
+                topology.clone(),
+            )),
+        }
+    }
+
+    fn load(&self, query: &Query) -> Result<Value, EdgeError> {
+        match self {
+            Loader::Server(pool, topology) => load_from(pool, query, |con| stale(topology, con)),
+            Loader::Cluster(pool) => load_from(pool, query, |_| false),
+        }
+    }
+}
+
+/// The query's command on a pooled connection. A pooled connection the server closed
+/// (restart, failover, idle timeout) fails at once: one retry on a fresh connection. A timeout
+/// is not retried.
+fn load_from<M>(
+    pool: &r2d2::Pool<M>,
+    query: &Query,
+    stale: impl Fn(&M::Connection) -> bool,
+) -> Result<Value, EdgeError>
+where
+    M: r2d2::ManageConnection,
+    M::Connection: Pooled,
+    M::Error: std::fmt::Display,
+{
+    let command = query.command();
+    let mut attempts = 0;
+    // Stale connections (to a demoted primary) are dropped on the way, at most a pool's worth.
+    let mut stale_left = pool.max_size();
+    loop {
+        let mut con = pool
+            .get()
+            .map_err(|e| EdgeError::Connection(e.to_string()))?;
+        if stale_left > 0 && stale(&con) {
+            stale_left -= 1;
+            con.fail();
+            continue;
+        }
+        attempts += 1;
+        match con.run(&command) {
+            Ok(reply) => return Ok(reply::to_json(reply)),
+            // A server error (NOGPU, ...) leaves the connection in step; nothing else may.
+            Err(e) if e.kind() == redis::ErrorKind::ResponseError || e.code().is_some() => {
+                return Err(e.into())
+            }
+            Err(e) => {
+                con.fail();
+                if attempts > 1 || e.is_timeout() || !e.is_connection_dropped() {
+                    return Err(e.into());
+                }
+            }
+        }
     }
 }
 
@@ -84,7 +322,7 @@ impl r2d2::ManageConnection for LoaderConnections {
 pub struct Edge {
     l1: Arc<L1>,
     regions: Vec<String>,
-    pool: r2d2::Pool<LoaderConnections>,
+    loader: Loader,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -101,65 +339,28 @@ impl Edge {
         config: EdgeConfig,
         hook: Option<InvalidationHook>,
     ) -> Result<Edge, EdgeError> {
-        let info: redis::ConnectionInfo = config
-            .url
-            .as_str()
-            .parse()
-            .map_err(|e: redis::RedisError| EdgeError::Connection(e.to_string()))?;
-        let db = info.redis.db;
-        let mut resp2 = info.clone();
-        resp2.redis.protocol = redis::ProtocolVersion::RESP2;
-        let mut resp3 = info;
-        resp3.redis.protocol = redis::ProtocolVersion::RESP3;
-        let link_client = connect::client(resp2, &config.tls)?;
+        let link = config.link.sanitized();
         let timeout = config
             .loader_timeout
             .clamp(Duration::from_millis(1), Duration::from_secs(3600));
-        let pool = r2d2::Pool::builder()
-            .max_size(config.loader_connections.max(1))
-            .min_idle(Some(0))
-            .connection_timeout(timeout)
-            .test_on_check_out(false)
-            .build_unchecked(LoaderConnections {
-                client: connect::client(resp3, &config.tls)?,
-                timeout,
-            });
-
-        let link = config.link.sanitized();
+        let topology = Arc::new(Topology::new(
+            &config.servers,
+            &config.url,
+            &config.regions,
+            &config.tls,
+            link.timeout,
+        )?);
+        let loader = Loader::new(&config, &topology, timeout)?;
         let l1 = Arc::new(L1::new(&config.l1, hook));
         l1.counters
             .notifications_off
             .store(!link.notifications, Ordering::Release);
         let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::with_capacity(2);
-        if link.notifications {
-            let (client, regions, l1, link, stop) = (
-                link_client.clone(),
-                config.regions.clone(),
-                l1.clone(),
-                link.clone(),
-                stop.clone(),
-            );
-            threads.push(
-                std::thread::Builder::new()
-                    .name("gpucache-edge-notify".into())
-                    .spawn(move || listener::run_notifications(client, db, regions, l1, link, stop))
-                    .map_err(|e| EdgeError::Connection(e.to_string()))?,
-            );
-        }
-        {
-            let (regions, l1, stop) = (config.regions.clone(), l1.clone(), stop.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name("gpucache-edge-stream".into())
-                    .spawn(move || listener::run_stream(link_client, regions, l1, link, stop))
-                    .map_err(|e| EdgeError::Connection(e.to_string()))?,
-            );
-        }
+        let threads = links::start(topology, &config.regions, l1.clone(), link, stop.clone())?;
         Ok(Edge {
             l1,
             regions: config.regions,
-            pool,
+            loader,
             stop,
             threads,
         })
@@ -195,32 +396,10 @@ impl Edge {
         }
     }
 
-    /// The default loader: the query's `GPUCACHE.*` command on a pooled RESP3 connection.
+    /// The default loader: the query's `GPUCACHE.*` command on a pooled RESP3 connection (in
+    /// a cluster, to the master of the query's region).
     pub fn load(&self, query: &Query) -> Result<Value, EdgeError> {
-        // A pooled connection the server closed (restart, failover, idle timeout) fails at
-        // once: one retry on a fresh connection. A timeout is not retried.
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let mut con = self
-                .pool
-                .get()
-                .map_err(|e| EdgeError::Connection(e.to_string()))?;
-            let reply = query.command().query::<redis::Value>(&mut con.con);
-            match reply {
-                Ok(reply) => return Ok(reply::to_json(reply)),
-                // A server error (NOGPU, ...) leaves the connection in step; nothing else may.
-                Err(e) if e.kind() == redis::ErrorKind::ResponseError || e.code().is_some() => {
-                    return Err(e.into())
-                }
-                Err(e) => {
-                    con.failed = true;
-                    if attempts > 1 || e.is_timeout() || !e.is_connection_dropped() {
-                        return Err(e.into());
-                    }
-                }
-            }
-        }
+        self.loader.load(query)
     }
 
     /// The cached value only (no load).

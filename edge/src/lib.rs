@@ -10,6 +10,9 @@
 //!
 //! - [`cache`]: the L1 (moka) with epoch- and version-guarded fills.
 //! - [`listener`]: the notification and stream links, reconnect and replay.
+//! - [`topology`]: where each region is served — one primary, each region's master in a
+//!   Redis Cluster, or the primary Sentinel names — and re-discovery after a failover or a
+//!   reshard.
 //! - [`keyspace`]: which cached reads a changed key affects.
 //! - [`connect`]: the clients every connection is made from (`rediss://`: TLS, with a CA file).
 //! - [`durable`]: bookings confirmed only once replicas / AOFs acknowledged them
@@ -21,11 +24,13 @@ pub mod durable;
 pub mod edge;
 pub mod error;
 pub mod keyspace;
+mod links;
 pub mod listener;
 pub mod query;
 pub mod reply;
 pub mod stats;
 pub mod tags;
+pub mod topology;
 
 pub use cache::{Eviction, InvalidationHook, L1Config, Source, L1};
 pub use connect::TlsConfig;
@@ -35,3 +40,4 @@ pub use error::EdgeError;
 pub use listener::LinkConfig;
 pub use query::Query;
 pub use stats::Stats;
+pub use topology::Servers;

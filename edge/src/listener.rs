@@ -1,27 +1,29 @@
-//! The two background links that keep the L1 coherent.
+//! The two kinds of background link that keep the L1 coherent.
 //!
-//! - **Notifications** (fast path): `PSUBSCRIBE __keyspace@<db>__:gpucache:*`; each message
-//!   names a changed key, which is invalidated at once if its region is followed.
+//! - **Notifications** (fast path): `PSUBSCRIBE __keyspace@<db>__:gpucache:*` on a server that
+//!   holds followed regions; each message names a changed key, which is invalidated at once if
+//!   its region is followed.
 //! - **Event stream** (the ordered, replayable record): `XREAD BLOCK` on each region's
 //!   `gpucache:{R}:events` from the last applied id. It carries record versions, closes every
 //!   gap a lost notification would leave, and after a reconnect replays what was missed — or,
-//!   if the stream was trimmed past the last applied id, drops the region. The L1 serves
-//!   entries only while this link is up.
+//!   if the stream was trimmed past the last applied id, drops the region. The L1 serves a
+//!   region's entries only while the link that reads its stream is up.
 //!
-//! Both reconnect with jittered exponential backoff on their own threads; readers never wait
-//! for them.
+//! Where they run (one server, or each region's master in a cluster) is `links`'s business.
+//! Each link reconnects with jittered exponential backoff on its own thread, to the server
+//! that holds its regions then; readers never wait for them.
 
 use crate::cache::{Source, L1};
 use crate::keyspace;
 use crate::stats::add;
-use redis::{Connection, RedisResult, Value};
+use crate::topology::{Group, Node, Topology};
+use redis::{Connection, ErrorKind, RedisError, RedisResult, Value};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Reconnect and polling settings.
+/// Reconnect, polling and discovery settings.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
     pub backoff_min: Duration,
@@ -34,6 +36,11 @@ pub struct LinkConfig {
     /// Follow keyspace notifications (the fast path). Off: invalidations come from the event
     /// stream alone (for servers without `notify-keyspace-events`), a little later.
     pub notifications: bool,
+    /// How often a cluster's slots or Sentinel's primary are asked again although no link
+    /// failed (a failed link, or a `MOVED`, asks at once).
+    pub refresh: Duration,
+    /// How long a link (or discovery) waits to connect, and for a reply beyond its block time.
+    pub timeout: Duration,
 }
 
 impl LinkConfig {
@@ -50,6 +57,8 @@ impl LinkConfig {
             poll: clamp(self.poll, 10, 60_000),
             batch: self.batch.clamp(1, 100_000),
             notifications: self.notifications,
+            refresh: clamp(self.refresh, 100, 3_600_000),
+            timeout: clamp(self.timeout, 10, 600_000),
         }
     }
 }
@@ -62,6 +71,8 @@ impl Default for LinkConfig {
             poll: Duration::from_millis(250),
             batch: 1000,
             notifications: true,
+            refresh: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
         }
     }
 }
@@ -87,88 +98,129 @@ impl Backoff {
     }
 
     /// Sleeps (in slices, so shutdown stays prompt); false if asked to stop.
-    fn wait(&mut self, stop: &AtomicBool) -> bool {
+    fn wait(&mut self, stopped: &dyn Fn() -> bool) -> bool {
         let millis = u64::try_from(self.next.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
         let deadline = Instant::now() + Duration::from_millis(fastrand::u64(millis / 2..=millis));
         self.next = self.next.saturating_mul(2).min(self.max);
         while Instant::now() < deadline {
-            if stop.load(Ordering::Acquire) {
+            if stopped() {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        !stop.load(Ordering::Acquire)
+        !stopped()
     }
 }
 
-/// Runs `session` on a fresh connection until it returns `Ok` (asked to stop), reconnecting
-/// with backoff after each failure; `mark_down` runs after every session. A panic in a session
-/// (a bug, or a caller's hook) ends it like a connection error would, so the link is marked
-/// down and reconnects instead of dying marked up.
+/// Runs `session` on a connection from `connect` until it returns `Ok` (asked to stop),
+/// reconnecting with backoff after each failure; `ended` runs after every session with its
+/// error, if any (mark the link down, learn where its regions went). A panic in a session (a
+/// bug, or a caller's hook) ends it like a connection error would, so the link is marked down
+/// and reconnects instead of dying marked up.
 fn run_link(
-    client: &redis::Client,
     l1: &L1,
     config: &LinkConfig,
-    stop: &AtomicBool,
-    mut session: impl FnMut(&mut Connection, &mut Backoff) -> RedisResult<()>,
-    mark_down: impl Fn(),
+    stopped: &dyn Fn() -> bool,
+    mut connect: impl FnMut() -> Option<(Connection, Node)>,
+    mut session: impl FnMut(&mut Connection, &Node, &mut Backoff) -> RedisResult<()>,
+    mut ended: impl FnMut(Option<&RedisError>),
 ) {
     let mut backoff = Backoff::new(config);
-    while !stop.load(Ordering::Acquire) {
-        if let Ok(mut con) = crate::connect::open(client, None) {
+    while !stopped() {
+        if let Some((mut con, node)) = connect() {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                session(&mut con, &mut backoff)
+                session(&mut con, &node, &mut backoff)
             }));
-            mark_down();
-            if matches!(outcome, Ok(Ok(()))) {
-                return; // stopped
+            match &outcome {
+                Ok(Ok(())) => {
+                    ended(None);
+                    return; // stopped
+                }
+                Ok(Err(e)) => ended(Some(e)),
+                Err(_) => ended(None),
             }
         }
         add(&l1.counters.reconnects, 1);
-        if !backoff.wait(stop) {
+        if !backoff.wait(stopped) {
             return;
         }
     }
 }
 
-/// The notification link: runs until `stop`.
-pub(crate) fn run_notifications(
-    client: redis::Client,
-    db: i64,
-    regions: Vec<String>,
-    l1: Arc<L1>,
-    config: LinkConfig,
-    stop: Arc<AtomicBool>,
-) {
+/// A connection to the server that holds `group` now (discovering it if unknown).
+fn connect_to(topology: &Topology, group: Group) -> Option<(Connection, Node)> {
+    let node = match topology.node_for(group) {
+        Some(node) => node,
+        None => {
+            let _ = topology.refresh();
+            topology.node_for(group)?
+        }
+    };
+    match topology.connect(&node) {
+        Ok(con) => Some((con, node)),
+        Err(_) => {
+            // Gone (failed over, moved): ask where its regions are now.
+            let _ = topology.refresh();
+            None
+        }
+    }
+}
+
+/// What a link works for: where its regions are served, which regions, the L1 it keeps
+/// coherent, its settings, and whether it should stop.
+pub(crate) struct Scope<'a> {
+    pub topology: &'a Topology,
+    pub regions: &'a [String],
+    pub l1: &'a L1,
+    pub config: &'a LinkConfig,
+    pub stopped: &'a dyn Fn() -> bool,
+}
+
+/// One notification link: PSUBSCRIBE on `node` until stopped (the edge stops, or `node` no
+/// longer holds a followed region). `up` is its own state; `changed` runs after it flips.
+pub(crate) fn run_notifications(scope: &Scope, node: Node, up: &AtomicBool, changed: &dyn Fn()) {
     run_link(
-        &client,
-        &l1,
-        &config,
-        &stop,
-        |con, backoff| listen(con, db, &regions, &l1, &config, &stop, backoff),
-        || l1.counters.notifications_up.store(false, Ordering::Release),
+        scope.l1,
+        scope.config,
+        scope.stopped,
+        || {
+            let con = scope.topology.connect(&node).ok()?;
+            Some((con, node.clone()))
+        },
+        |con, _node, backoff| listen(con, scope, up, changed, backoff),
+        |_| {
+            up.store(false, Ordering::Release);
+            changed();
+        },
     );
 }
 
 fn listen(
     con: &mut Connection,
-    db: i64,
-    regions: &[String],
-    l1: &L1,
-    config: &LinkConfig,
-    stop: &AtomicBool,
+    scope: &Scope,
+    up: &AtomicBool,
+    changed: &dyn Fn(),
     backoff: &mut Backoff,
 ) -> RedisResult<()> {
+    let Scope {
+        topology,
+        regions,
+        l1,
+        config,
+        stopped,
+    } = scope;
     name_connection(con, "gpucache-edge-notify")?;
+    topology.confirm_primary(con)?;
     let mut pubsub = con.as_pubsub();
     pubsub.set_read_timeout(Some(config.poll))?;
-    pubsub.psubscribe(keyspace::notification_pattern(db))?;
-    l1.counters.notifications_up.store(true, Ordering::Release);
+    pubsub.psubscribe(keyspace::notification_pattern(topology.db()))?;
+    up.store(true, Ordering::Release);
+    changed();
     backoff.reset();
     loop {
-        if stop.load(Ordering::Acquire) {
+        if stopped() {
             return Ok(());
         }
         match pubsub.get_message() {
@@ -257,14 +309,18 @@ impl StreamInfo {
     }
 }
 
-/// The stream link: runs until `stop`.
-pub(crate) fn run_stream(
-    client: redis::Client,
-    regions: Vec<String>,
-    l1: Arc<L1>,
-    config: LinkConfig,
-    stop: Arc<AtomicBool>,
-) {
+/// One stream link: the regions of `group`, read on the server that holds them now, until
+/// `stopped`. Their cursors outlive every reconnect, so a region that moved to another server
+/// (a failover, a reshard: the stream moves with the slot, so its ids continue) is replayed
+/// there from its last applied id — or dropped, where the gap rules say entries may be lost.
+pub(crate) fn run_stream(scope: &Scope, group: Group) {
+    let Scope {
+        topology,
+        regions,
+        l1,
+        config,
+        stopped,
+    } = scope;
     let mut cursors: Vec<Cursor> = regions
         .iter()
         .map(|region| Cursor {
@@ -273,37 +329,94 @@ pub(crate) fn run_stream(
             last: None,
         })
         .collect();
+    let mut followed_on: Option<String> = None;
     run_link(
-        &client,
-        &l1,
-        &config,
-        &stop,
-        |con, backoff| follow(con, &mut cursors, &l1, &config, &stop, backoff),
-        || l1.set_link(false),
+        l1,
+        config,
+        stopped,
+        || connect_to(topology, group),
+        |con, node, backoff| {
+            follow(
+                con,
+                node,
+                scope,
+                group,
+                &mut cursors,
+                &mut followed_on,
+                backoff,
+            )
+        },
+        |error| {
+            for region in regions.iter() {
+                l1.set_region_link(region, false);
+            }
+            if let Ok(mut nodes) = l1.counters.followed_on.lock() {
+                for region in regions.iter() {
+                    nodes.remove(region);
+                }
+            }
+            if let Some(error) = error {
+                topology.after_error(group, error);
+            }
+        },
     );
 }
 
 fn follow(
     con: &mut Connection,
+    node: &Node,
+    scope: &Scope,
+    group: Group,
     cursors: &mut [Cursor],
-    l1: &L1,
-    config: &LinkConfig,
-    stop: &AtomicBool,
+    followed_on: &mut Option<String>,
     backoff: &mut Backoff,
 ) -> RedisResult<()> {
+    let Scope {
+        topology,
+        l1,
+        config,
+        stopped,
+        ..
+    } = scope;
     name_connection(con, "gpucache-edge-stream")?;
+    topology.confirm_primary(con)?;
     // The socket timeout must outlast the server-side block.
-    con.set_read_timeout(Some(config.poll * 4 + Duration::from_secs(1)))?;
+    con.set_read_timeout(Some(config.poll * 4 + config.timeout))?;
+    let mut generation = topology.generation();
     for cursor in cursors.iter_mut() {
         catch_up(con, cursor, l1, config)?;
     }
     publish_positions(cursors, l1);
-    l1.set_link(true);
+    if followed_on
+        .as_ref()
+        .is_some_and(|before| *before != node.name)
+    {
+        add(&l1.counters.region_moves, cursors.len() as u64);
+    }
+    *followed_on = Some(node.name.clone());
+    if let Ok(mut nodes) = l1.counters.followed_on.lock() {
+        for cursor in cursors.iter() {
+            nodes.insert(cursor.region.clone(), node.name.clone());
+        }
+    }
+    for cursor in cursors.iter() {
+        l1.set_region_link(&cursor.region, true);
+    }
     backoff.reset();
     let mut last_trim_check = Instant::now();
     loop {
-        if stop.load(Ordering::Acquire) {
+        if stopped() {
             return Ok(());
+        }
+        // Discovery (periodic, or another link's) may have found these regions elsewhere.
+        if topology.generation() != generation {
+            generation = topology.generation();
+            if topology.node_for(group).is_some_and(|now| now != *node) {
+                return Err(RedisError::from((
+                    ErrorKind::ClientError,
+                    "the regions are held by another server now",
+                )));
+            }
         }
         let before: Vec<Option<EntryId>> = cursors.iter().map(|c| c.last).collect();
         let applied = read_new(con, cursors, l1, config)?;

@@ -26,6 +26,9 @@ pub(crate) struct Counters {
     pub stream_up: AtomicBool,
     /// Last applied stream entry id per followed region.
     pub last_event_ids: Mutex<BTreeMap<String, String>>,
+    /// The server each region's stream link reads from, while it is up.
+    pub followed_on: Mutex<BTreeMap<String, String>>,
+    pub region_moves: AtomicU64,
 }
 
 /// A counter bumped on every read: one cache line per stripe, so reader threads do not contend
@@ -94,6 +97,9 @@ pub struct Stats {
     /// Keys invalidated (from notifications and stream entries; one entry names several).
     pub invalidations: u64,
     pub reconnects: u64,
+    /// Times a region's stream link came up on another server than before (a failover, a
+    /// reshard, a new primary named by Sentinel), its events replayed there from its last id.
+    pub region_moves: u64,
     /// Now minus the timestamp of the newest applied event (ms); `None` before the first.
     pub lag_ms: Option<i64>,
     /// `connected` when every enabled link is up (notifications and stream),
@@ -103,14 +109,17 @@ pub struct Stats {
     pub entries: u64,
     /// Last applied event-stream id per region (where a replay resumes).
     pub last_event_ids: BTreeMap<String, String>,
+    /// `host:port` of the server each region is followed on, for regions whose stream link is
+    /// up (in a cluster, the master that owns the region's slot).
+    pub followed_on: BTreeMap<String, String>,
 }
 
 impl Counters {
-    pub fn snapshot(&self, entries: u64) -> Stats {
+    /// `stream_up`: whether every region's stream link is up.
+    pub fn snapshot(&self, entries: u64, stream_up: bool) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let (hits, misses) = (self.hits.sum(), self.misses.sum());
         let newest = self.newest_event_ms.load(Ordering::Relaxed);
-        let stream_up = self.stream_up.load(Ordering::Acquire);
         let notifications_up = self.notifications_up.load(Ordering::Acquire)
             || self.notifications_off.load(Ordering::Acquire);
         Stats {
@@ -130,6 +139,7 @@ impl Counters {
             region_drops: get(&self.region_drops),
             invalidations: get(&self.invalidations),
             reconnects: get(&self.reconnects),
+            region_moves: get(&self.region_moves),
             lag_ms: (newest > 0).then(|| now_ms().saturating_sub(newest)),
             connection: match (stream_up, notifications_up) {
                 (true, true) => "connected",
@@ -141,6 +151,11 @@ impl Counters {
                 .last_event_ids
                 .lock()
                 .map(|ids| ids.clone())
+                .unwrap_or_default(),
+            followed_on: self
+                .followed_on
+                .lock()
+                .map(|nodes| nodes.clone())
                 .unwrap_or_default(),
         }
     }

@@ -213,3 +213,19 @@ impl Cluster {
         assert_eq!(acknowledged, expected, "replicas of master {i} lag behind");
     }
 }
+
+/// Creates `user` on the server behind `con` with the rules its `user <name> ...` line in
+/// `config` (a redis.conf) gives it — for servers the harness starts without that file.
+pub fn set_user_from(config: &str, user: &str, con: &mut Connection) {
+    let prefix = format!("user {user} ");
+    let line = config
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no `user {user}` line"));
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(user)
+        .arg(line[prefix.len()..].split_whitespace().collect::<Vec<_>>())
+        .query::<()>(con)
+        .expect("ACL SETUSER");
+}

@@ -3,16 +3,20 @@
 //! ```text
 //! gpucache-edge watch --region eu-west                 # notifications and stream events, live
 //! gpucache-edge watch --url rediss://10.0.0.5:6380/ --tls-ca-file ca.pem --region eu-west
+//! gpucache-edge watch --cluster 10.0.0.1:7000,10.0.0.2:7000 --region eu-west
+//! gpucache-edge watch --sentinel 10.0.0.1:26379 --master-name gpucache --region eu-west
 //! gpucache-edge bench --url redis://127.0.0.1:6379/   # propagation latency and L1 hit speed
 //! ```
 
 use clap::{Parser, Subcommand};
-use gpucache_edge::{connect, keyspace, TlsConfig};
+use gpucache_edge::{connect, keyspace, Edge, EdgeConfig, Servers, Source, TlsConfig};
 use redis::{Connection, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 mod bench;
 
@@ -25,8 +29,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a region's keyspace notifications and event-stream entries as they arrive.
+    /// Print a region's keyspace notifications and event-stream entries as they arrive. With
+    /// `--cluster` or `--sentinel`, run an edge that follows the region where it is served and
+    /// print what it invalidates (`notify <key>`, `event <key>`, `drop <region>`) and where it
+    /// follows each region (`follow <region> <host:port>`, `lost <region>`).
     Watch {
+        /// The primary (or, with `--sentinel`, its user, password and database).
         #[arg(long, default_value = "redis://127.0.0.1:6379/")]
         url: String,
         /// Region to watch (repeatable).
@@ -34,6 +42,15 @@ enum Command {
         region: Vec<String>,
         #[command(flatten)]
         tls: TlsArgs,
+        /// Follow a Redis Cluster found from these nodes (`host:port` or URLs, comma-separated).
+        #[arg(long, value_delimiter = ',', conflicts_with = "sentinel")]
+        cluster: Vec<String>,
+        /// Follow the primary these Sentinels (`host:port` or URLs, comma-separated) name.
+        #[arg(long, value_delimiter = ',', requires = "master_name")]
+        sentinel: Vec<String>,
+        /// The name the Sentinels monitor the primary under.
+        #[arg(long)]
+        master_name: Option<String>,
     },
     /// Measure invalidation propagation (writer → another process's L1) against the floor of a
     /// plain HSET → raw keyspace notification, and the L1's hit latency. Needs a server with
@@ -86,7 +103,34 @@ impl TlsArgs {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Watch { url, region, tls } => watch(&url, &region, &tls.config()),
+        Command::Watch {
+            url,
+            region,
+            cluster,
+            sentinel,
+            master_name,
+            tls,
+        } => {
+            if !cluster.is_empty() {
+                let mut config = EdgeConfig::new(&url, &[]);
+                config.tls = tls.config();
+                config.url = as_url(&cluster[0]);
+                config.servers = Servers::Cluster {
+                    seeds: cluster.iter().map(|s| as_url(s)).collect(),
+                };
+                follow(config, region)
+            } else if !sentinel.is_empty() {
+                let mut config = EdgeConfig::new(&url, &[]);
+                config.tls = tls.config();
+                config.servers = Servers::Sentinel {
+                    sentinels: sentinel.iter().map(|s| as_url(s)).collect(),
+                    master_name: master_name.unwrap_or_default(),
+                };
+                follow(config, region)
+            } else {
+                watch(&url, &region, &tls.config())
+            }
+        }
         Command::Bench(args) => bench::run(&args),
         Command::Follow(args) => bench::follow(&args),
     };
@@ -105,6 +149,51 @@ fn connect(url: &str, tls: &TlsConfig) -> Result<(Connection, i64), Box<dyn std:
     let client = connect::client(url, tls)?;
     let db = client.get_connection_info().redis.db;
     Ok((connect::open(&client, None)?, db))
+}
+
+/// `host:port` as a URL; URLs as they are.
+fn as_url(address: &str) -> String {
+    if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("redis://{address}/")
+    }
+}
+
+/// `watch` through an edge that follows each region where it is served.
+fn follow(mut config: EdgeConfig, regions: Vec<String>) -> AnyResult {
+    config.regions = regions;
+    let hook: gpucache_edge::InvalidationHook = Arc::new(|key: &str, source: Source| {
+        let line = match source {
+            Source::Notification => format!("notify {key}"),
+            Source::Stream => format!("event  {key}"),
+            Source::RegionDrop => format!(
+                "drop   {}",
+                keyspace::parse_key(key).map_or(key, |k| k.region)
+            ),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    });
+    let edge = Edge::start_with_hook(config, Some(hook))?;
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let now = edge.stats().followed_on;
+        let mut out = std::io::stdout().lock();
+        for (region, node) in &now {
+            if shown.get(region) != Some(node) {
+                writeln!(out, "follow {region} {node}")?;
+            }
+        }
+        for region in shown.keys().filter(|r| !now.contains_key(*r)) {
+            writeln!(out, "lost   {region}")?;
+        }
+        out.flush()?;
+        drop(out);
+        shown = now;
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn watch(url: &str, regions: &[String], tls: &TlsConfig) -> AnyResult {
