@@ -31,9 +31,10 @@
 # SUBSCRIBERS ("0 10 50"), BOOKINGS (GPUS / 4).
 #
 # Every process runs on the same cores: on a 2-core machine several masters cannot add up to
-# several times one master's throughput (the client alone takes a good part of a core), so
-# read the cluster figures as "what cluster mode costs, and whether shards add up on the cores
-# there are", and CPU per command as the per-shard cost that does not depend on the core count.
+# several times one master's throughput (they share the cores with each other and with the
+# client; each run prints the cores the servers and loadgen used), so read the cluster figures
+# as "what cluster mode costs, and whether shards add up on the cores there are", and CPU per
+# command as the per-shard cost that does not depend on the core count.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
