@@ -8,7 +8,22 @@
 //! loadgen run    --port P --op OP --requests N [--pipeline K] [--connections C] --gpus N
 //!                [--regions 4] [--types 8]
 //! loadgen verify --port P --gpus N [--regions 4] [--types 8] [--verify-db 15]
+//! loadgen subscribe --port P [--connections 1]
 //! ```
+//!
+//! `--cluster yes` (with `load` and `run`) treats `--port` as one node of a Redis Cluster: the
+//! masters and the slot of each region are read from it (`CLUSTER SLOTS`, `CLUSTER KEYSLOT`),
+//! and each command goes to the master that owns its region. `load` keeps one connection per
+//! master on each of its threads; `run` spreads its `--connections` over the masters that own at
+//! least one region (round robin, so it needs at least one per master) and each connection
+//! sends commands of its master's regions only, so every master gets the same number of
+//! commands whatever the hash of the region names.
+//!
+//! `subscribe` holds `--connections` connections that `PSUBSCRIBE __keyspace@0__:gpucache:*`
+//! (what an edge node's notification link does) and read everything they receive without
+//! parsing it, until `PUBLISH loadgen:stop <anything>`; it then prints
+//! `subscribers=<n> messages=<total> bytes=<total>`. A caller knows all are listening once
+//! `PUBSUB NUMSUB loadgen:stop` counts them.
 //!
 //! `run` prints one line, `op=<name> pipeline=<K> ops_per_s=<x> p50_us=<x> p99_us=<x>` followed
 //! by `ops=`, `connections=` and `expected_errors=`. Ops: `book_cancel`, `price`, `status`, `get`,
@@ -44,9 +59,10 @@ fn main() {
         Some("load") => Opts::parse(&args[1..]).and_then(|o| load(&o)),
         Some("run") => Opts::parse(&args[1..]).and_then(|o| run(&o)),
         Some("verify") => Opts::parse(&args[1..]).and_then(|o| verify(&o)),
+        Some("subscribe") => Opts::parse(&args[1..]).and_then(|o| subscribe(&o)),
         _ => Err(
-            "usage: loadgen load|run|verify --port P --gpus N [--op OP --requests N \
-                  --pipeline K --connections C --regions R --types T]"
+            "usage: loadgen load|run|verify|subscribe --port P --gpus N [--op OP --requests N \
+                  --pipeline K --connections C --regions R --types T --cluster yes|no]"
                 .into(),
         ),
     };
@@ -72,6 +88,8 @@ struct Opts {
     connections: usize,
     batch: usize,
     verify_db: usize,
+    /// `--cluster yes`: route each region's commands to the master that owns its slot.
+    cluster: bool,
 }
 
 impl Opts {
@@ -88,6 +106,7 @@ impl Opts {
             connections: 2,
             batch: 1000,
             verify_db: 15,
+            cluster: false,
         };
         let mut it = args.iter();
         while let Some(name) = it.next() {
@@ -111,6 +130,13 @@ impl Opts {
                 "--connections" => o.connections = num()?,
                 "--batch" => o.batch = num()?,
                 "--verify-db" => o.verify_db = num()?,
+                "--cluster" => {
+                    o.cluster = match value.as_str() {
+                        "yes" => true,
+                        "no" => false,
+                        _ => return Err(format!("--cluster: yes or no, not {value}")),
+                    }
+                }
                 _ => return Err(format!("unknown option {name}")),
             }
         }
@@ -123,12 +149,91 @@ impl Opts {
     }
 
     fn connect(&self) -> Res<redis::Connection> {
-        let client = redis::Client::open(format!("redis://{}:{}/", self.host, self.port))
-            .map_err(|e| e.to_string())?;
-        client
-            .get_connection()
-            .map_err(|e| format!("cannot connect to {}:{}: {e}", self.host, self.port))
+        connect_to(&self.host, self.port)
     }
+}
+
+fn connect_to(host: &str, port: u16) -> Res<redis::Connection> {
+    let client =
+        redis::Client::open(format!("redis://{host}:{port}/")).map_err(|e| e.to_string())?;
+    client
+        .get_connection()
+        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))
+}
+
+/// A server that commands are sent to, and the regions (indexes) whose commands go there.
+#[derive(Debug, Clone)]
+struct Target {
+    host: String,
+    port: u16,
+    regions: Vec<usize>,
+}
+
+impl Target {
+    fn connect(&self) -> Res<redis::Connection> {
+        connect_to(&self.host, self.port)
+    }
+}
+
+/// Where each region's commands go: the one server, or (`--cluster yes`) the master that owns
+/// the region's slot, masters without any of the regions left out, ordered by address.
+fn targets(o: &Opts) -> Res<Vec<Target>> {
+    if !o.cluster {
+        return Ok(vec![Target {
+            host: o.host.clone(),
+            port: o.port,
+            regions: (0..o.regions).collect(),
+        }]);
+    }
+    let mut con = o.connect()?;
+    // CLUSTER SLOTS: [[first, last, [host, port, id, ...], replicas...], ...]
+    let slots = ok(&mut con, &["CLUSTER", "SLOTS"])?;
+    let Value::Array(ranges) = slots else {
+        return Err("CLUSTER SLOTS: not an array".into());
+    };
+    let mut owners: Vec<(i64, i64, String, u16)> = Vec::new();
+    for range in &ranges {
+        let Value::Array(parts) = range else {
+            return Err("CLUSTER SLOTS: a range is not an array".into());
+        };
+        let (Some(first), Some(last), Some(Value::Array(master))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            return Err("CLUSTER SLOTS: a range lacks its master".into());
+        };
+        let host = match master.first().map(text) {
+            Some(h) if !h.is_empty() && h != "?" => h,
+            _ => o.host.clone(),
+        };
+        let port = master.get(1).map(int).unwrap_or_default();
+        owners.push((
+            int(first),
+            int(last),
+            host,
+            u16::try_from(port).map_err(|_| format!("CLUSTER SLOTS: port {port}"))?,
+        ));
+    }
+    let mut targets: Vec<Target> = Vec::new();
+    for r in 0..o.regions {
+        let slot = int(&ok(&mut con, &["CLUSTER", "KEYSLOT", &region_name(r)])?);
+        let (_, _, host, port) = owners
+            .iter()
+            .find(|(first, last, _, _)| (*first..=*last).contains(&slot))
+            .ok_or_else(|| format!("slot {slot} of region {} has no master", region_name(r)))?;
+        match targets
+            .iter_mut()
+            .find(|t| &t.host == host && t.port == *port)
+        {
+            Some(t) => t.regions.push(r),
+            None => targets.push(Target {
+                host: host.clone(),
+                port: *port,
+                regions: vec![r],
+            }),
+        }
+    }
+    targets.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+    Ok(targets)
 }
 
 /// GPU `i` of the marketplace: region `r{i % R}`, type `t{(i / R) % T}`, one of 50 providers
@@ -431,48 +536,72 @@ fn load_scripts(con: &mut redis::Connection) -> Res<Shas> {
 
 fn load(o: &Opts) -> Res<()> {
     let started = Instant::now();
+    let targets = Arc::new(targets(o)?);
+    // The target of each region.
+    let mut route = vec![0; o.regions];
+    for (n, target) in targets.iter().enumerate() {
+        for &r in &target.regions {
+            route[r] = n;
+        }
+    }
+    let route = Arc::new(route);
     let threads: Vec<_> = (0..o.connections)
         .map(|t| {
             let o = o.clone();
+            let targets = Arc::clone(&targets);
+            let route = Arc::clone(&route);
             std::thread::spawn(move || -> Res<()> {
-                let mut con = o.connect()?;
-                let (lo, hi) = slice(o.gpus, o.connections, t);
-                let mut buf = Vec::new();
-                let mut start = lo;
-                while start < hi {
-                    let end = (start + o.batch).min(hi);
-                    buf.clear();
-                    for i in start..end {
-                        let g = gpu_at(&o, i);
-                        let (memory, cores) = (g.memory.to_string(), g.cores.to_string());
-                        pack_strs(
-                            &mut buf,
-                            &[
-                                "GPUCACHE.REGISTER",
-                                &g.region,
-                                &g.id,
-                                "PROVIDER",
-                                &g.provider,
-                                "TYPE",
-                                &g.gpu_type,
-                                "PRICE",
-                                &g.price,
-                                "MEMORY",
-                                &memory,
-                                "CORES",
-                                &cores,
-                                "SCORE",
-                                &g.score,
-                            ],
-                        );
+                let mut cons = targets
+                    .iter()
+                    .map(Target::connect)
+                    .collect::<Res<Vec<_>>>()?;
+                let mut bufs: Vec<(Vec<u8>, usize)> = vec![(Vec::new(), 0); targets.len()];
+                let flush = |con: &mut redis::Connection, buf: &mut (Vec<u8>, usize)| {
+                    if buf.1 == 0 {
+                        return Ok(());
                     }
                     let replies = con
-                        .req_packed_commands(&buf, 0, end - start)
+                        .req_packed_commands(&buf.0, 0, buf.1)
                         .map_err(|e| format!("REGISTER pipeline: {e}"))?;
                     if let Some(e) = replies.iter().find_map(error_text) {
                         return Err(format!("GPUCACHE.REGISTER failed: {e}"));
                     }
-                    start = end;
+                    buf.0.clear();
+                    buf.1 = 0;
+                    Ok(())
+                };
+                let (lo, hi) = slice(o.gpus, o.connections, t);
+                for i in lo..hi {
+                    let g = gpu_at(&o, i);
+                    let n = route[i % o.regions];
+                    let (memory, cores) = (g.memory.to_string(), g.cores.to_string());
+                    pack_strs(
+                        &mut bufs[n].0,
+                        &[
+                            "GPUCACHE.REGISTER",
+                            &g.region,
+                            &g.id,
+                            "PROVIDER",
+                            &g.provider,
+                            "TYPE",
+                            &g.gpu_type,
+                            "PRICE",
+                            &g.price,
+                            "MEMORY",
+                            &memory,
+                            "CORES",
+                            &cores,
+                            "SCORE",
+                            &g.score,
+                        ],
+                    );
+                    bufs[n].1 += 1;
+                    if bufs[n].1 >= o.batch {
+                        flush(&mut cons[n], &mut bufs[n])?;
+                    }
+                }
+                for (con, buf) in cons.iter_mut().zip(bufs.iter_mut()) {
+                    flush(con, buf)?;
                 }
                 Ok(())
             })
@@ -483,11 +612,12 @@ fn load(o: &Opts) -> Res<()> {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "loaded gpus={} regions={} types={} seconds={secs:.2} per_s={:.0}",
+        "loaded gpus={} regions={} types={} seconds={secs:.2} per_s={:.0} servers={}",
         o.gpus,
         o.regions,
         o.types,
-        o.gpus as f64 / secs
+        o.gpus as f64 / secs,
+        targets.len()
     );
     Ok(())
 }
@@ -578,8 +708,12 @@ struct Generator {
     op: Op,
     lua: bool,
     shas: Arc<Shas>,
+    /// The GPUs this connection books and changes: indexes `lo..hi` of all GPUs, or with
+    /// `regions_here` (`--cluster yes`) the `lo..hi`-th GPUs of each of those regions.
     lo: usize,
     hi: usize,
+    /// The regions whose commands this connection sends (its master's), or all of them.
+    regions_here: Option<Vec<usize>>,
     rng: Rng,
     thread: usize,
     run_id: String,
@@ -589,6 +723,31 @@ struct Generator {
 }
 
 impl Generator {
+    /// The index of the GPU the next command is about.
+    fn pick_gpu(&mut self) -> usize {
+        let Some(regions) = &self.regions_here else {
+            return self.lo + self.rng.below(self.hi - self.lo);
+        };
+        for _ in 0..64 {
+            let r = regions[self.rng.below(regions.len())];
+            let i = r + self.o.regions * (self.lo + self.rng.below(self.hi - self.lo));
+            if i < self.o.gpus {
+                return i;
+            }
+        }
+        // The first GPU of one of the regions (a slice past the last GPU: more connections
+        // than GPUs per region).
+        regions[0]
+    }
+
+    /// A region for the commands that name a region but no GPU.
+    fn pick_region(&mut self) -> String {
+        match &self.regions_here {
+            None => region_name(self.rng.below(self.o.regions)),
+            Some(regions) => region_name(regions[self.rng.below(regions.len())]),
+        }
+    }
+
     /// Appends one command to `buf` and says which errors it may meet.
     fn next(&mut self, buf: &mut Vec<u8>) -> Allowed {
         if let Some((cmd, allowed)) = self.pending.take() {
@@ -596,9 +755,9 @@ impl Generator {
             return allowed;
         }
         self.counter += 1;
-        let i = self.lo + self.rng.below(self.hi - self.lo);
+        let i = self.pick_gpu();
         let g = gpu_at(&self.o, i);
-        let random_region = region_name(self.rng.below(self.o.regions));
+        let random_region = self.pick_region();
         let random_type = type_name(self.rng.below(self.o.types));
         let shas = Arc::clone(&self.shas);
         let lua = self.lua;
@@ -686,7 +845,15 @@ impl Generator {
                 Allowed::Nothing
             }
             Op::Hset => {
-                let key = format!("bench:scratch:{}", self.thread);
+                // In a cluster, a key of one of this connection's master's slots.
+                let key = match &self.regions_here {
+                    None => format!("bench:scratch:{}", self.thread),
+                    Some(regions) => format!(
+                        "bench:scratch:{{{}}}:{}",
+                        region_name(regions[0]),
+                        self.thread
+                    ),
+                };
                 let value = self.counter.to_string();
                 pack_strs(buf, &["HSET", &key, "field", &value]);
                 Allowed::Nothing
@@ -755,9 +922,21 @@ fn drive(
 
 fn run(o: &Opts) -> Res<()> {
     let (op, lua) = parse_op(&o.op)?;
+    let targets = targets(o)?;
+    if o.connections < targets.len() {
+        return Err(format!(
+            "{} connections for {} masters: give each master one at least",
+            o.connections,
+            targets.len()
+        ));
+    }
     let shas = if lua {
-        let mut con = o.connect()?;
-        load_scripts(&mut con)?
+        // Scripts are loaded on every server (the SHAs do not depend on it).
+        let mut shas = Shas::default();
+        for target in &targets {
+            shas = load_scripts(&mut target.connect()?)?;
+        }
+        shas
     } else {
         Shas::default()
     };
@@ -774,9 +953,23 @@ fn run(o: &Opts) -> Res<()> {
             let shas = Arc::clone(&shas);
             let barrier = Arc::clone(&barrier);
             let run_id = run_id.clone();
+            // Connection t goes to target t % targets; in a cluster it takes its share of each
+            // of that master's regions, among the connections of that master.
+            let target = targets[t % targets.len()].clone();
+            let (regions_here, (lo, hi)) = if o.cluster {
+                let peers = (t % targets.len()..o.connections)
+                    .step_by(targets.len())
+                    .count();
+                let per_region = o.gpus.div_ceil(o.regions);
+                (
+                    Some(target.regions.clone()),
+                    slice(per_region, peers, t / targets.len()),
+                )
+            } else {
+                (None, slice(o.gpus, o.connections, t))
+            };
             std::thread::spawn(move || -> Res<ThreadResult> {
-                let connected = o.connect();
-                let (lo, hi) = slice(o.gpus, o.connections, t);
+                let connected = target.connect();
                 let count = slice(o.requests, o.connections, t);
                 let count = count.1 - count.0;
                 let mut generator = Generator {
@@ -786,6 +979,7 @@ fn run(o: &Opts) -> Res<()> {
                     shas,
                     lo,
                     hi: hi.max(lo + 1),
+                    regions_here,
                     rng: Rng(seed.wrapping_add(t as u64 * 0x9e37_79b9_7f4a_7c15) | 1),
                     thread: t,
                     run_id,
@@ -862,12 +1056,82 @@ fn run(o: &Opts) -> Res<()> {
     // Latency is per request when the pipeline is 1 and per pipelined batch of `pipeline`
     // commands otherwise.
     println!(
-        "op={} pipeline={} ops_per_s={:.0} p50_us={:.1} p99_us={:.1} ops={ops} connections={} expected_errors={expected_errors}",
+        "op={} pipeline={} ops_per_s={:.0} p50_us={:.1} p99_us={:.1} ops={ops} connections={} expected_errors={expected_errors} servers={}",
         o.op,
         o.pipeline,
         ops as f64 / elapsed,
         pct(0.50),
         pct(0.99),
+        o.connections,
+        targets.len()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// subscribe
+
+/// Occurrences of `pattern` in `tail ++ data` that end inside `data` (the others were counted
+/// with the previous read); `tail` becomes the last bytes of `tail ++ data`, enough for a
+/// pattern split over two reads.
+fn count_new(tail: &mut Vec<u8>, data: &[u8], patterns: &[&[u8]]) -> Vec<usize> {
+    let old = tail.len();
+    tail.extend_from_slice(data);
+    let counts = patterns
+        .iter()
+        .map(|p| {
+            tail.windows(p.len())
+                .enumerate()
+                .filter(|(at, w)| w == p && at + p.len() > old)
+                .count()
+        })
+        .collect();
+    let keep = patterns.iter().map(|p| p.len()).max().unwrap_or(1) - 1;
+    let cut = tail.len().saturating_sub(keep);
+    tail.drain(..cut);
+    counts
+}
+
+fn subscribe(o: &Opts) -> Res<()> {
+    use std::io::{Read, Write};
+    const MESSAGE: &[u8] = b"$8\r\npmessage\r\n";
+    const STOP: &[u8] = b"$7\r\nmessage\r\n$12\r\nloadgen:stop\r\n";
+    let threads: Vec<_> = (0..o.connections)
+        .map(|_| {
+            let (host, port) = (o.host.clone(), o.port);
+            std::thread::spawn(move || -> Res<(usize, usize)> {
+                let mut con = std::net::TcpStream::connect((host.as_str(), port))
+                    .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+                con.write_all(
+                    b"PSUBSCRIBE __keyspace@0__:gpucache:*\r\nSUBSCRIBE loadgen:stop\r\n",
+                )
+                .map_err(|e| e.to_string())?;
+                let (mut messages, mut bytes) = (0, 0);
+                let mut buf = vec![0; 1 << 16];
+                let mut tail = Vec::new();
+                loop {
+                    let n = con.read(&mut buf).map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("the server closed a subscriber's connection".into());
+                    }
+                    bytes += n;
+                    let counts = count_new(&mut tail, &buf[..n], &[MESSAGE, STOP]);
+                    messages += counts[0];
+                    if counts[1] > 0 {
+                        return Ok((messages, bytes));
+                    }
+                }
+            })
+        })
+        .collect();
+    let (mut messages, mut bytes) = (0, 0);
+    for t in threads {
+        let (m, b) = t.join().map_err(|_| "a subscriber thread panicked")??;
+        messages += m;
+        bytes += b;
+    }
+    println!(
+        "subscribers={} messages={messages} bytes={bytes}",
         o.connections
     );
     Ok(())

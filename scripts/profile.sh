@@ -16,7 +16,12 @@
 #   GPUS=10000 N=1000 MODULE=/path/to/libgpucache.so OUT=/tmp/before scripts/profile.sh
 #
 # Environment: GPUS (default 2000), N requests per op (default 1000; AVAILABLE runs a fifth),
-# MODULE (default: build and use target/release/libgpucache.so), OUT (output directory).
+# MODULE (default: build and use target/release/libgpucache.so), OUT (output directory),
+# OPS (the module operations to profile, default "get status book_cancel available orderbook
+# price"), CLUSTER=1 (run the server as a one-node Redis Cluster that owns every slot, so the
+# same commands pay what cluster mode adds: Redis's own routing of each command and each
+# module call, the module's per-command check that the region's slot is wholly here, the
+# cluster's per-key bookkeeping).
 # Needs valgrind (apt-get install valgrind). Counts include Redis's own work per command
 # (parsing, replying); HSET and HGETALL are measured as floors.
 set -euo pipefail
@@ -26,6 +31,8 @@ cd "$(dirname "$0")/.."
 
 GPUS="${GPUS:-2000}"
 N="${N:-1000}"
+OPS="${OPS:-get status book_cancel available orderbook price}"
+CLUSTER="${CLUSTER:-0}"
 OUT="${OUT:-$PWD/target/profile}"
 if [ -z "${MODULE:-}" ]; then
   cargo build --release --quiet
@@ -41,15 +48,32 @@ OUT="$(realpath "$OUT")"
 cp "$MODULE" "$OUT/libgpucache.so"
 . scripts/lib.sh
 PORT="$(free_port)"
+CLUSTER_ARGS=()
+if [ "$CLUSTER" = 1 ]; then
+  BUS="$(free_port)"
+  CLUSTER_ARGS=(--cluster-enabled yes --cluster-port "$BUS" --cluster-config-file nodes.conf)
+fi
 
 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" --compress-strings=no \
   --compress-pos=no redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no \
-  --dir "$OUT" --loadmodule "$OUT/libgpucache.so" AVAILABILITY_TTL 86400 PRICING_TTL 86400 \
+  --dir "$OUT" "${CLUSTER_ARGS[@]}" \
+  --loadmodule "$OUT/libgpucache.so" AVAILABILITY_TTL 86400 PRICING_TTL 86400 \
   >"$OUT/server.log" 2>&1 &
 VPID=$!
 cli() { redis-cli -p "$PORT" "$@"; }
 trap 'cli shutdown nosave >/dev/null 2>&1 || true; wait $VPID 2>/dev/null || true' EXIT
 for _ in $(seq 1 300); do cli ping >/dev/null 2>&1 && break; sleep 0.2; done
+if [ "$CLUSTER" = 1 ]; then
+  cli CLUSTER ADDSLOTSRANGE 0 16383 >/dev/null
+  for _ in $(seq 1 300); do
+    cli CLUSTER INFO | tr -d '\r' | grep -qx 'cluster_state:ok' && break
+    sleep 0.2
+  done
+  cli CLUSTER INFO | tr -d '\r' | grep -qx 'cluster_state:ok' || {
+    echo "the one-node cluster did not come up" >&2
+    exit 1
+  }
+fi
 
 "$LOADGEN" load --port "$PORT" --gpus "$GPUS" --regions 4 --types 8 --connections 1 >/dev/null
 calls() {
@@ -87,7 +111,7 @@ declare -A IR
 IR[hset]=$(profile_op hset "$N" hset)
 IR[hgetall]=$(profile_op hgetall "$N" hgetall)
 ROWS=()
-for op in get status book_cancel available orderbook price; do
+for op in $OPS; do
   case $op in
     book_cancel) cmds="gpucache.book gpucache.cancel"; floor=hset ;;
     price | status) cmds="gpucache.$op"; floor=hset ;;
@@ -108,7 +132,9 @@ for op in get status book_cancel available orderbook price; do
 done
 
 echo
-echo "instructions per command inside redis-server (GPUS=$GPUS, pipelined), module vs Lua vs floor"
+MODE=""
+[ "$CLUSTER" = 1 ] && MODE=", one-node cluster"
+echo "instructions per command inside redis-server (GPUS=$GPUS, pipelined$MODE), module vs Lua vs floor"
 printf '%-12s %10s %10s %8s %8s %10s %10s\n' op module lua lua/mod floor floor_ir mod/floor
 for row in "${ROWS[@]}"; do
   read -r op mod lua floor fir <<<"$row"
