@@ -70,10 +70,8 @@ fn start_into(
         })?);
     }
     if link.notifications || topology.discovers() {
-        let groups: Vec<Group> = groups.iter().map(|(g, _)| *g).collect();
-        let regions = regions.to_vec();
         threads.push(spawn("gpucache-edge-topology", move || {
-            supervise(&topology, &groups, &regions, &l1, &link, &stop)
+            supervise(&topology, &groups, &l1, &link, &stop)
         })?);
     }
     Ok(())
@@ -86,8 +84,9 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<
         .map_err(|e| EdgeError::Connection(e.to_string()))
 }
 
-/// A running notification link.
+/// A running notification link, subscribed to `regions` (those its server holds).
 struct Notifier {
+    regions: Vec<String>,
     stop: Arc<AtomicBool>,
     up: Arc<AtomicBool>,
     thread: JoinHandle<()>,
@@ -122,8 +121,7 @@ fn publish(states: &[Arc<AtomicBool>], l1: &L1) {
 /// server that holds a followed region.
 fn supervise(
     topology: &Arc<Topology>,
-    groups: &[Group],
-    regions: &[String],
+    groups: &[(Group, Vec<String>)],
     l1: &Arc<L1>,
     link: &LinkConfig,
     stop: &Arc<AtomicBool>,
@@ -141,11 +139,17 @@ fn supervise(
         let generation = topology.generation();
         if link.notifications && placed_for != Some(generation) {
             placed_for = Some(generation);
-            let wanted = topology.nodes_for(groups);
+            let wanted = regions_by_node(topology, groups);
+            // A link whose server no longer holds exactly the regions it subscribed to is
+            // started again with the right ones.
             let unwanted: Vec<String> = notifiers
-                .keys()
-                .filter(|name| !wanted.iter().any(|n| n.name == **name))
-                .cloned()
+                .iter()
+                .filter(|(name, notifier)| {
+                    !wanted
+                        .iter()
+                        .any(|(n, regions)| n.name == **name && *regions == notifier.regions)
+                })
+                .map(|(name, _)| name.clone())
                 .collect();
             for name in unwanted {
                 if let Some(notifier) = notifiers.remove(&name) {
@@ -153,12 +157,12 @@ fn supervise(
                     retired.push(notifier.thread);
                 }
             }
-            for node in wanted {
+            for (node, regions) in wanted {
                 if notifiers.contains_key(&node.name) {
                     continue;
                 }
                 let name = node.name.clone();
-                if let Ok(notifier) = notify(topology, node, regions, l1, link, stop, &states) {
+                if let Ok(notifier) = notify(topology, node, &regions, l1, link, stop, &states) {
                     notifiers.insert(name, notifier);
                 }
             }
@@ -183,6 +187,27 @@ fn supervise(
     for thread in retired {
         let _ = thread.join();
     }
+}
+
+/// Every server that holds a followed region now, with the followed regions it holds.
+fn regions_by_node(
+    topology: &Topology,
+    groups: &[(Group, Vec<String>)],
+) -> Vec<(Node, Vec<String>)> {
+    let mut nodes: Vec<(Node, Vec<String>)> = Vec::new();
+    for (group, members) in groups {
+        let Some(node) = topology.node_for(*group) else {
+            continue;
+        };
+        match nodes.iter_mut().find(|(n, _)| *n == node) {
+            Some((_, regions)) => regions.extend(members.iter().cloned()),
+            None => nodes.push((node, members.clone())),
+        }
+    }
+    for (_, regions) in &mut nodes {
+        regions.sort();
+    }
+    nodes
 }
 
 /// The notifiers whose thread ended although not told to stop (a panic outside a session).
@@ -233,6 +258,7 @@ fn notify(
         })?
     };
     Ok(Notifier {
+        regions: regions.to_vec(),
         stop: own_stop,
         up,
         thread,
