@@ -229,3 +229,61 @@ pub fn set_user_from(config: &str, user: &str, con: &mut Connection) {
         .query::<()>(con)
         .expect("ACL SETUSER");
 }
+
+impl ClusterNode {
+    /// As `start`, with the cluster bus on `bus_port`: for a caller that chooses another port of
+    /// the node itself (e.g. `--tls-port`) and must keep the two apart.
+    pub fn start_on_bus(module_args: &[&str], server_args: &[&str], bus_port: u16) -> ClusterNode {
+        let bus = bus_port.to_string();
+        let mut args = cluster_args(&bus).to_vec();
+        args.extend_from_slice(server_args);
+        let server = Server::start(module_args, &args);
+        let id: String = redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut server.connect())
+            .expect("CLUSTER MYID");
+        ClusterNode {
+            server,
+            bus_port,
+            id,
+        }
+    }
+}
+
+impl Cluster {
+    /// As `start`, from nodes the caller started itself (e.g. with TLS settings): introduces
+    /// them, gives `masters[i]` the i-th even share of the slots, makes `replicas[i]` its
+    /// replicas, and waits until the cluster has converged.
+    pub fn assemble(masters: Vec<ClusterNode>, replicas: Vec<Vec<ClusterNode>>) -> Cluster {
+        assert!(!masters.is_empty(), "a cluster needs a master");
+        assert!(
+            replicas.len() <= masters.len(),
+            "replicas of unknown masters"
+        );
+        let cluster = Cluster { masters, replicas };
+        for node in cluster.nodes().skip(1) {
+            cluster.masters[0].meet(node);
+        }
+        let all: Vec<String> = cluster.nodes().map(|n| n.id.clone()).collect();
+        eventually("every node knows every other", CONVERGE, || {
+            cluster.nodes().all(|n| {
+                let known = n.known_ids();
+                all.iter().all(|id| known.contains(id))
+            })
+        });
+        let count = cluster.masters.len();
+        for (i, master) in cluster.masters.iter().enumerate() {
+            master.add_slots(
+                (16384 * i / count) as u16,
+                (16384 * (i + 1) / count - 1) as u16,
+            );
+        }
+        for (master, replicas) in cluster.masters.iter().zip(&cluster.replicas) {
+            for replica in replicas {
+                replica.replicate(master);
+            }
+        }
+        cluster.wait_converged();
+        cluster
+    }
+}
