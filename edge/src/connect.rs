@@ -105,16 +105,23 @@ pub fn connection(url: &str, tls: &TlsConfig) -> Result<redis::Connection, EdgeE
 /// it. Only a plain-text answer fails the check; anything else leaves the verdict to the
 /// connection itself.
 pub fn open(client: &redis::Client, timeout: Option<Duration>) -> RedisResult<redis::Connection> {
-    if let ConnectionAddr::TcpTls { host, port, .. } = &client.get_connection_info().addr {
-        refuse_plain_text(host, *port, timeout.unwrap_or(CHECK_TIMEOUT))?;
-    }
+    refuse_plain_text(
+        &client.get_connection_info().addr,
+        timeout.unwrap_or(CHECK_TIMEOUT),
+    )?;
     match timeout {
         Some(timeout) => client.get_connection_with_timeout(timeout),
         None => client.get_connection(),
     }
 }
 
-fn refuse_plain_text(host: &str, port: u16, timeout: Duration) -> RedisResult<()> {
+/// For a `rediss://` address, fails if its port answers in plain text (see [`open`]); any
+/// other address passes.
+pub(crate) fn refuse_plain_text(addr: &ConnectionAddr, timeout: Duration) -> RedisResult<()> {
+    let ConnectionAddr::TcpTls { host, port, .. } = addr else {
+        return Ok(());
+    };
+    let (host, port) = (host.as_str(), *port);
     let Ok(addrs) = (host, port).to_socket_addrs() else {
         return Ok(()); // the connection reports it
     };

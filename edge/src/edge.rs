@@ -165,7 +165,20 @@ impl r2d2::ManageConnection for ServerConnections {
 
 /// The default loader's connections to a cluster: the `redis` crate's cluster client, which
 /// sends each read to the master of its region's slot and follows `MOVED`, `ASK`, `TRYAGAIN`.
+///
+/// One client per seed, tried in turn as the cluster client itself would: its TLS handshake
+/// has no timeout, so a seed whose port answers in plain text is skipped here rather than
+/// handed to it (it would wait forever); and where a seed fails, the edge's own connection to
+/// it says why (an untrusted certificate, a refused password), which the cluster client's
+/// "failed to check startup nodes" does not.
 struct ClusterConnections {
+    seeds: Vec<ClusterSeed>,
+    timeout: Duration,
+}
+
+struct ClusterSeed {
+    /// As the edge's own connections reach it (TLS settings included).
+    info: redis::ConnectionInfo,
     client: redis::cluster::ClusterClient,
 }
 
@@ -183,15 +196,40 @@ impl Pooled for ClusterConnection {
     }
 }
 
+impl ClusterConnections {
+    /// Why `seed` failed: the error of the edge's own connection to it, if that fails too
+    /// (the cluster client reports only that no seed could be used); otherwise `error`.
+    fn why(&self, seed: &ClusterSeed, error: redis::RedisError) -> redis::RedisError {
+        if error.kind() != redis::ErrorKind::IoError {
+            return error; // the cluster's own answer (e.g. no slots yet)
+        }
+        match topology::connect(&seed.info, self.timeout) {
+            Err(cause) => redis::RedisError::from(std::io::Error::other(format!(
+                "cluster seed {}: {cause}",
+                seed.info.addr
+            ))),
+            Ok(_) => error,
+        }
+    }
+}
+
 impl r2d2::ManageConnection for ClusterConnections {
     type Connection = ClusterConnection;
     type Error = redis::RedisError;
 
     fn connect(&self) -> Result<ClusterConnection, redis::RedisError> {
-        Ok(ClusterConnection {
-            con: self.client.get_connection()?,
-            failed: false,
-        })
+        let mut last_error = None;
+        for seed in &self.seeds {
+            let connected = connect::refuse_plain_text(&seed.info.addr, self.timeout)
+                .and_then(|()| seed.client.get_connection().map_err(|e| self.why(seed, e)));
+            match connected {
+                Ok(con) => return Ok(ClusterConnection { con, failed: false }),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no cluster seed"))
+        }))
     }
 
     fn is_valid(&self, conn: &mut ClusterConnection) -> Result<(), redis::RedisError> {
@@ -233,28 +271,44 @@ impl Loader {
         }
         match &config.servers {
             Servers::Cluster { seeds } => {
-                let mut nodes = Vec::with_capacity(seeds.len());
+                let certificates = if config.tls.is_set() {
+                    Some(connect::certificates(&config.tls)?)
+                } else {
+                    None
+                };
+                let client = |nodes: Vec<redis::ConnectionInfo>| {
+                    let mut builder = redis::cluster::ClusterClient::builder(nodes);
+                    if let Some(certificates) = &certificates {
+                        builder = builder.certs(certificates.clone());
+                    }
+                    builder
+                        .use_protocol(redis::ProtocolVersion::RESP3)
+                        .connection_timeout(timeout)
+                        .response_timeout(timeout)
+                        .retries(CLUSTER_RETRIES)
+                        .min_retry_wait(10)
+                        .max_retry_wait(200)
+                        .retry_wait_formula(10, 2)
+                        .build()
+                };
+                let mut infos = Vec::with_capacity(seeds.len());
                 for seed in seeds {
-                    let mut info = redis::IntoConnectionInfo::into_connection_info(seed.as_str())
-                        .map_err(|e| EdgeError::Connection(format!("{seed}: {e}")))?;
+                    infos.push(topology::parse_url(seed, &config.tls)?);
+                }
+                let resp3 = |info: &redis::ConnectionInfo| {
+                    let mut info = info.clone();
                     info.redis.protocol = redis::ProtocolVersion::RESP3;
-                    nodes.push(info);
+                    info
+                };
+                // Built with every seed once for its checks: one user, password and TLS mode.
+                client(infos.iter().map(resp3).collect())?;
+                let mut seeds = Vec::with_capacity(infos.len());
+                for info in infos {
+                    let client = client(vec![resp3(&info)])?;
+                    seeds.push(ClusterSeed { info, client });
                 }
-                let mut builder = redis::cluster::ClusterClient::builder(nodes);
-                if config.tls.is_set() {
-                    builder = builder.certs(connect::certificates(&config.tls)?);
-                }
-                let client = builder
-                    .use_protocol(redis::ProtocolVersion::RESP3)
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .retries(CLUSTER_RETRIES)
-                    .min_retry_wait(10)
-                    .max_retry_wait(200)
-                    .retry_wait_formula(10, 2)
-                    .build()?;
                 Ok(Loader::Cluster(
-                    pool(config, timeout).build_unchecked(ClusterConnections { client }),
+                    pool(config, timeout).build_unchecked(ClusterConnections { seeds, timeout }),
                 ))
             }
             Servers::Primary | Servers::Sentinel { .. } => Ok(Loader::Server(

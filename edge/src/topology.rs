@@ -90,7 +90,7 @@ struct Owners {
 
 /// A server's address as the edge connects to it: for `rediss://`, with the TLS settings (CA,
 /// client certificate) that every connection to it uses.
-fn parse_url(url: &str, tls: &TlsConfig) -> Result<ConnectionInfo, EdgeError> {
+pub(crate) fn parse_url(url: &str, tls: &TlsConfig) -> Result<ConnectionInfo, EdgeError> {
     let info = redis::IntoConnectionInfo::into_connection_info(url)
         .map_err(|e| EdgeError::Connection(format!("{url}: {e}")))?;
     if !matches!(info.addr, ConnectionAddr::TcpTls { .. }) {
