@@ -1,23 +1,31 @@
 //! `rediss://`: every connection the edge opens (loader pool, notification link, stream link,
 //! the connections `durable` and the CLI use) works against a redis-server that speaks TLS
 //! only (`--port 0`), trusting a throwaway CA generated here; a missing or wrong CA fails with
-//! a clear connection error instead of hanging.
+//! a clear connection error instead of hanging. The same holds for an edge following a Redis
+//! Cluster whose nodes (and cluster bus) speak TLS, and a TLS primary found through Sentinel
+//! and followed across a failover: every edge connection comes in on the TLS port.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
+use common::cluster::{key_slot, Cluster, ClusterNode};
 use common::{eventually, fields, free_port, module_path, register, run};
 use gpucache_edge::durable::{book_durably, BookOutcome, BookRequest, BookingResult, Durability};
-use gpucache_edge::{connect, Edge, EdgeConfig, EdgeError, LinkConfig, Query, TlsConfig};
+use gpucache_edge::listener::EntryId;
+use gpucache_edge::{
+    connect, keyspace, Edge, EdgeConfig, EdgeError, InvalidationHook, LinkConfig, Query, Source,
+    TlsConfig,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
 use redis::Connection;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -555,4 +563,475 @@ fn the_cli_watches_a_tls_server_with_a_ca_file() {
     assert!(!exit.success());
     let message: Vec<String> = errors.iter().collect();
     assert!(message.join("\n").contains("UnknownIssuer"), "{message:?}");
+}
+
+// ---- A Redis Cluster and a primary behind Sentinel, over TLS ----
+
+/// `CLIENT LIST`, one map of `field -> value` per client.
+fn clients(con: &mut Connection) -> Vec<HashMap<String, String>> {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(con).unwrap();
+    list.lines()
+        .map(|line| {
+            line.split(' ')
+                .filter_map(|f| f.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+/// The edge's connections to a server: its links (named) and its loader's (whose last command
+/// was a gpucache read), with the local port each came in on (`laddr`).
+fn edge_clients(con: &mut Connection) -> Vec<(String, u16)> {
+    clients(con)
+        .into_iter()
+        .filter_map(|c| {
+            let name = c.get("name").cloned().unwrap_or_default();
+            let cmd = c.get("cmd").cloned().unwrap_or_default().to_lowercase();
+            let what = if name.starts_with("gpucache-edge") {
+                name
+            } else if cmd == "gpucache.get" || cmd == "gpucache.available" {
+                "loader".to_string()
+            } else {
+                return None;
+            };
+            let laddr = &c["laddr"];
+            let port = laddr.rsplit_once(':').unwrap().1.parse().unwrap();
+            Some((what, port))
+        })
+        .collect()
+}
+
+/// Asserts that the edge's links and loader are connected to the server behind `con`, and
+/// every one of them on `tls_port`.
+fn assert_edge_connected_over_tls(con: &mut Connection, tls_port: u16, server: &str) {
+    let found = edge_clients(con);
+    for wanted in ["gpucache-edge-notify", "gpucache-edge-stream", "loader"] {
+        assert!(
+            found.iter().any(|(what, _)| what == wanted),
+            "{server}: no {wanted} connection in {found:?}"
+        );
+    }
+    assert!(
+        found.iter().all(|(_, port)| *port == tls_port),
+        "{server}: an edge connection not on the TLS port {tls_port}: {found:?}"
+    );
+}
+
+/// The ports of the masters `CLUSTER SLOTS` names to the client behind `con`, sorted.
+fn slot_master_ports(con: &mut Connection) -> Vec<u16> {
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(con).unwrap();
+    let mut ports: Vec<u16> = ranges
+        .iter()
+        .map(|range| {
+            let redis::Value::Array(fields) = range else {
+                panic!("not a slot range: {range:?}")
+            };
+            let redis::Value::Array(master) = &fields[2] else {
+                panic!("no master in {fields:?}")
+            };
+            redis::from_redis_value(&master[1]).unwrap()
+        })
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+/// A cluster whose nodes listen on a plain port (the harness's own setup) and a TLS port (the
+/// edge's), with the cluster bus over TLS (`tls-cluster yes`).
+struct TlsCluster {
+    cluster: Cluster,
+    tls_ports: Vec<u16>,
+}
+
+impl TlsCluster {
+    fn start(pki: &Pki, masters: usize) -> TlsCluster {
+        let path = |p: &Path| p.to_str().unwrap().to_string();
+        let mut tls_ports = Vec::new();
+        let nodes = (0..masters)
+            .map(|_| {
+                // Two ports free now, and not the same one twice (the earlier nodes' are taken).
+                let bus = free_port();
+                let port = std::iter::repeat_with(free_port)
+                    .find(|p| *p != bus)
+                    .unwrap();
+                tls_ports.push(port);
+                let args = [
+                    "--tls-port".to_string(),
+                    port.to_string(),
+                    "--tls-cluster".into(),
+                    "yes".into(),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                    "--tls-cert-file".into(),
+                    path(&pki.server_cert),
+                    "--tls-key-file".into(),
+                    path(&pki.server_key),
+                    // The certificate a node presents on the cluster bus, where it is a client.
+                    "--tls-client-cert-file".into(),
+                    path(&pki.client_cert),
+                    "--tls-client-key-file".into(),
+                    path(&pki.client_key),
+                    "--tls-ca-cert-file".into(),
+                    path(&pki.ca),
+                    "--notify-keyspace-events".into(),
+                    "Kd".into(),
+                ];
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                ClusterNode::start_on_bus(&[], &args, bus)
+            })
+            .collect();
+        TlsCluster {
+            cluster: Cluster::assemble(nodes, Vec::new()),
+            tls_ports,
+        }
+    }
+
+    /// The `rediss://` URL of master `i`.
+    fn url(&self, i: usize) -> String {
+        format!("rediss://127.0.0.1:{}/", self.tls_ports[i])
+    }
+
+    /// A region whose slot master `i` owns.
+    fn region_on(&self, i: usize) -> String {
+        let count = self.cluster.masters.len();
+        let (first, last) = (16384 * i / count, 16384 * (i + 1) / count - 1);
+        let mut con = self.cluster.masters[0].connect();
+        (0..10_000)
+            .map(|n| format!("tls{n}"))
+            .find(|r| (first..=last).contains(&(key_slot(&mut con, r) as usize)))
+            .unwrap()
+    }
+}
+
+/// The id of `region`'s newest event on the server behind `con`.
+fn last_event_id(con: &mut Connection, region: &str) -> EntryId {
+    let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg(keyspace::events_key(region))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(con)
+        .unwrap();
+    EntryId::parse(&last[0].0).unwrap()
+}
+
+fn heard(edge: &Edge, region: &str) -> Option<EntryId> {
+    edge.stats()
+        .last_event_ids
+        .get(region)
+        .and_then(|id| EntryId::parse(id))
+}
+
+/// Which link told the edge of each key, as an invalidation hook records it.
+type Sources = Arc<Mutex<Vec<(String, Source)>>>;
+
+fn recording(sources: &Sources) -> InvalidationHook {
+    let sources = sources.clone();
+    Arc::new(move |key: &str, source| sources.lock().unwrap().push((key.into(), source)))
+}
+
+fn notified(sources: &Sources, key: &str) -> bool {
+    sources
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(k, s)| k == key && *s == Source::Notification)
+}
+
+/// Loads the GPU until the edge keeps it cached.
+fn settle(edge: &Edge, region: &str, gpu: &str) {
+    let query = Query::gpu(region, gpu);
+    eventually(&format!("{region}/{gpu} stays cached"), DEADLINE, || {
+        edge.get(&query).is_ok() && edge.cached(&query).is_some()
+    });
+}
+
+/// A write on the region's server over TLS reaches the edge through both links: the cached
+/// record is dropped (g2, unchanged, stays), the stream link applies the write's event and the
+/// notification link delivers its keyspace notification.
+fn assert_write_invalidates(
+    edge: &Edge,
+    sources: &Sources,
+    writer: &mut Connection,
+    region: &str,
+    status: &str,
+) {
+    run(writer, &["GPUCACHE.STATUS", region, "g1", status]).unwrap();
+    let id = last_event_id(writer, region);
+    eventually(&format!("{region}/g1 {status} is served"), DEADLINE, || {
+        edge.get(&Query::gpu(region, "g1"))
+            .is_ok_and(|v| v["status"] == status)
+    });
+    eventually(&format!("the stream link applies {id}"), DEADLINE, || {
+        heard(edge, region).is_some_and(|h| h >= id)
+    });
+    let key = keyspace::gpu_key(region, "g1");
+    eventually(&format!("{key}'s notification arrives"), DEADLINE, || {
+        notified(sources, &key)
+    });
+    assert!(
+        edge.cached(&Query::gpu(region, "g2")).is_some(),
+        "{region}/g2 did not change"
+    );
+}
+
+#[test]
+fn an_edge_follows_a_tls_cluster_over_tls_on_every_master() {
+    let pki = Pki::generate();
+    let tls = TlsCluster::start(&pki, 3);
+    let masters = &tls.cluster.masters;
+    // What discovery relies on: with `tls-cluster yes`, CLUSTER SLOTS names the masters' TLS
+    // ports to a TLS client (and their plain ports to a plain one).
+    let mut tls_ports = tls.tls_ports.clone();
+    tls_ports.sort_unstable();
+    let mut plain_ports: Vec<u16> = masters.iter().map(|m| m.server.port).collect();
+    plain_ports.sort_unstable();
+    let mut admin = connect::connection(&tls.url(0), &pki.ca_only()).unwrap();
+    assert_eq!(slot_master_ports(&mut admin), tls_ports);
+    assert_eq!(slot_master_ports(&mut masters[0].connect()), plain_ports);
+
+    let regions: Vec<String> = (0..masters.len()).map(|i| tls.region_on(i)).collect();
+    let names: Vec<&str> = regions.iter().map(String::as_str).collect();
+    let mut writers: Vec<Connection> = (0..masters.len())
+        .map(|i| connect::connection(&tls.url(i), &pki.ca_only()).unwrap())
+        .collect();
+    for (writer, region) in writers.iter_mut().zip(&regions) {
+        register(writer, region, "g1", "p1", "A100", "2");
+        register(writer, region, "g2", "p2", "H100", "3");
+    }
+
+    // One TLS seed; the other masters are discovered, and reached with the same CA.
+    let sources = Sources::default();
+    let mut config = EdgeConfig::cluster(&[&tls.url(1)], &names);
+    config.tls = pki.ca_only();
+    let edge = Edge::start_with_hook(config, Some(recording(&sources))).unwrap();
+    assert!(edge.wait_connected(DEADLINE), "{:?}", edge.stats());
+    let stats = edge.stats();
+    for (region, port) in regions.iter().zip(&tls.tls_ports) {
+        assert_eq!(
+            stats.followed_on.get(region),
+            Some(&format!("127.0.0.1:{port}")),
+            "{region} is followed on its master's TLS port: {stats:?}"
+        );
+    }
+    for region in &regions {
+        settle(&edge, region, "g1");
+        settle(&edge, region, "g2");
+    }
+    for (writer, region) in writers.iter_mut().zip(&regions) {
+        assert_write_invalidates(&edge, &sources, writer, region, "offline");
+    }
+    for (i, master) in masters.iter().enumerate() {
+        assert_edge_connected_over_tls(
+            &mut master.connect(),
+            tls.tls_ports[i],
+            &format!("master {i}"),
+        );
+    }
+    let stats = edge.stats();
+    assert_eq!(stats.region_drops, 0, "{stats:?}");
+    assert_eq!(stats.connection, "connected", "{stats:?}");
+
+    // Another CA, or a seed naming a plain port: reads fail promptly with a connection error
+    // that says why, the links stay down, and the edge still stops.
+    let plain_seed = format!("rediss://127.0.0.1:{}/", masters[0].server.port);
+    for (seed, tls_config, why) in [
+        (
+            tls.url(0),
+            TlsConfig::with_ca_file(&pki.other_ca),
+            "UnknownIssuer",
+        ),
+        (plain_seed, pki.ca_only(), "answered in plain text"),
+    ] {
+        let mut config = EdgeConfig::cluster(&[&seed], &names);
+        config.tls = tls_config;
+        let failing = within(DEADLINE, "Edge::start", move || {
+            Edge::start(config).expect("starts: the links retry in the background")
+        });
+        for _ in 0..2 {
+            let started = Instant::now();
+            match failing.get(&Query::gpu(&regions[0], "g1")) {
+                Err(EdgeError::Connection(m)) => assert!(m.contains(why), "{seed}: {m}"),
+                other => panic!("{seed}: not a connection error: {other:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(2), "{seed}");
+        }
+        assert!(!failing.wait_connected(Duration::from_millis(500)));
+        assert!(failing.stats().followed_on.is_empty());
+        within(DEADLINE, "dropping the edge", move || drop(failing));
+    }
+}
+
+/// A Sentinel on a plain port that talks TLS to the servers it monitors (`tls-replication
+/// yes`), watching `primary` as `MASTER` (quorum 1: it may fail over alone).
+struct TlsSentinel {
+    port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+const MASTER: &str = "gpumaster";
+
+impl TlsSentinel {
+    fn start(pki: &Pki, primary: &TlsServer) -> TlsSentinel {
+        let port = free_port();
+        let dir = pki.dir.join(format!("sentinel-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 tls-replication yes\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                 sentinel monitor {MASTER} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {MASTER} 5000\n\
+                 sentinel failover-timeout {MASTER} 10000\n",
+                dir.display(),
+                pki.server_cert.display(),
+                pki.server_key.display(),
+                pki.ca.display(),
+                primary.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&config)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let sentinel = TlsSentinel { port, dir, child };
+        eventually("the Sentinel answers", DEADLINE, || {
+            sentinel.query::<String>(&["PING"]).is_ok()
+        });
+        sentinel
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let mut con =
+            redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))?;
+        con.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut con)
+    }
+
+    fn primary_port(&self) -> Option<u16> {
+        self.query::<Option<(String, u16)>>(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER])
+            .ok()
+            .flatten()
+            .map(|(_, port)| port)
+    }
+}
+
+impl Drop for TlsSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TLS connection to `server` that gives up after a second (Sentinel kills clients as it
+/// fails over).
+fn try_connect(server: &TlsServer, pki: &Pki) -> Result<Connection, EdgeError> {
+    let client = connect::client(server.url().as_str(), &pki.ca_only())?;
+    let con = connect::open(&client, Some(Duration::from_secs(1)))?;
+    con.set_read_timeout(Some(Duration::from_secs(1)))?;
+    Ok(con)
+}
+
+/// The server's role; empty while it cannot be asked.
+fn role(server: &TlsServer, pki: &Pki) -> String {
+    try_connect(server, pki)
+        .ok()
+        .and_then(|mut con| {
+            redis::cmd("INFO")
+                .arg("replication")
+                .query::<String>(&mut con)
+                .ok()
+        })
+        .and_then(|info| common::cluster::info_field(&info, "role"))
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_edge_follows_a_tls_primary_behind_sentinel_across_a_failover() {
+    let pki = Pki::generate();
+    // TLS only (`--port 0`), replicating over TLS, so a primary or replica can only be reached
+    // on its TLS port: the port Sentinel names.
+    let tls_only = ["--tls-auth-clients", "no", "--tls-replication", "yes"];
+    let primary = TlsServer::start(&pki, &tls_only);
+    let primary_port = primary.port.to_string();
+    let mut replica_args = tls_only.to_vec();
+    replica_args.extend(["--replicaof", "127.0.0.1", &primary_port]);
+    let replica = TlsServer::start(&pki, &replica_args);
+    let mut writer = primary.connect(&pki);
+    register(&mut writer, "eu", "g1", "p1", "A100", "2");
+    register(&mut writer, "eu", "g2", "p1", "A100", "2");
+    let sentinel = TlsSentinel::start(&pki, &primary);
+    eventually(
+        "the Sentinel knows the replica",
+        Duration::from_secs(20),
+        || {
+            sentinel
+                .query::<Vec<redis::Value>>(&["SENTINEL", "REPLICAS", MASTER])
+                .is_ok_and(|r| !r.is_empty())
+        },
+    );
+
+    // The Sentinel is asked in plain text; the primary it names is reached over TLS, trusting
+    // the CA file (the template URL's scheme and the TLS settings apply to discovered servers).
+    let sources = Sources::default();
+    let mut config = EdgeConfig::sentinel(&[&sentinel.url()], MASTER, &["eu"]);
+    config.url = "rediss://127.0.0.1/".into();
+    config.tls = pki.ca_only();
+    let edge = Edge::start_with_hook(config, Some(recording(&sources))).unwrap();
+    assert!(edge.wait_connected(DEADLINE), "{:?}", edge.stats());
+    assert_eq!(
+        edge.stats().followed_on.get("eu"),
+        Some(&format!("127.0.0.1:{}", primary.port))
+    );
+    settle(&edge, "eu", "g1");
+    settle(&edge, "eu", "g2");
+    assert_write_invalidates(&edge, &sources, &mut writer, "eu", "offline");
+    assert_edge_connected_over_tls(&mut writer, primary.port, "the first primary");
+    let _: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut writer)
+        .unwrap();
+
+    eventually("the Sentinel fails over", Duration::from_secs(20), || {
+        sentinel
+            .query::<String>(&["SENTINEL", "FAILOVER", MASTER])
+            .is_ok()
+    });
+    eventually("the replica is promoted", Duration::from_secs(30), || {
+        role(&replica, &pki) == "master" && sentinel.primary_port() == Some(replica.port)
+    });
+    eventually("the edge follows the new primary", DEADLINE, || {
+        edge.stats().followed_on.get("eu") == Some(&format!("127.0.0.1:{}", replica.port))
+    });
+    // Notifications are not replayed: write once the notification link is up there too.
+    eventually("every link is up on the new primary", DEADLINE, || {
+        edge.stats().connection == "connected"
+    });
+    settle(&edge, "eu", "g1");
+    sources.lock().unwrap().clear();
+    let mut writer = try_connect(&replica, &pki).unwrap();
+    assert_write_invalidates(&edge, &sources, &mut writer, "eu", "maintenance");
+    assert_edge_connected_over_tls(&mut writer, replica.port, "the new primary");
+    let stats = edge.stats();
+    assert!(stats.region_moves >= 1, "{stats:?}");
+    assert_eq!(stats.region_drops, 0, "{stats:?}");
 }
