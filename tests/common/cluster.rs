@@ -156,31 +156,7 @@ impl Cluster {
                     .collect()
             })
             .collect();
-        let cluster = Cluster { masters, replicas };
-        let first = &cluster.masters[0];
-        for node in cluster.nodes().skip(1) {
-            first.meet(node);
-        }
-        let all: Vec<String> = cluster.nodes().map(|n| n.id.clone()).collect();
-        eventually("every node knows every other", CONVERGE, || {
-            cluster.nodes().all(|n| {
-                let known = n.known_ids();
-                all.iter().all(|id| known.contains(id))
-            })
-        });
-        let count = cluster.masters.len();
-        for (i, master) in cluster.masters.iter().enumerate() {
-            let first_slot = 16384 * i / count;
-            let last_slot = 16384 * (i + 1) / count - 1;
-            master.add_slots(first_slot as u16, last_slot as u16);
-        }
-        for (master, replicas) in cluster.masters.iter().zip(&cluster.replicas) {
-            for replica in replicas {
-                replica.replicate(master);
-            }
-        }
-        cluster.wait_converged();
-        cluster
+        Cluster::assemble(masters, replicas)
     }
 
     /// Every node, masters first.
@@ -251,9 +227,9 @@ impl ClusterNode {
 }
 
 impl Cluster {
-    /// As `start`, from nodes the caller started itself (e.g. with TLS settings): introduces
-    /// them, gives `masters[i]` the i-th even share of the slots, makes `replicas[i]` its
-    /// replicas, and waits until the cluster has converged.
+    /// A cluster of nodes already started (by `start`, or by the caller, e.g. with TLS
+    /// settings): introduces them, gives `masters[i]` the i-th even share of the slots, makes
+    /// `replicas[i]` its replicas, and waits until the cluster has converged.
     pub fn assemble(masters: Vec<ClusterNode>, replicas: Vec<Vec<ClusterNode>>) -> Cluster {
         assert!(!masters.is_empty(), "a cluster needs a master");
         assert!(
