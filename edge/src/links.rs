@@ -70,8 +70,10 @@ fn start_into(
         })?);
     }
     if link.notifications || topology.discovers() {
+        let groups: Vec<Group> = groups.iter().map(|(g, _)| *g).collect();
+        let regions = regions.to_vec();
         threads.push(spawn("gpucache-edge-topology", move || {
-            supervise(&topology, &groups, &l1, &link, &stop)
+            supervise(&topology, &groups, &regions, &l1, &link, &stop)
         })?);
     }
     Ok(())
@@ -84,9 +86,8 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<
         .map_err(|e| EdgeError::Connection(e.to_string()))
 }
 
-/// A running notification link, subscribed to `regions` (those its server holds).
+/// A running notification link.
 struct Notifier {
-    regions: Vec<String>,
     stop: Arc<AtomicBool>,
     up: Arc<AtomicBool>,
     thread: JoinHandle<()>,
@@ -121,7 +122,8 @@ fn publish(states: &[Arc<AtomicBool>], l1: &L1) {
 /// server that holds a followed region.
 fn supervise(
     topology: &Arc<Topology>,
-    groups: &[(Group, Vec<String>)],
+    groups: &[Group],
+    regions: &[String],
     l1: &Arc<L1>,
     link: &LinkConfig,
     stop: &Arc<AtomicBool>,
@@ -139,17 +141,11 @@ fn supervise(
         let generation = topology.generation();
         if link.notifications && placed_for != Some(generation) {
             placed_for = Some(generation);
-            let wanted = regions_by_node(topology, groups);
-            // A link whose server no longer holds exactly the regions it subscribed to is
-            // started again with the right ones.
+            let wanted = topology.nodes_for(groups);
             let unwanted: Vec<String> = notifiers
-                .iter()
-                .filter(|(name, notifier)| {
-                    !wanted
-                        .iter()
-                        .any(|(n, regions)| n.name == **name && *regions == notifier.regions)
-                })
-                .map(|(name, _)| name.clone())
+                .keys()
+                .filter(|name| !wanted.iter().any(|n| n.name == **name))
+                .cloned()
                 .collect();
             for name in unwanted {
                 if let Some(notifier) = notifiers.remove(&name) {
@@ -157,12 +153,12 @@ fn supervise(
                     retired.push(notifier.thread);
                 }
             }
-            for (node, regions) in wanted {
+            for node in wanted {
                 if notifiers.contains_key(&node.name) {
                     continue;
                 }
                 let name = node.name.clone();
-                if let Ok(notifier) = notify(topology, node, &regions, l1, link, stop, &states) {
+                if let Ok(notifier) = notify(topology, node, regions, l1, link, stop, &states) {
                     notifiers.insert(name, notifier);
                 }
             }
@@ -187,27 +183,6 @@ fn supervise(
     for thread in retired {
         let _ = thread.join();
     }
-}
-
-/// Every server that holds a followed region now, with the followed regions it holds.
-fn regions_by_node(
-    topology: &Topology,
-    groups: &[(Group, Vec<String>)],
-) -> Vec<(Node, Vec<String>)> {
-    let mut nodes: Vec<(Node, Vec<String>)> = Vec::new();
-    for (group, members) in groups {
-        let Some(node) = topology.node_for(*group) else {
-            continue;
-        };
-        match nodes.iter_mut().find(|(n, _)| *n == node) {
-            Some((_, regions)) => regions.extend(members.iter().cloned()),
-            None => nodes.push((node, members.clone())),
-        }
-    }
-    for (_, regions) in &mut nodes {
-        regions.sort();
-    }
-    nodes
 }
 
 /// The notifiers whose thread ended although not told to stop (a panic outside a session).
@@ -258,7 +233,6 @@ fn notify(
         })?
     };
     Ok(Notifier {
-        regions: regions.to_vec(),
         stop: own_stop,
         up,
         thread,

@@ -181,9 +181,6 @@ pub(crate) struct Scope<'a> {
 /// One notification link: PSUBSCRIBE on `node` until stopped (the edge stops, or `node` no
 /// longer holds a followed region). `up` is its own state; `changed` runs after it flips.
 pub(crate) fn run_notifications(scope: &Scope, node: Node, up: &AtomicBool, changed: &dyn Fn()) {
-    // Once the server refuses per-region patterns (an ACL user allowed only the catch-all
-    // one), every later session of this link subscribes to the catch-all pattern.
-    let catch_all = AtomicBool::new(false);
     run_link(
         scope.l1,
         scope.config,
@@ -192,7 +189,7 @@ pub(crate) fn run_notifications(scope: &Scope, node: Node, up: &AtomicBool, chan
             let con = scope.topology.connect(&node).ok()?;
             Some((con, node.clone()))
         },
-        |con, _node, backoff| listen(con, scope, up, changed, &catch_all, backoff),
+        |con, _node, backoff| listen(con, scope, up, changed, backoff),
         |_| {
             up.store(false, Ordering::Release);
             changed();
@@ -205,7 +202,6 @@ fn listen(
     scope: &Scope,
     up: &AtomicBool,
     changed: &dyn Fn(),
-    catch_all: &AtomicBool,
     backoff: &mut Backoff,
 ) -> RedisResult<()> {
     let Scope {
@@ -219,24 +215,7 @@ fn listen(
     topology.confirm_primary(con)?;
     let mut pubsub = con.as_pubsub();
     pubsub.set_read_timeout(Some(config.poll))?;
-    // Only the followed regions' keys: a server delivers every message of every matching
-    // subscriber, so a catch-all pattern would make each write of any region cost a message
-    // to every edge linked to that server.
-    let patterns: Vec<String> = if catch_all.load(Ordering::Acquire) || regions.is_empty() {
-        vec![keyspace::notification_pattern(topology.db())]
-    } else {
-        regions
-            .iter()
-            .map(|r| keyspace::region_notification_pattern(topology.db(), r))
-            .collect()
-    };
-    if let Err(e) = pubsub.psubscribe(&patterns) {
-        if e.code() == Some("NOPERM") {
-            catch_all.store(true, Ordering::Release);
-            add(&l1.counters.notification_patterns_refused, 1);
-        }
-        return Err(e);
-    }
+    pubsub.psubscribe(keyspace::notification_pattern(topology.db()))?;
     up.store(true, Ordering::Release);
     changed();
     backoff.reset();

@@ -29,7 +29,6 @@ pub(crate) struct Counters {
     /// The server each region's stream link reads from, while it is up.
     pub followed_on: Mutex<BTreeMap<String, String>>,
     pub region_moves: AtomicU64,
-    pub notification_patterns_refused: AtomicU64,
 }
 
 /// A counter bumped on every read: one cache line per stripe, so reader threads do not contend
@@ -101,10 +100,6 @@ pub struct Stats {
     /// Times a region's stream link came up on another server than before (a failover, a
     /// reshard, a new primary named by Sentinel), its events replayed there from its last id.
     pub region_moves: u64,
-    /// Times a server refused the per-region notification patterns (`NOPERM`: the ACL user may
-    /// subscribe only to the catch-all `__keyspace@<db>__:gpucache:*`), so that link receives
-    /// every region's messages on its server and filters them here.
-    pub notification_patterns_refused: u64,
     /// Now minus the timestamp of the newest applied event (ms); `None` before the first.
     pub lag_ms: Option<i64>,
     /// `connected` when every enabled link is up (notifications and stream),
@@ -145,7 +140,6 @@ impl Counters {
             invalidations: get(&self.invalidations),
             reconnects: get(&self.reconnects),
             region_moves: get(&self.region_moves),
-            notification_patterns_refused: get(&self.notification_patterns_refused),
             lag_ms: (newest > 0).then(|| now_ms().saturating_sub(newest)),
             connection: match (stream_up, notifications_up) {
                 (true, true) => "connected",

@@ -222,6 +222,17 @@ impl Topology {
             .and_then(|owners| owners.by_group.get(&group).cloned())
     }
 
+    /// Every server that holds one of `groups` now.
+    pub(crate) fn nodes_for(&self, groups: &[Group]) -> Vec<Node> {
+        let mut nodes: Vec<Node> = Vec::new();
+        for node in groups.iter().filter_map(|g| self.node_for(*g)) {
+            if !nodes.contains(&node) {
+                nodes.push(node);
+            }
+        }
+        nodes
+    }
+
     /// A link or load on `group` failed with `error`: learn the new owner from a `MOVED`,
     /// otherwise ask discovery again.
     pub(crate) fn after_error(&self, group: Group, error: &RedisError) {

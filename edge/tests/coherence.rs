@@ -448,10 +448,6 @@ fn the_example_configs_read_only_edge_user_runs_an_edge() {
         edge.cached(&q).is_none()
     });
     assert_eq!(loaded(&edge, &q)["status"], "offline");
-    // The example's edge user may subscribe only to the catch-all pattern: the per-region
-    // patterns were refused and the link fell back to it.
-    assert!(edge.stats().notification_patterns_refused >= 1);
-    assert_eq!(pattern_counts(&mut writer, "gpucache-edge-notify"), vec![1]);
 }
 
 /// `psub=` of every connection named `name` (`CLIENT LIST`).
@@ -464,33 +460,22 @@ fn pattern_counts(con: &mut Connection, name: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Every distinct pattern costs the server a match on every message it publishes (README
+/// "Scale": 25 patterns halve HSET throughput), so however many regions an edge follows, its
+/// notification link holds one pattern.
 #[test]
-fn the_notification_link_receives_only_the_regions_it_follows() {
+fn the_notification_link_holds_one_pattern_whatever_it_follows() {
     let server = server();
     let mut writer = server.connect();
-    register(&mut writer, "eu", "g1", "p1", "A100", "2");
-    let mut config = EdgeConfig::new(&server.url(), &["eu", "us"]);
-    config.link = LinkConfig::default();
-    let edge = Edge::start(config).expect("edge starts");
+    let regions = ["eu", "us", "ap", "sa"];
+    let edge = Edge::start(EdgeConfig::new(&server.url(), &regions)).expect("edge starts");
     assert!(edge.wait_connected(DEADLINE));
-    // One pattern per followed region, not the catch-all: the server sends this link nothing
-    // of any other region.
-    assert_eq!(pattern_counts(&mut writer, "gpucache-edge-notify"), vec![2]);
-    let before = edge.stats().notifications;
-    for i in 0..50 {
-        register(&mut writer, "ap", &format!("g{i}"), "p1", "A100", "2");
-    }
-    run(&mut writer, &["GPUCACHE.STATUS", "eu", "g1", "offline"]).unwrap();
-    // Messages reach the link in order: once eu's arrived, any of ap's would have too.
-    eventually("eu's write is heard", DEADLINE, || {
-        edge.stats().notifications > before
-    });
-    let heard = edge.stats().notifications - before;
-    assert!(
-        heard < 50,
-        "{heard} notifications: 50 REGISTERs in an unfollowed region reached the link"
-    );
-    assert_eq!(edge.stats().notification_patterns_refused, 0);
+    assert_eq!(pattern_counts(&mut writer, "gpucache-edge-notify"), vec![1]);
+    let numpat: i64 = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query(&mut writer)
+        .unwrap();
+    assert_eq!(numpat, 1);
 }
 
 #[test]
