@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::cluster::{key_slot, Cluster, ClusterNode};
+use common::cluster::{
+    asking, begin_slot_move, end_slot_move, key_slot, keys_in_slot, migrate, Cluster,
+};
 use common::*;
 use redis::Value;
 use std::time::Duration;
@@ -132,45 +134,6 @@ fn healing_refused_while_the_cluster_is_down_is_retried_until_it_succeeds() {
     assert_eq!(stats["gpus_busy"], "0");
 }
 
-/// The keys a node holds in `slot` (up to 1,000).
-fn keys_in_slot(con: &mut redis::Connection, slot: u16) -> Vec<String> {
-    redis::cmd("CLUSTER")
-        .arg("GETKEYSINSLOT")
-        .arg(slot)
-        .arg(1000)
-        .query(con)
-        .unwrap()
-}
-
-/// Moves `keys` from the node behind `con` to `target` with one `MIGRATE`.
-fn migrate(con: &mut redis::Connection, target: &ClusterNode, keys: &[String]) {
-    let mut migrate = redis::cmd("MIGRATE");
-    migrate
-        .arg("127.0.0.1")
-        .arg(target.server.port)
-        .arg("")
-        .arg(0)
-        .arg(5000)
-        .arg("KEYS");
-    for key in keys {
-        migrate.arg(key.as_str());
-    }
-    migrate.query::<()>(con).unwrap();
-}
-
-/// Sends `args` to `con` after `ASKING`, as a cluster client does after an `ASK` redirection.
-fn asking(con: &mut redis::Connection, args: &[&str]) -> redis::RedisResult<Value> {
-    let mut pipe = redis::pipe();
-    pipe.cmd("ASKING").ignore();
-    let mut cmd = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    pipe.add_command(cmd);
-    pipe.query::<Vec<Value>>(con)
-        .map(|mut replies| replies.pop().unwrap_or(Value::Nil))
-}
-
 /// While a region's slot moves, the node receiving it holds only part of the region: every
 /// gpucache command sent there (after `ASK`) is refused with `TRYAGAIN`, so cluster clients
 /// retry until the move is over, and nothing is read from, or written into, half a region.
@@ -213,17 +176,7 @@ fn move_a_region(hold: Duration) {
         .parse()
         .unwrap();
 
-    let setslot = |con: &mut redis::Connection, state: &str, node: &str| {
-        redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg(state)
-            .arg(node)
-            .query::<()>(con)
-            .unwrap();
-    };
-    setslot(&mut to, "IMPORTING", &source.id);
-    setslot(&mut from, "MIGRATING", &target.id);
+    begin_slot_move(slot, source, target);
     // The source redirects (the region name is the declared key and never exists)...
     let moved = error(&mut from, &["GPUCACHE.GET", &region, "g1"]);
     assert!(moved.starts_with("ASK"), "{moved}");
@@ -269,11 +222,11 @@ fn move_a_region(hold: Duration) {
         }
         if move_some_keys {
             // Half-way: everything but two GPU records has arrived.
-            let records: Vec<String> = keys_in_slot(&mut from, slot)
+            let records: Vec<String> = keys_in_slot(&mut from, slot, 1000)
                 .into_iter()
                 .filter(|k| !k.ends_with(":gpu:g1") && !k.ends_with(":gpu:g2"))
                 .collect();
-            migrate(&mut from, target, &records);
+            migrate(&mut from, target, &records).unwrap();
             move_some_keys = false;
         }
     }
@@ -288,15 +241,14 @@ fn move_a_region(hold: Duration) {
     eventually(
         "g2 expired on the old owner",
         Duration::from_secs(10),
-        || !keys_in_slot(&mut from, slot).contains(&gone),
+        || !keys_in_slot(&mut from, slot, 1000).contains(&gone),
     );
     // A slow move: the point of the test, not synchronisation.
     std::thread::sleep(hold);
     // The rest of the region moves, and the slot is the target's.
-    let rest = keys_in_slot(&mut from, slot);
-    migrate(&mut from, target, &rest);
-    setslot(&mut to, "NODE", &target.id);
-    setslot(&mut from, "NODE", &target.id);
+    let rest = keys_in_slot(&mut from, slot, 1000);
+    migrate(&mut from, target, &rest).unwrap();
+    end_slot_move(slot, source, target, &[]);
     // The new owner took charge of the region: it knows it, and heals what expired mid-move.
     eventually_consistent(&mut to, &region);
     assert_eq!(fields(&mut to, &["GPUCACHE.STATS"])["regions"], "1");

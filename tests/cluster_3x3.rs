@@ -12,7 +12,10 @@
 
 mod common;
 
-use common::cluster::{cluster_args, key_slot, Cluster, ClusterNode};
+use common::cluster::{
+    begin_slot_move, cluster_args, end_slot_move, key_slot, keys_in_slot, migrate, Cluster,
+    ClusterNode,
+};
 use common::*;
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Connection, ConnectionLike, RedisResult, Value};
@@ -45,15 +48,6 @@ fn a_three_master_cluster_serves_every_command_and_survives_reshards_and_failove
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// Runs a command on any connection, a cluster connection included.
-fn call(con: &mut impl ConnectionLike, args: &[&str]) -> RedisResult<Value> {
-    let mut cmd = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    cmd.query(con)
-}
-
 /// A reply map as field -> text.
 fn map_of(reply: &Value) -> HashMap<String, String> {
     as_map(reply)
@@ -64,7 +58,7 @@ fn map_of(reply: &Value) -> HashMap<String, String> {
 
 /// Runs a command that must succeed and returns its reply map as text.
 fn ok(con: &mut impl ConnectionLike, args: &[&str]) -> HashMap<String, String> {
-    let reply = call(con, args).unwrap_or_else(|e| panic!("{args:?} failed: {e}"));
+    let reply = run(con, args).unwrap_or_else(|e| panic!("{args:?} failed: {e}"));
     map_of(&reply)
 }
 
@@ -209,19 +203,7 @@ fn every_command_on_every_region(cluster: &Cluster, regions: &[Region]) {
         let what = format!("region {r}");
         let g1 = ok(
             &mut cc,
-            &[
-                "GPUCACHE.REGISTER",
-                r,
-                "g1",
-                "PROVIDER",
-                "p1",
-                "TYPE",
-                "A100",
-                "PRICE",
-                "2.5",
-                "MEMORY",
-                "80",
-            ],
+            &register_args(r, "g1", "p1", "A100", "2.5", &["MEMORY", "80"]),
         );
         assert_eq!(
             (g1["result"].as_str(), g1["status"].as_str()),
@@ -230,35 +212,11 @@ fn every_command_on_every_region(cluster: &Cluster, regions: &[Region]) {
         );
         let g2 = ok(
             &mut cc,
-            &[
-                "GPUCACHE.REGISTER",
-                r,
-                "g2",
-                "PROVIDER",
-                "p1",
-                "TYPE",
-                "A100",
-                "PRICE",
-                "1.5",
-                "CORES",
-                "6912",
-            ],
+            &register_args(r, "g2", "p1", "A100", "1.5", &["CORES", "6912"]),
         );
         let g3 = ok(
             &mut cc,
-            &[
-                "GPUCACHE.REGISTER",
-                r,
-                "g3",
-                "PROVIDER",
-                "p2",
-                "TYPE",
-                "H100",
-                "PRICE",
-                "4",
-                "SCORE",
-                "100",
-            ],
+            &register_args(r, "g3", "p2", "H100", "4", &["SCORE", "100"]),
         );
         assert_eq!(g3["result"], "created", "{what}");
         assert!(number(&g1, "version") < number(&g2, "version"), "{what}");
@@ -275,7 +233,7 @@ fn every_command_on_every_region(cluster: &Cluster, regions: &[Region]) {
         assert_eq!(got["memory_gb"], "80", "{what}");
         assert_eq!(got["booking_id"], "(nil)", "{what}");
         assert_eq!(got["version"], g1["version"], "{what}");
-        let missing = call(&mut cc, &["GPUCACHE.GET", r, "nope"]).unwrap_err();
+        let missing = run(&mut cc, &["GPUCACHE.GET", r, "nope"]).unwrap_err();
         assert_eq!(missing.code(), Some("NOGPU"), "{what}: {missing}");
 
         let status = ok(&mut cc, &["GPUCACHE.STATUS", r, "g3", "maintenance"]);
@@ -299,7 +257,7 @@ fn every_command_on_every_region(cluster: &Cluster, regions: &[Region]) {
         assert_eq!(booked["duration_s"], "600", "{what}");
         assert!(number(&booked, "gpu_version") > number(&g1, "version"));
 
-        let available = call(&mut cc, &["GPUCACHE.AVAILABLE", r]).unwrap();
+        let available = run(&mut cc, &["GPUCACHE.AVAILABLE", r]).unwrap();
         let Value::Array(rows) = available else {
             panic!("{what}: AVAILABLE returned {available:?}")
         };
@@ -309,7 +267,7 @@ fn every_command_on_every_region(cluster: &Cluster, regions: &[Region]) {
         assert_eq!(rows[0]["price"], "2", "{what}");
         assert_eq!(rows[0]["cores"], "6912", "{what}");
 
-        let book = call(&mut cc, &["GPUCACHE.ORDERBOOK", r, "A100"]).unwrap();
+        let book = run(&mut cc, &["GPUCACHE.ORDERBOOK", r, "A100"]).unwrap();
         let book = as_map(&book);
         assert_eq!(text(&book["gpus_listed"]), "1", "{what}");
         assert_eq!(text(&book["gpus_total"]), "2", "{what}");
@@ -334,7 +292,7 @@ fn every_command_on_every_region(cluster: &Cluster, regions: &[Region]) {
         assert_eq!(cancelled["gpu_id"], "g1", "{what}");
         assert_eq!(cancelled["gpu_status"], "available", "{what}");
         assert!(number(&cancelled, "gpu_version") > number(&booked, "gpu_version"));
-        let gone = call(&mut cc, &["GPUCACHE.CANCEL", r, "b1"]).unwrap_err();
+        let gone = run(&mut cc, &["GPUCACHE.CANCEL", r, "b1"]).unwrap_err();
         assert_eq!(gone.code(), Some("NOBOOKING"), "{what}: {gone}");
 
         // One booking stays, so each region counts one active booking below.
@@ -440,18 +398,10 @@ fn reshard_under_a_steady_writer(cluster: &Cluster, regions: &[Region]) -> usize
     let gpus: Vec<String> = (0..4).map(|i| format!("w{i}")).collect();
     let mut cc = cluster_client(cluster);
     for gpu in gpus.iter().map(String::as_str).chain(["short"]) {
-        let args = [
-            "GPUCACHE.REGISTER",
-            &region.name,
-            gpu,
-            "PROVIDER",
-            "p1",
-            "TYPE",
-            "A100",
-            "PRICE",
-            "3",
-        ];
-        ok(&mut cc, &args);
+        ok(
+            &mut cc,
+            &register_args(&region.name, gpu, "p1", "A100", "3", &[]),
+        );
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -472,15 +422,6 @@ fn reshard_under_a_steady_writer(cluster: &Cluster, regions: &[Region]) -> usize
     let mut on_source = source.connect();
     let mut on_target = target.connect();
     let tryagain_before = error_count(&mut on_target, "TRYAGAIN");
-    let setslot = |con: &mut Connection, state: &str, node: &str| {
-        redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(region.slot)
-            .arg(state)
-            .arg(node)
-            .query::<()>(con)
-            .unwrap_or_else(|e| panic!("SETSLOT {state}: {e}"));
-    };
     // A booking that ends while the region is split: neither master may end it then (each
     // holds only part of the region); the new owner ends it once the region is its own.
     let short = ok(
@@ -492,29 +433,14 @@ fn reshard_under_a_steady_writer(cluster: &Cluster, regions: &[Region]) -> usize
         &ok(&mut cc, &["GPUCACHE.STATS", &region.name]),
         "bookings_ended",
     );
-    setslot(&mut on_target, "IMPORTING", &source.id);
-    setslot(&mut on_source, "MIGRATING", &target.id);
+    begin_slot_move(region.slot, source, target);
     let mut batches = 0;
     loop {
-        let keys: Vec<String> = redis::cmd("CLUSTER")
-            .arg("GETKEYSINSLOT")
-            .arg(region.slot)
-            .arg(5)
-            .query(&mut on_source)
-            .unwrap();
+        let keys = keys_in_slot(&mut on_source, region.slot, 5);
         if keys.is_empty() {
             break;
         }
-        let mut migrate = redis::cmd("MIGRATE");
-        migrate
-            .arg("127.0.0.1")
-            .arg(target.server.port)
-            .arg("")
-            .arg(0)
-            .arg(5000)
-            .arg("KEYS")
-            .arg(&keys);
-        if let Err(e) = migrate.query::<()>(&mut on_source) {
+        if let Err(e) = migrate(&mut on_source, target, &keys) {
             panic!("MIGRATE of {keys:?} (batch {batches}) failed: {e}");
         }
         batches += 1;
@@ -536,9 +462,7 @@ fn reshard_under_a_steady_writer(cluster: &Cluster, regions: &[Region]) -> usize
     assert!(error_count(&mut on_target, "TRYAGAIN") > tryagain_before);
     assert!(batches > 2, "the region moved in {batches} batches");
     let during = acknowledged.load(Ordering::SeqCst);
-    setslot(&mut on_target, "NODE", &target.id);
-    setslot(&mut on_source, "NODE", &target.id);
-    setslot(&mut bystander.connect(), "NODE", &target.id);
+    end_slot_move(region.slot, source, target, &[bystander]);
     // The new owner serves the whole region at once, consistent: no record expired meanwhile,
     // so nothing waits for healing (the booking whose time is up waits for the clock, as it
     // may for a moment anywhere: a bounded lag that CHECK does not count).
@@ -585,12 +509,7 @@ fn reshard_under_a_steady_writer(cluster: &Cluster, regions: &[Region]) -> usize
     }
     assert_consistent(&mut on_target, &region.name);
     // The old owner holds nothing of the region, and each master counts what it now serves.
-    let left: Vec<String> = redis::cmd("CLUSTER")
-        .arg("GETKEYSINSLOT")
-        .arg(region.slot)
-        .arg(10)
-        .query(&mut on_source)
-        .unwrap();
+    let left = keys_in_slot(&mut on_source, region.slot, 10);
     assert!(left.is_empty(), "{left:?}");
     eventually(
         "STATS without a region follows the move",
@@ -652,7 +571,7 @@ fn steady_writer(
         // A command is retried until it is answered: a cluster client gives up on `ASK` and
         // `TRYAGAIN` after its retries, and the move may last longer.
         let reply = loop {
-            match call(cc, &args) {
+            match run(cc, &args) {
                 Err(e) if moving(&e) && Instant::now() < deadline => log.gave_up += 1,
                 other => break other,
             }
@@ -677,7 +596,7 @@ fn steady_writer(
             }
             Err(e) => log.failures.push(format!("{args:?}: {e}")),
         }
-        match call(cc, &["GPUCACHE.GET", region, gpu]) {
+        match run(cc, &["GPUCACHE.GET", region, gpu]) {
             Ok(record) => match field_of(&record, "version") {
                 Ok((record, version)) => {
                     let expected = log.holds[gpu].as_deref().unwrap_or("(nil)");
@@ -862,7 +781,7 @@ fn settle(router: &mut Router, lane: &mut Lane, n: usize) -> Result<(), String> 
                 continue;
             }
         };
-        let version = match call(con, &args) {
+        let version = match run(con, &args) {
             Ok(reply) => {
                 let before = attempt;
                 attempt = Attempt::MaybeRan;
@@ -960,18 +879,10 @@ fn failover_with_bookings_in_flight(cluster: &mut Cluster, regions: &[Region], l
         let mut cc = cluster_client(cluster);
         for region in regions {
             for gpu in ["f0", "f1", "anchor", "short"] {
-                let args = [
-                    "GPUCACHE.REGISTER",
-                    &region.name,
-                    gpu,
-                    "PROVIDER",
-                    "p3",
-                    "TYPE",
-                    "L4",
-                    "PRICE",
-                    "0.5",
-                ];
-                ok(&mut cc, &args);
+                ok(
+                    &mut cc,
+                    &register_args(&region.name, gpu, "p3", "L4", "0.5", &[]),
+                );
             }
             for gpu in ["f0", "f1", "anchor", "short"] {
                 let lane = Lane {

@@ -6,9 +6,13 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod support;
 
-use common::cluster::{key_slot, set_user_from, Cluster, ClusterNode};
-use common::{eventually, register};
+use common::cluster::{
+    begin_slot_move, end_slot_move, key_slot, keys_in_slot, migrate, set_user_from, Cluster,
+    ClusterNode,
+};
+use common::{eventually, register, run};
 use gpucache_edge::listener::EntryId;
 use gpucache_edge::{Edge, EdgeConfig, Query, Source};
 use redis::cluster::{ClusterClient, ClusterConnection};
@@ -17,6 +21,7 @@ use std::io::BufRead;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{heard, last_event_id};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -90,39 +95,10 @@ fn as_edge_user(cluster: &Cluster, node: &ClusterNode) -> String {
 
 const EXAMPLE_CONFIG: &str = include_str!("../../redis.conf.example");
 
-fn run(con: &mut ClusterConnection, args: &[&str]) -> redis::RedisResult<redis::Value> {
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query(con)
-}
-
 /// A write acknowledged by the cluster, and its region's last event id then.
 fn write(con: &mut ClusterConnection, args: &[&str]) -> EntryId {
     run(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
     last_event_id(con, args[1])
-}
-
-fn last_event_id(con: &mut ClusterConnection, region: &str) -> EntryId {
-    let stream = gpucache_edge::keyspace::events_key(region);
-    let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg(&stream)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query(con)
-        .unwrap();
-    EntryId::parse(&last[0].0).unwrap()
-}
-
-/// The last event id of `region` the edge has applied.
-fn heard(edge: &Edge, region: &str) -> Option<EntryId> {
-    edge.stats()
-        .last_event_ids
-        .get(region)
-        .and_then(|id| EntryId::parse(id))
 }
 
 fn wait_heard(edge: &Edge, region: &str, id: EntryId) {
@@ -371,37 +347,9 @@ fn a_failover_moves_the_region_to_the_new_master_without_serving_old_values() {
     let other = region_on(&cluster, 1, "fo");
     let mut writer = writer(&cluster);
     for r in [&region, &other] {
-        run(
-            &mut writer,
-            &[
-                "GPUCACHE.REGISTER",
-                r,
-                "g1",
-                "PROVIDER",
-                "p1",
-                "TYPE",
-                "A100",
-                "PRICE",
-                "2",
-            ],
-        )
-        .unwrap();
+        register(&mut writer, r, "g1", "p1", "A100", "2");
         // Of another type: g1's flips move the A100 demand price, not its.
-        run(
-            &mut writer,
-            &[
-                "GPUCACHE.REGISTER",
-                r,
-                "g2",
-                "PROVIDER",
-                "p2",
-                "TYPE",
-                "H100",
-                "PRICE",
-                "4",
-            ],
-        )
-        .unwrap();
+        register(&mut writer, r, "g2", "p2", "H100", "4");
     }
     let edge = Arc::new(edge(&cluster, &[&region, &other]));
     let q = Query::gpu(&region, "g1");
@@ -469,50 +417,20 @@ fn a_failover_moves_the_region_to_the_new_master_without_serving_old_values() {
     });
 }
 
-/// The keys a node holds in `slot`.
-fn keys_in_slot(con: &mut redis::Connection, slot: u16) -> Vec<String> {
-    redis::cmd("CLUSTER")
-        .arg("GETKEYSINSLOT")
-        .arg(slot)
-        .arg(1000)
-        .query(con)
-        .unwrap()
-}
-
 /// Moves `slot` from `source` to `target` as `redis-cli --cluster reshard` does: `IMPORTING`,
 /// `MIGRATING`, `MIGRATE` of every key, then `SETSLOT ... NODE` on every master.
 fn move_slot(cluster: &Cluster, slot: u16, source: &ClusterNode, target: &ClusterNode) {
-    let setslot = |node: &ClusterNode, state: &str, id: &str| {
-        redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg(state)
-            .arg(id)
-            .query::<()>(&mut node.connect())
-            .unwrap();
-    };
-    setslot(target, "IMPORTING", &source.id);
-    setslot(source, "MIGRATING", &target.id);
+    begin_slot_move(slot, source, target);
     let mut from = source.connect();
-    let keys = keys_in_slot(&mut from, slot);
+    let keys = keys_in_slot(&mut from, slot, 1000);
     assert!(!keys.is_empty());
-    let mut migrate = redis::cmd("MIGRATE");
-    migrate
-        .arg("127.0.0.1")
-        .arg(target.server.port)
-        .arg("")
-        .arg(0)
-        .arg(5000)
-        .arg("KEYS")
-        .arg(&keys);
-    migrate.query::<()>(&mut from).unwrap();
-    setslot(target, "NODE", &target.id);
-    setslot(source, "NODE", &target.id);
-    for master in &cluster.masters {
-        if master.id != source.id && master.id != target.id {
-            setslot(master, "NODE", &target.id);
-        }
-    }
+    migrate(&mut from, target, &keys).unwrap();
+    let others: Vec<&ClusterNode> = cluster
+        .masters
+        .iter()
+        .filter(|m| m.id != source.id && m.id != target.id)
+        .collect();
+    end_slot_move(slot, source, target, &others);
 }
 
 #[test]

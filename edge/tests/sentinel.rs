@@ -6,86 +6,13 @@
 mod common;
 
 use common::cluster::set_user_from;
+use common::sentinel::{Sentinel, MASTER};
 use common::{eventually, free_port, register, run, Server};
 use gpucache_edge::{Edge, EdgeConfig, Query};
 use serde_json::Value;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(10);
-const MASTER: &str = "gpumaster";
-
-/// A Sentinel process monitoring `primary` as `MASTER` (quorum 1: it may fail over alone).
-struct Sentinel {
-    port: u16,
-    dir: PathBuf,
-    child: Child,
-}
-
-impl Sentinel {
-    fn start(primary: &Server) -> Sentinel {
-        let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("gpucache-sentinel-{port}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("sentinel.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
-                 sentinel monitor {MASTER} 127.0.0.1 {} 1\n\
-                 sentinel down-after-milliseconds {MASTER} 5000\n\
-                 sentinel failover-timeout {MASTER} 10000\n",
-                dir.display(),
-                primary.port
-            ),
-        )
-        .unwrap();
-        let child = Command::new("redis-server")
-            .arg(&config)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed");
-        let sentinel = Sentinel { port, dir, child };
-        eventually("the Sentinel answers", DEADLINE, || {
-            sentinel.try_query::<String>(&["PING"]).is_ok()
-        });
-        sentinel
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn try_query<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        let mut con = redis::Client::open(self.url())?.get_connection()?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut con)
-    }
-
-    fn primary_port(&self) -> Option<u16> {
-        self.try_query::<Option<(String, u16)>>(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER])
-            .ok()
-            .flatten()
-            .map(|(_, port)| port)
-    }
-}
-
-impl Drop for Sentinel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// The server's role; empty while it cannot be asked (Sentinel kills clients as it fails over).
 fn role(server: &Server) -> String {
     let info: redis::RedisResult<String> = redis::Client::open(server.url())
@@ -120,17 +47,9 @@ fn after_a_sentinel_failover_the_edge_follows_the_new_primary() {
     let mut writer = primary.connect();
     register(&mut writer, "eu", "g1", "p1", "A100", "2");
     register(&mut writer, "eu", "g2", "p1", "A100", "2");
-    let sentinel = Sentinel::start(&primary);
+    let sentinel = Sentinel::start(primary.port);
     // The Sentinel knows the replica (from the primary's INFO) before it can promote it.
-    eventually(
-        "the Sentinel knows the replica",
-        Duration::from_secs(20),
-        || {
-            sentinel
-                .try_query::<Vec<redis::Value>>(&["SENTINEL", "REPLICAS", MASTER])
-                .is_ok_and(|r| !r.is_empty())
-        },
-    );
+    sentinel.wait_for_replica();
 
     // A Sentinel that does not answer comes first: the next one is asked. The edge reads as the
     // example config's read-only edge user.
@@ -167,14 +86,7 @@ fn after_a_sentinel_failover_the_edge_follows_the_new_primary() {
         .query(&mut writer)
         .unwrap();
 
-    eventually("the Sentinel fails over", Duration::from_secs(20), || {
-        sentinel
-            .try_query::<String>(&["SENTINEL", "FAILOVER", MASTER])
-            .is_ok()
-    });
-    eventually("the replica is promoted", Duration::from_secs(30), || {
-        role(&replica) == "master" && sentinel.primary_port() == Some(replica.port)
-    });
+    sentinel.fail_over_to(replica.port, || role(&replica) == "master");
     // Written on the new primary: the edge must hear it there.
     eventually("the new primary takes the write", DEADLINE, || {
         redis::Client::open(replica.url())

@@ -7,11 +7,12 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use common::cluster::{key_slot, Cluster, ClusterNode};
+use common::sentinel::{Sentinel, MASTER};
 use common::{eventually, fields, free_port, module_path, register, run};
 use gpucache_edge::durable::{book_durably, BookOutcome, BookRequest, BookingResult, Durability};
-use gpucache_edge::listener::EntryId;
 use gpucache_edge::{
     connect, keyspace, Edge, EdgeConfig, EdgeError, InvalidationHook, LinkConfig, Query, Source,
     TlsConfig,
@@ -27,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{heard, last_event_id};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -124,7 +126,7 @@ impl Drop for Pki {
 }
 
 /// A redis-server with gpucache that listens on a TLS port only (`--port 0`): the harness's
-/// `Server` checks readiness over plain TCP, so this one has its own, over TLS.
+/// `Server` checks readiness over plain TCP, so this one runs the same check over TLS.
 struct TlsServer {
     port: u16,
     dir: PathBuf,
@@ -167,26 +169,10 @@ impl TlsServer {
 
     /// Our process answers PING over TLS (checked by its pid: the port may have been taken).
     fn wait_ready(&mut self, pki: &Pki) -> bool {
-        let deadline = Instant::now() + DEADLINE;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
-            }
-            if let Ok(mut con) = connect::connection(&self.url(), &pki.mutual()) {
-                let info: redis::RedisResult<String> =
-                    redis::cmd("INFO").arg("server").query(&mut con);
-                if let Ok(info) = info {
-                    let pid = info
-                        .lines()
-                        .find_map(|l| l.trim_end().strip_prefix("process_id:"))
-                        .and_then(|p| p.parse::<u32>().ok());
-                    return pid == Some(self.child.id())
-                        && redis::cmd("PING").query::<String>(&mut con).is_ok();
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        let url = self.url();
+        common::wait_ready(&mut self.child, || {
+            connect::connection(&url, &pki.mutual()).ok()
+        })
     }
 
     fn url(&self) -> String {
@@ -222,11 +208,9 @@ fn status(edge: &Edge, gpu: &str) -> Option<String> {
 
 /// Names of the connected clients (`CLIENT LIST`).
 fn client_names(con: &mut Connection) -> Vec<String> {
-    let list: String = redis::cmd("CLIENT").arg("LIST").query(con).unwrap();
-    list.lines()
-        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("name=")))
-        .filter(|n| !n.is_empty())
-        .map(str::to_string)
+    clients(con)
+        .into_iter()
+        .filter_map(|c| c.get("name").filter(|n| !n.is_empty()).cloned())
         .collect()
 }
 
@@ -704,26 +688,6 @@ impl TlsCluster {
     }
 }
 
-/// The id of `region`'s newest event on the server behind `con`.
-fn last_event_id(con: &mut Connection, region: &str) -> EntryId {
-    let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg(keyspace::events_key(region))
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query(con)
-        .unwrap();
-    EntryId::parse(&last[0].0).unwrap()
-}
-
-fn heard(edge: &Edge, region: &str) -> Option<EntryId> {
-    edge.stats()
-        .last_event_ids
-        .get(region)
-        .and_then(|id| EntryId::parse(id))
-}
-
 /// Which link told the edge of each key, as an invalidation hook records it.
 type Sources = Arc<Mutex<Vec<(String, Source)>>>;
 
@@ -866,79 +830,16 @@ fn an_edge_follows_a_tls_cluster_over_tls_on_every_master() {
 
 /// A Sentinel on a plain port that talks TLS to the servers it monitors (`tls-replication
 /// yes`), watching `primary` as `MASTER` (quorum 1: it may fail over alone).
-struct TlsSentinel {
-    port: u16,
-    dir: PathBuf,
-    child: Child,
-}
-
-const MASTER: &str = "gpumaster";
-
-impl TlsSentinel {
-    fn start(pki: &Pki, primary: &TlsServer) -> TlsSentinel {
-        let port = free_port();
-        let dir = pki.dir.join(format!("sentinel-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("sentinel.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
-                 tls-replication yes\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
-                 sentinel monitor {MASTER} 127.0.0.1 {} 1\n\
-                 sentinel down-after-milliseconds {MASTER} 5000\n\
-                 sentinel failover-timeout {MASTER} 10000\n",
-                dir.display(),
-                pki.server_cert.display(),
-                pki.server_key.display(),
-                pki.ca.display(),
-                primary.port
-            ),
-        )
-        .unwrap();
-        let child = Command::new("redis-server")
-            .arg(&config)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed");
-        let sentinel = TlsSentinel { port, dir, child };
-        eventually("the Sentinel answers", DEADLINE, || {
-            sentinel.query::<String>(&["PING"]).is_ok()
-        });
-        sentinel
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        let mut con =
-            redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))?;
-        con.set_read_timeout(Some(Duration::from_secs(1)))?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut con)
-    }
-
-    fn primary_port(&self) -> Option<u16> {
-        self.query::<Option<(String, u16)>>(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER])
-            .ok()
-            .flatten()
-            .map(|(_, port)| port)
-    }
-}
-
-impl Drop for TlsSentinel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn tls_sentinel(pki: &Pki, primary: &TlsServer) -> Sentinel {
+    let port = free_port();
+    let dir = pki.dir.join(format!("sentinel-{port}"));
+    let tls = format!(
+        "tls-replication yes\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        pki.ca.display(),
+    );
+    Sentinel::start_in(dir, port, primary.port, &tls, Some(Duration::from_secs(1)))
 }
 
 /// A TLS connection to `server` that gives up after a second (Sentinel kills clients as it
@@ -978,16 +879,8 @@ fn an_edge_follows_a_tls_primary_behind_sentinel_across_a_failover() {
     let mut writer = primary.connect(&pki);
     register(&mut writer, "eu", "g1", "p1", "A100", "2");
     register(&mut writer, "eu", "g2", "p1", "A100", "2");
-    let sentinel = TlsSentinel::start(&pki, &primary);
-    eventually(
-        "the Sentinel knows the replica",
-        Duration::from_secs(20),
-        || {
-            sentinel
-                .query::<Vec<redis::Value>>(&["SENTINEL", "REPLICAS", MASTER])
-                .is_ok_and(|r| !r.is_empty())
-        },
-    );
+    let sentinel = tls_sentinel(&pki, &primary);
+    sentinel.wait_for_replica();
 
     // The Sentinel is asked in plain text; the primary it names is reached over TLS, trusting
     // the CA file (the template URL's scheme and the TLS settings apply to discovered servers).
@@ -1011,14 +904,7 @@ fn an_edge_follows_a_tls_primary_behind_sentinel_across_a_failover() {
         .query(&mut writer)
         .unwrap();
 
-    eventually("the Sentinel fails over", Duration::from_secs(20), || {
-        sentinel
-            .query::<String>(&["SENTINEL", "FAILOVER", MASTER])
-            .is_ok()
-    });
-    eventually("the replica is promoted", Duration::from_secs(30), || {
-        role(&replica, &pki) == "master" && sentinel.primary_port() == Some(replica.port)
-    });
+    sentinel.fail_over_to(replica.port, || role(&replica, &pki) == "master");
     eventually("the edge follows the new primary", DEADLINE, || {
         edge.stats().followed_on.get("eu") == Some(&format!("127.0.0.1:{}", replica.port))
     });

@@ -3,7 +3,7 @@
 //! test runs.
 
 use super::{eventually, free_port, Server};
-use redis::Connection;
+use redis::{Connection, RedisResult, Value};
 use std::time::Duration;
 
 /// How long a cluster may take to agree on its nodes, slots and replication links.
@@ -20,19 +20,7 @@ impl ClusterNode {
     /// Starts a cluster-enabled redis-server with gpucache (`module_args`) that knows no other
     /// node yet; `server_args` are extra `--name value` settings.
     pub fn start(module_args: &[&str], server_args: &[&str]) -> ClusterNode {
-        let bus_port = free_port().to_string();
-        let mut args = cluster_args(&bus_port).to_vec();
-        args.extend_from_slice(server_args);
-        let server = Server::start(module_args, &args);
-        let id: String = redis::cmd("CLUSTER")
-            .arg("MYID")
-            .query(&mut server.connect())
-            .expect("CLUSTER MYID");
-        ClusterNode {
-            server,
-            bus_port: bus_port.parse().expect("bus port"),
-            id,
-        }
+        ClusterNode::start_on_bus(module_args, server_args, free_port())
     }
 
     pub fn connect(&self) -> Connection {
@@ -261,5 +249,72 @@ impl Cluster {
         }
         cluster.wait_converged();
         cluster
+    }
+}
+
+/// Up to `count` keys the node behind `con` holds in `slot` (`CLUSTER GETKEYSINSLOT`).
+pub fn keys_in_slot(con: &mut Connection, slot: u16, count: usize) -> Vec<String> {
+    redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(count)
+        .query(con)
+        .unwrap()
+}
+
+/// Moves `keys` from the node behind `con` to `target` with one `MIGRATE` (never `REPLACE`).
+pub fn migrate(con: &mut Connection, target: &ClusterNode, keys: &[String]) -> RedisResult<()> {
+    redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(target.server.port)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(keys)
+        .query(con)
+}
+
+/// Sends `args` to `con` after `ASKING`, as a cluster client does after an `ASK` redirection.
+pub fn asking(con: &mut Connection, args: &[&str]) -> RedisResult<Value> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("ASKING").ignore();
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    pipe.add_command(cmd);
+    pipe.query::<Vec<Value>>(con)
+        .map(|mut replies| replies.pop().unwrap_or(Value::Nil))
+}
+
+/// `CLUSTER SETSLOT <slot> <state> <id>` on the node behind `con`.
+pub fn set_slot(con: &mut Connection, slot: u16, state: &str, id: &str) {
+    redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg(state)
+        .arg(id)
+        .query::<()>(con)
+        .unwrap_or_else(|e| panic!("SETSLOT {state}: {e}"));
+}
+
+/// Opens the move of `slot` from `source` to `target` as `redis-cli --cluster reshard` does:
+/// `IMPORTING` on the target, then `MIGRATING` on the source.
+pub fn begin_slot_move(slot: u16, source: &ClusterNode, target: &ClusterNode) {
+    set_slot(&mut target.connect(), slot, "IMPORTING", &source.id);
+    set_slot(&mut source.connect(), slot, "MIGRATING", &target.id);
+}
+
+/// Closes the move of `slot` from `source` to `target` once its keys are there: `SETSLOT ...
+/// NODE` on the target, the source, then each of `others` (the remaining masters).
+pub fn end_slot_move(
+    slot: u16,
+    source: &ClusterNode,
+    target: &ClusterNode,
+    others: &[&ClusterNode],
+) {
+    for node in [target, source].into_iter().chain(others.iter().copied()) {
+        set_slot(&mut node.connect(), slot, "NODE", &target.id);
     }
 }

@@ -2,8 +2,9 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod sentinel;
 
-use redis::{Connection, Value};
+use redis::{Connection, ConnectionLike, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -146,35 +147,12 @@ impl Server {
     /// Waits until this server answers, and checks it is the process we started (the port may
     /// have been taken by another one). False when our process exited or never answered.
     fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false; // e.g. the port was in use
-            }
-            if let Ok(mut con) = self.try_connect() {
-                let info: redis::RedisResult<String> =
-                    redis::cmd("INFO").arg("server").query(&mut con);
-                if let Ok(info) = info {
-                    let pid = info
-                        .lines()
-                        .find_map(|l| l.trim_end().strip_prefix("process_id:"))
-                        .and_then(|p| p.parse::<u32>().ok());
-                    if pid != Some(self.child.id()) {
-                        return false;
-                    }
-                    // INFO answers while the dataset is still loading; PING once it is loaded.
-                    if redis::cmd("PING").query::<String>(&mut con).is_ok() {
-                        return true;
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        let port = self.port;
+        wait_ready(&mut self.child, || connection_to(port).ok())
     }
 
     fn try_connect(&self) -> redis::RedisResult<Connection> {
-        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?.get_connection()
+        connection_to(self.port)
     }
 
     pub fn connect(&self) -> Connection {
@@ -197,6 +175,40 @@ impl Server {
         let _ = self.child.wait();
         std::mem::take(&mut self.dir)
     }
+}
+
+fn connection_to(port: u16) -> redis::RedisResult<Connection> {
+    redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_connection()
+}
+
+/// Waits (up to 10 s) until the redis-server `child` answers on a connection `connect` opens,
+/// and checks it is that process (its port may have been taken by another one). False when
+/// the process exited (e.g. the port was in use), is not the one answering, or never answered.
+pub fn wait_ready(child: &mut Child, mut connect: impl FnMut() -> Option<Connection>) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false; // e.g. the port was in use
+        }
+        if let Some(mut con) = connect() {
+            let info: redis::RedisResult<String> = redis::cmd("INFO").arg("server").query(&mut con);
+            if let Ok(info) = info {
+                let pid = info
+                    .lines()
+                    .find_map(|l| l.trim_end().strip_prefix("process_id:"))
+                    .and_then(|p| p.parse::<u32>().ok());
+                if pid != Some(child.id()) {
+                    return false;
+                }
+                // INFO answers while the dataset is still loading; PING once it is loaded.
+                if redis::cmd("PING").query::<String>(&mut con).is_ok() {
+                    return true;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 impl Drop for Server {
@@ -247,7 +259,7 @@ pub fn as_map(v: &Value) -> HashMap<String, Value> {
 }
 
 /// Runs a command and returns its reply as a map of field -> text.
-pub fn fields(con: &mut Connection, args: &[&str]) -> HashMap<String, String> {
+pub fn fields(con: &mut impl ConnectionLike, args: &[&str]) -> HashMap<String, String> {
     let reply = run(con, args).unwrap_or_else(|e| panic!("{args:?} failed: {e}"));
     as_map(&reply)
         .iter()
@@ -255,7 +267,8 @@ pub fn fields(con: &mut Connection, args: &[&str]) -> HashMap<String, String> {
         .collect()
 }
 
-pub fn run(con: &mut Connection, args: &[&str]) -> redis::RedisResult<Value> {
+/// Runs a command on any connection (a cluster connection included).
+pub fn run(con: &mut impl ConnectionLike, args: &[&str]) -> redis::RedisResult<Value> {
     let mut cmd = redis::cmd(args[0]);
     for a in &args[1..] {
         cmd.arg(*a);
@@ -349,14 +362,28 @@ pub fn assert_same_state(
 /// A small marketplace: region `eu`, providers p1/p2, A100s and an H100.
 /// Registers a GPU with only its provider, type and price (the shape most tests need).
 pub fn register(
-    con: &mut Connection,
+    con: &mut impl ConnectionLike,
     region: &str,
     gpu_id: &str,
     provider: &str,
     gpu_type: &str,
     price: &str,
 ) {
-    let args = [
+    let args = register_args(region, gpu_id, provider, gpu_type, price, &[]);
+    run(con, &args).expect("register");
+}
+
+/// The `GPUCACHE.REGISTER` arguments of a GPU with its provider, type and price, followed by
+/// `extra` (e.g. `["MEMORY", "80"]`).
+pub fn register_args<'a>(
+    region: &'a str,
+    gpu_id: &'a str,
+    provider: &'a str,
+    gpu_type: &'a str,
+    price: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
         "GPUCACHE.REGISTER",
         region,
         gpu_id,
@@ -367,7 +394,8 @@ pub fn register(
         "PRICE",
         price,
     ];
-    run(con, &args).expect("register");
+    args.extend_from_slice(extra);
+    args
 }
 
 pub fn seed(con: &mut Connection) {
