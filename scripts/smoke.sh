@@ -7,13 +7,28 @@ MODULE="${MODULE:-$PWD/target/debug/libgpucache.so}"
 [ -f "$MODULE" ] || { echo "module not built: $MODULE (run cargo build)" >&2; exit 1; }
 
 . scripts/lib.sh
-PORT="$(free_port)" || exit 1
 DIR="$(mktemp -d)"
-redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" \
-  --daemonize yes --logfile "$DIR/redis.log" --notify-keyspace-events Kd \
-  --loadmodule "$MODULE" JITTER 0 AVAILABILITY_TTL 120
-trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1; rm -rf "$DIR"' EXIT
-for _ in $(seq 1 100); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+PORT=""
+trap '[ -n "$PORT" ] && redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1; rm -rf "$DIR"' EXIT
+# A port found free may be taken by another process before the server binds it (tests running
+# alongside): try a few, and give a busy machine time to start the server.
+for _ in 1 2 3 4 5; do
+  PORT="$(free_port)" || exit 1
+  redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" \
+    --daemonize yes --logfile "$DIR/redis.log" --notify-keyspace-events Kd \
+    --loadmodule "$MODULE" JITTER 0 AVAILABILITY_TTL 120
+  up=0
+  for _ in $(seq 1 200); do
+    redis-cli -p "$PORT" ping 2>/dev/null | grep -q PONG && { up=1; break; }
+    sleep 0.05
+  done
+  [ "$up" = 1 ] && break
+  echo "smoke: redis-server did not come up on port $PORT; its log:" >&2
+  tail -5 "$DIR/redis.log" >&2
+  redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1
+  PORT=""
+done
+[ -n "$PORT" ] || { echo "smoke: could not start redis-server" >&2; exit 1; }
 
 passed=0
 failed=0
