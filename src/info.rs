@@ -44,6 +44,11 @@ fn gpucache_info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
         .field("heal_retries", big(heal.retries))?
         .field("healed", big(heal.healed))?
         .field("region_repairs", big(heal.region_repairs))?
+        .field(
+            "provider_moves_pending",
+            count(crate::provider_moves::pending()),
+        )?
+        .field("ticker_longest_us", big(crate::ticker::longest_run_us()))?
         .field("panics_caught", big(crate::logging::panics_caught()))?
         .field(
             "bookings_ended_by_clock",

@@ -117,6 +117,12 @@ impl RegionKeys {
         self.key("index", "booking-ends")
     }
 
+    /// Set: providers whose GPUs are being moved into or out of the availability index after
+    /// a `PROVIDER` (`provider_moves.rs`).
+    pub fn provider_moves(&self) -> String {
+        self.key("index", "provider-moves")
+    }
+
     /// Hash: market counters (GPUs per status, bookings, price sums, sequence number).
     pub fn stats(&self) -> String {
         self.key("stats", "market")

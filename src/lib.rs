@@ -17,6 +17,7 @@ pub mod keys;
 mod keyspace_events;
 pub mod logging;
 pub mod market;
+mod provider_moves;
 mod regions;
 pub mod repair;
 pub mod store;

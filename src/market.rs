@@ -1030,6 +1030,7 @@ impl Region<'_, '_> {
             self.keys.booking_registry(),
             self.keys.booking_ends(),
             self.keys.window_24h(),
+            self.keys.provider_moves(),
         ];
         let written = self.store.written_keys();
         event.keys = written

@@ -197,6 +197,9 @@ pub fn sweep_region(ctx: &Context, region_name: &str) -> MarketResult<Sweep> {
             || store.length(&keys.booking_registry()) != store.length(&keys.booking_ends()),
         ..Sweep::default()
     };
+    // Moves of providers' GPUs the previous primary (or this server before it stopped) had
+    // not finished.
+    crate::provider_moves::resume_region(ctx, region_name)?;
     if sweep.needs_repair {
         return Ok(sweep);
     }

@@ -550,6 +550,35 @@ impl<'a> Store<'a> {
         self.members_of("ZRANGE", &[key.as_bytes(), b"0", b"-1"])
     }
 
+    /// One `SSCAN` step of a set: the next cursor (0 when the walk is over) and the members
+    /// read. Members that are not UTF-8 (written by hand) are skipped.
+    pub fn sscan(&self, key: &str, cursor: u64, count: usize) -> MarketResult<(u64, Vec<String>)> {
+        let cursor = cursor.to_string();
+        let count = count.to_string();
+        let reply = self.read(
+            "SSCAN",
+            &[
+                key.as_bytes(),
+                cursor.as_bytes(),
+                b"COUNT",
+                count.as_bytes(),
+            ],
+        )?;
+        let RedisValue::Array(parts) = reply else {
+            return Err(MarketError::Corrupt(key.to_owned()));
+        };
+        let mut parts = parts.into_iter();
+        let next = parts
+            .next()
+            .as_ref()
+            .and_then(text)
+            .and_then(|c| c.parse::<u64>().ok());
+        let (Some(next), Some(RedisValue::Array(members))) = (next, parts.next()) else {
+            return Err(MarketError::Corrupt(key.to_owned()));
+        };
+        Ok((next, members.iter().filter_map(text).collect()))
+    }
+
     pub fn members(&self, command: &str, key: &str) -> MarketResult<Vec<String>> {
         self.members_of(command, &[key.as_bytes()])
     }

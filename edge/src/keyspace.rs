@@ -67,8 +67,13 @@ pub fn tags_for_key(key: &str) -> Vec<Tag> {
         "orderbook" => vec![Tag::order_book(region, parts.id)],
         "stats:market" | "stats:24h" => vec![Tag::market(region)],
         "booking" => vec![Tag::booking(region, parts.id), Tag::gpu_inputs(region)],
-        "provider-gpus" | "events" | "index:gpus" | "index:types" | "index:providers"
-        | "index:bookings" => Vec::new(),
+        "provider-gpus"
+        | "events"
+        | "index:gpus"
+        | "index:types"
+        | "index:providers"
+        | "index:bookings"
+        | "index:provider-moves" => Vec::new(),
         _ => vec![Tag::region(region)],
     }
 }
