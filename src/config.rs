@@ -9,6 +9,10 @@ pub static AVAILABILITY_TTL: AtomicI64 = AtomicI64::new(300);
 pub static PRICING_TTL: AtomicI64 = AtomicI64::new(600);
 pub static JITTER_PERCENT: AtomicI64 = AtomicI64::new(10);
 pub static STREAM_MAXLEN: AtomicI64 = AtomicI64::new(10_000);
+/// GPUs one `AVAILABLE` may pass over (failing its filters) before it answers with what it
+/// found: a filter few GPUs pass would otherwise read every record of a type while every other
+/// client waits.
+pub static SEARCH_MAX_SKIPS: AtomicI64 = AtomicI64::new(1_000);
 /// `gpucache.accept-eviction-risk` (load argument `ACCEPT_EVICTION_RISK yes|no`): lets `BOOK`
 /// run under an `allkeys-*` eviction policy, which can evict bookings (see `eviction.rs`).
 pub static ACCEPT_EVICTION_RISK: AtomicBool = AtomicBool::new(false);
@@ -23,7 +27,7 @@ pub struct Setting {
     pub max: i64,
 }
 
-pub const SETTINGS: [Setting; 4] = [
+pub const SETTINGS: [Setting; 5] = [
     Setting {
         config_name: "availability-ttl",
         load_arg: "AVAILABILITY_TTL",
@@ -53,6 +57,14 @@ pub const SETTINGS: [Setting; 4] = [
         load_arg: "STREAM_MAXLEN",
         value: &STREAM_MAXLEN,
         default: 10_000,
+        min: 1,
+        max: 100_000_000,
+    },
+    Setting {
+        config_name: "search-max-skips",
+        load_arg: "SEARCH_MAX_SKIPS",
+        value: &SEARCH_MAX_SKIPS,
+        default: 1_000,
         min: 1,
         max: 100_000_000,
     },

@@ -49,6 +49,10 @@ fn gpucache_info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
             count(crate::provider_moves::pending()),
         )?
         .field("ticker_longest_us", big(crate::ticker::longest_run_us()))?
+        .field(
+            "searches_cut_short",
+            big(crate::commands::available::searches_cut_short()),
+        )?
         .field("panics_caught", big(crate::logging::panics_caught()))?
         .field(
             "bookings_ended_by_clock",

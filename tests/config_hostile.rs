@@ -22,7 +22,7 @@ enum Kind {
     Tiers,
 }
 
-const SETTINGS: [(&str, Kind); 6] = [
+const SETTINGS: [(&str, Kind); 7] = [
     (
         "availability-ttl",
         Kind::Integer {
@@ -40,6 +40,13 @@ const SETTINGS: [(&str, Kind); 6] = [
     ("jitter", Kind::Integer { min: 0, max: 50 }),
     (
         "stream-maxlen",
+        Kind::Integer {
+            min: 1,
+            max: 100_000_000,
+        },
+    ),
+    (
+        "search-max-skips",
         Kind::Integer {
             min: 1,
             max: 100_000_000,

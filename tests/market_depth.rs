@@ -499,3 +499,38 @@ fn crowded_price_levels_are_counted_whole() {
     assert_eq!(asks(&book).len(), 5);
     assert_eq!(asks(&book)[4], ("3".to_string(), "2".to_string()));
 }
+
+/// A filter few GPUs pass stops after `gpucache.search-max-skips` GPUs passed over, answering
+/// with what it found, rather than reading every record of the type while others wait.
+#[test]
+fn a_selective_search_stops_after_the_configured_skips() {
+    let server = Server::start(&[], &[]);
+    let mut con = server.connect();
+    for i in 0..50 {
+        let id = format!("small{i:02}");
+        let args = register_args("eu", &id, "p", "A100", "1", &["MEMORY", "16"]);
+        run(&mut con, &args).expect("register");
+    }
+    for id in ["big1", "big2"] {
+        let args = register_args("eu", id, "p", "A100", "9", &["MEMORY", "80"]);
+        run(&mut con, &args).expect("register");
+    }
+    let search = ["eu", "MINMEMORY", "80"];
+    assert_eq!(available_ids(&mut con, &search), ["big1", "big2"]);
+    assert_eq!(info_field(&mut con, "gpucache_searches_cut_short"), 0);
+
+    run(
+        &mut con,
+        &["CONFIG", "SET", "gpucache.search-max-skips", "10"],
+    )
+    .expect("CONFIG SET");
+    assert_eq!(available_ids(&mut con, &search), Vec::<String>::new());
+    assert_eq!(info_field(&mut con, "gpucache_searches_cut_short"), 1);
+    // GPUs that pass do not count against the bound.
+    assert_eq!(
+        available_ids(&mut con, &["eu", "LIMIT", "30"]).len(),
+        30,
+        "an unfiltered search is never cut short"
+    );
+    assert_eq!(info_field(&mut con, "gpucache_searches_cut_short"), 1);
+}

@@ -22,8 +22,16 @@ use crate::store::{Store, ZCursor};
 use redis_module::RedisString;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const DEFAULT_LIMIT: i64 = 100;
+
+/// Searches that stopped at `gpucache.search-max-skips` (`INFO gpucache`).
+static SEARCHES_CUT_SHORT: AtomicU64 = AtomicU64::new(0);
+
+pub fn searches_cut_short() -> u64 {
+    SEARCHES_CUT_SHORT.load(Ordering::Relaxed)
+}
 pub const MAX_LIMIT: i64 = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,7 +322,14 @@ fn merged_offers<'c>(
     }
     let mut providers: HashMap<String, bool> = HashMap::new();
     let mut offers = Vec::new();
+    let mut skips_left = crate::config::get(&crate::config::SEARCH_MAX_SKIPS);
     while let Some(Reverse((_, gpu_id, index))) = heap.pop() {
+        if skips_left <= 0 {
+            SEARCHES_CUT_SHORT.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+        // Counted back below for an entry that becomes an offer.
+        skips_left -= 1;
         if let Some(source) = sources.get_mut(index) {
             if let Some((rank, next_id)) = source.next(store)? {
                 heap.push(Reverse((rank, next_id, index)));
@@ -347,6 +362,7 @@ fn merged_offers<'c>(
         if !attributes_match || price > query.max_price {
             continue;
         }
+        skips_left += 1;
         offers.push(Offer { gpu_id, price, gpu });
         if offers.len() == query.limit {
             break;
