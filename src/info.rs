@@ -49,6 +49,7 @@ fn gpucache_info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
             count(crate::provider_moves::pending()),
         )?
         .field("ticker_longest_us", big(crate::ticker::longest_run_us()))?
+        .field("sweep_slices", big(heal.sweep_slices))?
         .field("panics_caught", big(crate::logging::panics_caught()))?
         .field(
             "bookings_ended_by_clock",
