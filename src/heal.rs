@@ -23,6 +23,7 @@ use crate::core::status::GpuStatus;
 use crate::keys::RegionKeys;
 use crate::market::{stat, BookingEnd, Region};
 use crate::store::{select_db, selected_db, Store, WriteAccess};
+use crate::sweep::SweepProgress;
 use redis_module::logging::RedisLogLevel;
 use redis_module::{Context, ContextFlags};
 use std::collections::{BTreeSet, VecDeque};
@@ -36,8 +37,21 @@ enum Target {
     /// Repair (recount, rebuild) a whole region.
     Region(String),
     /// After a load or a promotion: heal the records whose time passed meanwhile, and repair the
-    /// region whole only if a cheap look finds more wrong.
-    Sweep(String),
+    /// region whole only if a cheap look finds more wrong. Runs in slices (`sweep.rs`), the
+    /// job carrying its progress from one timer call to the next.
+    Sweep {
+        region: String,
+        progress: Box<SweepProgress>,
+    },
+}
+
+impl Target {
+    fn sweep(region: &str) -> Target {
+        Target::Sweep {
+            region: region.to_owned(),
+            progress: Box::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +82,7 @@ struct Queue {
     retries: u64,
     healed: u64,
     region_repairs: u64,
+    sweep_slices: u64,
 }
 
 impl Queue {
@@ -134,6 +149,8 @@ pub struct HealFigures {
     pub retries: u64,
     pub healed: u64,
     pub region_repairs: u64,
+    /// Timer calls that worked on a sweep (a big region's sweep takes many).
+    pub sweep_slices: u64,
 }
 
 pub fn figures() -> HealFigures {
@@ -144,6 +161,7 @@ pub fn figures() -> HealFigures {
         retries: queue.retries,
         healed: queue.healed,
         region_repairs: queue.region_repairs,
+        sweep_slices: queue.sweep_slices,
     }
 }
 
@@ -224,19 +242,23 @@ pub fn queue_sweep_of_arrived(ctx: &Context, region: &str) {
 }
 
 /// Queues a sweep of a region (once): heals its vanished records, and repairs it whole if a
-/// cheap look finds more wrong.
+/// cheap look finds more wrong. A sweep already under way starts over: what it walked before
+/// may have been replaced since (a load), and its scan cursor means nothing in a new hash.
 fn queue_sweep_in(ctx: &Context, db: i32, region: &str) {
     {
         let mut queue = queue();
-        if !queue.sweeps.insert((db, region.to_owned())) {
-            return;
+        if queue.sweeps.insert((db, region.to_owned())) {
+            queue.jobs.push_back(Job {
+                db,
+                target: Target::sweep(region),
+                attempts: 0,
+                not_before_ms: 0,
+            });
+        } else if let Some(job) = queue.jobs.iter_mut().find(|j| {
+            j.db == db && matches!(&j.target, Target::Sweep { region: r, .. } if r == region)
+        }) {
+            job.target = Target::sweep(region);
         }
-        queue.jobs.push_back(Job {
-            db,
-            target: Target::Sweep(region.to_owned()),
-            attempts: 0,
-            not_before_ms: 0,
-        });
     }
     arm(ctx, 1);
 }
@@ -289,7 +311,7 @@ fn drain(ctx: &Context, _: ()) {
             break;
         };
         // A job that panics (a bug; the log has it) is dropped rather than retried forever.
-        if let Some(Some(retry)) = crate::logging::guarded(|| run(ctx, job, now)) {
+        if let Some(Some(retry)) = crate::logging::guarded(|| run(ctx, job, now, deadline)) {
             deferred.push(retry);
         }
     }
@@ -314,38 +336,63 @@ fn drain(ctx: &Context, _: ()) {
     }
 }
 
-/// The first job that may run now: a due region repair or retry, else the next vanished key.
+/// The first job that may run now: a due region repair or retry, else the next vanished key,
+/// else a due sweep. A sweep takes many timer calls: records that vanish meanwhile are healed
+/// first.
 fn next_job(now_ms: i64) -> Option<Job> {
     let mut queue = queue();
-    let Some(index) = queue.jobs.iter().position(|j| j.not_before_ms <= now_ms) else {
-        let (db, key) = queue.pop_fresh()?;
-        return Some(Job {
-            db,
-            target: Target::Key(key),
-            attempts: 0,
-            not_before_ms: 0,
-        });
+    let due = |j: &Job| j.not_before_ms <= now_ms;
+    let index = match queue
+        .jobs
+        .iter()
+        .position(|j| due(j) && !matches!(j.target, Target::Sweep { .. }))
+    {
+        Some(index) => index,
+        None => {
+            if let Some((db, key)) = queue.pop_fresh() {
+                return Some(Job {
+                    db,
+                    target: Target::Key(key),
+                    attempts: 0,
+                    not_before_ms: 0,
+                });
+            }
+            queue.jobs.iter().position(due)?
+        }
     };
     let job = queue.jobs.remove(index)?;
     match &job.target {
         Target::Region(region) => queue.regions.remove(&(job.db, region.clone())),
-        Target::Sweep(region) => queue.sweeps.remove(&(job.db, region.clone())),
+        Target::Sweep { region, .. } => queue.sweeps.remove(&(job.db, region.clone())),
         Target::Key(_) => false,
     };
     Some(job)
 }
 
-/// Runs one job; returns it again (with its next attempt's time) when it must be retried.
-fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
+/// Puts a sweep that has more to do back in the queue, due at once (unless a new sweep of the
+/// region was queued meanwhile: that one starts over and replaces it).
+fn requeue_sweep(job: Job) {
+    let Target::Sweep { region, .. } = &job.target else {
+        return;
+    };
+    let mut queue = queue();
+    if queue.sweeps.insert((job.db, region.clone())) {
+        queue.jobs.push_back(job);
+    }
+}
+
+/// Runs one job (a sweep until `deadline`); returns it again (with its next attempt's time)
+/// when it must be retried.
+fn run(ctx: &Context, mut job: Job, now_ms: i64, deadline: Instant) -> Option<Job> {
     if !select_db(ctx, job.db) {
         return None;
     }
     let region = match &job.target {
         Target::Key(key) => RegionKeys::parse(key).map(|(r, _, _)| r.to_owned())?,
-        Target::Region(region) | Target::Sweep(region) => region.clone(),
+        Target::Region(region) | Target::Sweep { region, .. } => region.clone(),
     };
     let access = Store::new(ctx).write_access(RegionKeys::new(&region).prefix());
-    let outcome = match (&job.target, access) {
+    let outcome = match (&mut job.target, access) {
         // A vanished record whose healing Redis refuses: the region is swept once it accepts
         // writes again (one job per region, however many records vanished meanwhile).
         (Target::Key(_), WriteAccess::Later | WriteAccess::Elsewhere) => {
@@ -362,16 +409,29 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
             queue().healed += 1;
             Ok(())
         }
-        (Target::Sweep(_), WriteAccess::Now) => match crate::repair::sweep_region(ctx, &region) {
-            Ok(sweep) => {
-                queue().healed += sweep.healed;
-                if sweep.needs_repair || sweep.failed_writes > 0 {
-                    queue_region_repair(ctx, &region);
+        (Target::Sweep { progress, .. }, WriteAccess::Now) => {
+            let slice = crate::sweep::sweep_slice(ctx, &region, progress, deadline);
+            {
+                let mut queue = queue();
+                queue.sweep_slices += 1;
+                if let Ok(slice) = &slice {
+                    queue.healed += slice.healed;
                 }
-                Ok(())
             }
-            Err(e) => Err(e.to_string()),
-        },
+            match slice {
+                Ok(slice) if !slice.done => {
+                    requeue_sweep(job);
+                    return None;
+                }
+                Ok(slice) => {
+                    if slice.needs_repair {
+                        queue_region_repair(ctx, &region);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
         (Target::Region(_), WriteAccess::Now) => {
             queue().region_repairs += 1;
             match crate::repair::repair_region(ctx, &region) {
@@ -388,7 +448,7 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
     let what = match &job.target {
         Target::Key(key) => format!("healing after {key}"),
         Target::Region(_) => format!("repairing region {region}"),
-        Target::Sweep(_) => format!("sweeping region {region}"),
+        Target::Sweep { .. } => format!("sweeping region {region}"),
     };
     // A region whose slot another node serves is that node's to repair once it takes charge
     // of it: this one stops asking after a minute, once the region's keys have left it too.
@@ -421,11 +481,17 @@ fn run(ctx: &Context, job: Job, now_ms: i64) -> Option<Job> {
         let mut queue = queue();
         match &job.target {
             Target::Region(region) => queue.regions.insert((job.db, region.clone())),
-            Target::Sweep(region) => queue.sweeps.insert((job.db, region.clone())),
+            Target::Sweep { region, .. } => queue.sweeps.insert((job.db, region.clone())),
             Target::Key(_) => false,
         };
     }
+    // A sweep retried starts over: the region may have changed in any way while it waited.
+    let target = match job.target {
+        Target::Sweep { .. } => Target::sweep(&region),
+        target => target,
+    };
     Some(Job {
+        target,
         attempts,
         not_before_ms: now_ms.saturating_add(delay),
         ..job

@@ -53,6 +53,7 @@ fn gpucache_info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
             "searches_cut_short",
             big(crate::commands::available::searches_cut_short()),
         )?
+        .field("sweep_slices", big(heal.sweep_slices))?
         .field("panics_caught", big(crate::logging::panics_caught()))?
         .field(
             "bookings_ended_by_clock",

@@ -22,6 +22,7 @@ mod regions;
 pub mod repair;
 pub mod store;
 pub mod survey;
+mod sweep;
 mod ticker;
 
 use redis_module::logging::RedisLogLevel;

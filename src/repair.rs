@@ -1,6 +1,7 @@
-//! `GPUCACHE.REPAIR`, and every repair the module queues itself (after a load or a promotion,
-//! when a healing write was refused, when a command finds market state damaged): puts a region
-//! back in order by applying the fixes of its survey (`survey.rs`).
+//! `GPUCACHE.REPAIR`, and every repair the module queues itself (when a sweep after a load or
+//! a promotion finds more than vanished records, when a healing write was refused, when a
+//! command finds market state damaged): puts a region back in order by applying the fixes of
+//! its survey (`survey.rs`).
 //!
 //! Every fix is a plain replicated write, so a repair reaches replicas and the AOF as the
 //! primary decided it. A repair recounts rather than replays: running it again is always safe.
@@ -168,78 +169,6 @@ pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairRep
     crate::booking_clock::look_again_at(ctx, region_name);
     report.failed_writes = store.failed_writes();
     Ok(report)
-}
-
-/// What a sweep after a load did and found.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Sweep {
-    /// Records whose time passed while the server was down, healed.
-    pub healed: u64,
-    /// A cheap look found more wrong than vanished records: the region needs a whole repair.
-    pub needs_repair: bool,
-    pub failed_writes: u32,
-}
-
-/// After a load or a promotion: records whose time passed while the server was down are not
-/// loaded and no event announces them, so each registry entry whose record is gone, and each
-/// type price that is gone while GPUs still show it, is healed exactly as the healing timer
-/// would (same events). Bookings whose end passed meanwhile are
-/// the booking clock's. The whole-region survey (`repair_region`, several times slower) runs
-/// only when a cheap look finds something else wrong: keys of a foreign type, lost counters, a
-/// booking clock that does not hold every active booking (as after an upgrade from a version
-/// that gave bookings TTLs).
-pub fn sweep_region(ctx: &Context, region_name: &str) -> MarketResult<Sweep> {
-    let store = Store::new(ctx);
-    let region = Region::new(&store, region_name.to_owned());
-    let keys = &region.keys;
-    let mut sweep = Sweep {
-        needs_repair: region.check_key_types(&[]).is_err()
-            || store.length(&keys.booking_registry()) != store.length(&keys.booking_ends()),
-        ..Sweep::default()
-    };
-    // Moves of providers' GPUs the previous primary (or this server before it stopped) had
-    // not finished.
-    crate::provider_moves::resume_region(ctx, region_name)?;
-    if sweep.needs_repair {
-        return Ok(sweep);
-    }
-    let mut gpu_ids: Vec<String> = Vec::new();
-    store.scan_hash(&keys.gpu_registry(), |id, _| {
-        gpu_ids.push(String::from_utf8_lossy(id).into_owned());
-    })?;
-    let mut key = String::new();
-    for gpu_id in gpu_ids {
-        keys.key_into(&mut key, "gpu", &gpu_id);
-        if store.key_type(&key) == redis_module::KeyType::Empty {
-            if crate::heal::heal_key(ctx, &key) {
-                sweep.failed_writes += 1;
-            }
-            sweep.healed += 1;
-        }
-    }
-    // Type prices whose time passed: their GPUs go back to their own prices.
-    for gpu_type in store.set_members(&keys.types())? {
-        keys.key_into(&mut key, "price", &gpu_type);
-        if store.zcard(&keys.available_typed(&gpu_type))? > 0
-            && store.key_type(&key) == redis_module::KeyType::Empty
-        {
-            if crate::heal::heal_key(ctx, &key) {
-                sweep.failed_writes += 1;
-            }
-            sweep.healed += 1;
-        }
-    }
-    if sweep.healed > 0 {
-        crate::log(
-            ctx,
-            RedisLogLevel::Notice,
-            &format!(
-                "gpucache: region {region_name}: healed {} records whose time passed while the server was down",
-                sweep.healed
-            ),
-        );
-    }
-    Ok(sweep)
 }
 
 /// The types whose availability index, GPU counts or own-price sums a repair's fixes change.

@@ -317,6 +317,37 @@ impl<'a> Store<'a> {
             .collect())
     }
 
+    /// One `HSCAN` step over a hash: the cursor to continue with (0: done) and the fields of
+    /// this batch (about `count`; a small hash answers whole), those that are UTF-8 (no name
+    /// gpucache writes is not). Unlike `scan_hash`, the walk can stop here and resume in a
+    /// later call, the hash changing meanwhile.
+    pub fn hscan_fields(
+        &self,
+        key: &str,
+        cursor: u64,
+        count: usize,
+    ) -> MarketResult<(u64, Vec<String>)> {
+        let cursor = cursor.to_string();
+        let count = count.to_string();
+        let reply = self.read(
+            "HSCAN",
+            &[
+                key.as_bytes(),
+                cursor.as_bytes(),
+                b"COUNT",
+                count.as_bytes(),
+            ],
+        )?;
+        let RedisValue::Array(parts) = reply else {
+            return Err(MarketError::Corrupt(key.to_owned()));
+        };
+        let next = parts.first().and_then(text).and_then(|c| c.parse().ok());
+        let (Some(next), Some(RedisValue::Array(items))) = (next, parts.get(1)) else {
+            return Err(MarketError::Corrupt(key.to_owned()));
+        };
+        Ok((next, items.iter().step_by(2).filter_map(text).collect()))
+    }
+
     /// Reads hash fields straight from the key (one `RedisModule_HashGet` per 12 fields, no
     /// command round trip) and hands them to `use_values` without copying: the hot read path of
     /// every command. `None` for a missing field (or key); a key of another type is refused.

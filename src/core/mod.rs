@@ -12,6 +12,7 @@ pub mod input;
 pub mod price;
 pub mod status;
 pub mod ttl;
+pub mod walk;
 pub mod window;
 
 /// No sequence or version gpucache issues reaches this (2^53: a million writes a second for
