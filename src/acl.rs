@@ -7,7 +7,7 @@
 //! `RedisModule_ACLCheckKeyPermissions` (Redis 7.0+), each probed: a server without them is
 //! answered as before, unrestricted.
 
-use redis_module::{raw, Context};
+use redis_module::{raw, Context, RedisValue};
 use std::os::raw::{c_char, c_int};
 
 /// Who is calling, as far as key permissions go.
@@ -19,6 +19,8 @@ pub enum Caller {
     User {
         ctx: *mut raw::RedisModuleCtx,
         user: *mut raw::RedisModuleUser,
+        /// `None` when the name is not text.
+        name: Option<String>,
     },
     /// The caller's user could not be found (a command run from a script or another module,
     /// whose client Redis does not list): no key may be read.
@@ -58,11 +60,17 @@ impl Caller {
                 };
             }
             let user = user_of(name);
+            let text = crate::store::string_bytes(name)
+                .and_then(|bytes| String::from_utf8(bytes.to_vec()).ok());
             free_string(ctx, name);
             if user.is_null() {
                 Caller::Nobody
             } else {
-                Caller::User { ctx, user }
+                Caller::User {
+                    ctx,
+                    user,
+                    name: text,
+                }
             }
         }
     }
@@ -72,7 +80,7 @@ impl Caller {
         let (ctx, user) = match self {
             Caller::Unrestricted => return true,
             Caller::Nobody => return false,
-            Caller::User { ctx, user } => (*ctx, *user),
+            Caller::User { ctx, user, .. } => (*ctx, *user),
         };
         // SAFETY: `user` is a live module user (released only on drop); the key string is
         // created and freed here.
@@ -93,6 +101,36 @@ impl Caller {
             free(ctx, name);
             allowed
         }
+    }
+}
+
+impl Caller {
+    /// Whether the caller may read every key (its root key patterns say so): then no region
+    /// needs checking. Asked with `ACL GETUSER`; any doubt answers no.
+    pub fn reads_every_key(&self, ctx: &Context) -> bool {
+        let name = match self {
+            Caller::Unrestricted => return true,
+            Caller::Nobody => return false,
+            Caller::User { name: None, .. } => return false,
+            Caller::User {
+                name: Some(name), ..
+            } => name,
+        };
+        let Ok(RedisValue::Array(items)) = ctx.call("ACL", &["GETUSER", name.as_str()]) else {
+            return false;
+        };
+        let text = |value: &RedisValue| match value {
+            RedisValue::SimpleString(s) | RedisValue::BulkString(s) => Some(s.clone()),
+            RedisValue::SimpleStringStatic(s) => Some((*s).to_owned()),
+            RedisValue::BulkRedisString(s) => s.try_as_str().ok().map(str::to_owned),
+            RedisValue::StringBuffer(b) => String::from_utf8(b.clone()).ok(),
+            _ => None,
+        };
+        items
+            .chunks_exact(2)
+            .find(|pair| pair.first().and_then(text).as_deref() == Some("keys"))
+            .and_then(|pair| pair.get(1).and_then(text))
+            .is_some_and(|keys| crate::core::acl_keys::read_every_key(&keys))
     }
 }
 

@@ -570,6 +570,7 @@ pub(crate) fn heal_key(ctx: &Context, key: &str) -> bool {
 fn after_loading(ctx: &Context, event: redis_module::server_events::LoadingSubevent) {
     crate::logging::guarded(|| {
         if event == redis_module::server_events::LoadingSubevent::Ended {
+            crate::stats_cache::all_changed();
             crate::booking_clock::look_again();
             queue_every_region(ctx);
         }

@@ -12,6 +12,8 @@ use std::ffi::{c_char, c_int, CStr};
 const GONE: c_int = raw::REDISMODULE_NOTIFY_EXPIRED | raw::REDISMODULE_NOTIFY_EVICTED;
 const WRITTEN: c_int = raw::REDISMODULE_NOTIFY_HASH | raw::REDISMODULE_NOTIFY_LOADED;
 const MOVED: c_int = raw::REDISMODULE_NOTIFY_GENERIC | GONE;
+/// Writes to the indexes STATS figures are read from (`stats_cache.rs`).
+const INDEXED: c_int = raw::REDISMODULE_NOTIFY_ZSET | raw::REDISMODULE_NOTIFY_SET;
 
 /// Subscribes (from the module's load).
 pub fn subscribe(ctx: &Context) -> Status {
@@ -20,7 +22,7 @@ pub fn subscribe(ctx: &Context) -> Status {
         return Status::Err;
     };
     // SAFETY: called from the module's load; the callback matches the API's signature.
-    let done = unsafe { subscribe(ctx.ctx, WRITTEN | MOVED, Some(on_event)) };
+    let done = unsafe { subscribe(ctx.ctx, WRITTEN | MOVED | INDEXED, Some(on_event)) };
     if done == raw::REDISMODULE_OK as c_int {
         Status::Ok
     } else {
@@ -45,7 +47,9 @@ unsafe extern "C" fn on_event(
     };
     // Commands' own writes raise most events here (`hset`, `expire`, `zadd`, ...): those that
     // concern nobody are dropped before any work.
-    let wanted = class & GONE != 0
+    let counted = crate::stats_cache::follows_key(key);
+    let wanted = counted
+        || class & GONE != 0
         || (class & WRITTEN != 0 && key.ends_with(b":stats:market"))
         || (class & MOVED != 0 && crate::regions::follows_event(event));
     if !wanted {
@@ -53,13 +57,16 @@ unsafe extern "C" fn on_event(
     }
     let ctx = Context::new(ctx);
     crate::logging::guarded(|| {
+        if counted {
+            crate::stats_cache::on_input_changed(&ctx, key);
+        }
         if class & GONE != 0 {
             crate::heal::on_key_gone(&ctx, key);
         }
         if class & WRITTEN != 0 {
             crate::regions::on_counters_written(&ctx, key);
         }
-        if class & MOVED != 0 {
+        if class & MOVED != 0 && crate::regions::follows_event(event) {
             crate::regions::on_key_moved(&ctx, event, key);
         }
     });

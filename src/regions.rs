@@ -87,9 +87,12 @@ pub fn on_counters_written(ctx: &Context, key: &[u8]) {
 }
 
 fn remember(db: i32, region: &str) {
-    let mut known = known_set();
-    if !known.regions.contains(&(db, region.to_owned())) {
-        known.regions.insert((db, region.to_owned()));
+    let added = {
+        let mut known = known_set();
+        known.regions.insert((db, region.to_owned()))
+    };
+    if added {
+        crate::stats_cache::region_added(db, region);
     }
 }
 
@@ -152,6 +155,7 @@ fn forget(db: i32, region: &str) {
         known.regions.remove(&entry);
         known.suspects.remove(&entry);
     }
+    crate::stats_cache::region_removed(db, region);
     crate::booking_clock::forget(db, region);
 }
 
@@ -172,6 +176,7 @@ fn forget_db(db: Option<i32>) {
             }
         }
     }
+    crate::stats_cache::db_emptied(db);
     crate::booking_clock::forget_db(db);
     crate::provider_moves::forget_db(db);
 }
@@ -192,6 +197,7 @@ fn swap_dbs(a: i32, b: i32) {
             .collect();
         known.round_after = None;
     }
+    crate::stats_cache::dbs_swapped(a, b);
     crate::booking_clock::forget_all_ends();
     crate::provider_moves::swap_dbs(a, b);
 }
@@ -248,17 +254,6 @@ fn round(ctx: &Context) {
         }
     }
     select_db(ctx, original);
-}
-
-/// The regions held in the db `ctx` works in.
-pub fn known(ctx: &Context) -> Vec<String> {
-    let db = selected_db(ctx);
-    known_set()
-        .regions
-        .range((db, String::new())..)
-        .take_while(|(d, _)| *d == db)
-        .map(|(_, region)| region.clone())
-        .collect()
 }
 
 /// Every (db, region) this server holds.

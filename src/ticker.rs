@@ -45,6 +45,9 @@ fn tick(ctx: &Context) {
         crate::eviction::refresh(ctx);
     }
     crate::regions::round_step(ctx);
+    if !ctx.get_flags().contains(ContextFlags::LOADING) {
+        crate::stats_cache::tick(ctx);
+    }
     if is_primary(ctx) && !ARMED.swap(true, Ordering::Relaxed) {
         ctx.create_timer(AGAIN, run, ());
     }

@@ -3,13 +3,17 @@
 //! The command layer (`crate::commands`) reads keys, asks these modules what to do, and writes
 //! the result.
 
+pub mod acl_keys;
 pub mod booking;
 pub mod demand;
 pub mod error;
 pub mod events;
+pub mod figures;
+pub mod figures_cache;
 pub mod gpu;
 pub mod input;
 pub mod price;
+pub mod slots;
 pub mod status;
 pub mod ttl;
 pub mod walk;

@@ -5,9 +5,9 @@
 # a time, timed in the client) and the script prints the longest PING and how many took over
 # 5 ms, with Redis's own SLOWLOG and LATENCY LATEST entries.
 #
-#   scripts/stall.sh                               # GPUS=100000, this work tree's module
-#   MODULE=/path/to/libgpucache.so scripts/stall.sh   # another build (e.g. of main)
-#   GPUS=20000 scripts/stall.sh
+#   scripts/stall-sweep.sh                               # GPUS=100000, this work tree's module
+#   MODULE=/path/to/libgpucache.so scripts/stall-sweep.sh   # another build (e.g. of main)
+#   GPUS=20000 scripts/stall-sweep.sh
 #
 # Steps: start redis-server with the module (release build) and AVAILABILITY_TTL=$TTL, register
 # $GPUS GPUs in region `eu` (pipelined, 10 providers, 4 types), SAVE, stop the server, wait
