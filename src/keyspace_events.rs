@@ -47,8 +47,9 @@ unsafe extern "C" fn on_event(
     };
     // Commands' own writes raise most events here (`hset`, `expire`, `zadd`, ...): those that
     // concern nobody are dropped before any work.
-    let counted = crate::stats_cache::follows_key(key);
-    let wanted = counted
+    // Parsed once: every gpucache write raises one or more events here.
+    let counted = crate::stats_cache::region_of_input(key);
+    let wanted = counted.is_some()
         || class & GONE != 0
         || (class & WRITTEN != 0 && key.ends_with(b":stats:market"))
         || (class & MOVED != 0 && crate::regions::follows_event(event));
@@ -57,8 +58,8 @@ unsafe extern "C" fn on_event(
     }
     let ctx = Context::new(ctx);
     crate::logging::guarded(|| {
-        if counted {
-            crate::stats_cache::on_input_changed(&ctx, key);
+        if let Some(region) = counted {
+            crate::stats_cache::on_input_changed(&ctx, region);
         }
         if class & GONE != 0 {
             crate::heal::on_key_gone(&ctx, key);

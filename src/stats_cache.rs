@@ -60,7 +60,7 @@ const INPUTS: [(&str, Option<&str>); 8] = [
 ];
 
 /// The region whose figures `key` is read for, if it is one of those keys.
-fn region_of_input(key: &[u8]) -> Option<&str> {
+pub fn region_of_input(key: &[u8]) -> Option<&str> {
     let (region, entity, id) = RegionKeys::parse(std::str::from_utf8(key).ok()?)?;
     INPUTS
         .iter()
@@ -68,16 +68,10 @@ fn region_of_input(key: &[u8]) -> Option<&str> {
         .then_some(region)
 }
 
-/// Whether a keyspace event on `key` concerns the cache.
-pub fn follows_key(key: &[u8]) -> bool {
-    region_of_input(key).is_some()
-}
-
-/// Keyspace-event handler: any event on a key the figures are read from. Opens no key.
-pub fn on_input_changed(ctx: &Context, key: &[u8]) {
-    if let Some(region) = region_of_input(key) {
-        cache().changed(selected_db(ctx), region, now_ms());
-    }
+/// Keyspace-event handler: any event on a key the figures of `region` are read from
+/// (`region_of_input`). Opens no key.
+pub fn on_input_changed(ctx: &Context, region: &str) {
+    cache().changed(selected_db(ctx), region, now_ms());
 }
 
 pub fn region_added(db: i32, region: &str) {
