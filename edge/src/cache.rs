@@ -1,16 +1,17 @@
-//! The in-process L1: a bounded moka cache of marketplace reads, validated against tag epochs
-//! and record versions on every hit and every fill.
+//! The in-process L1: a bounded S3-FIFO cache (quick_cache) of marketplace reads, validated
+//! against link state, deadlines, tag epochs and record versions on every hit and every fill.
 
+use crate::clock::{millis, Clock};
 use crate::error::EdgeError;
+use crate::flight::{Flights, Joined};
 use crate::keyspace;
 use crate::query::Query;
 use crate::stats::{add, Counters, Stats};
-use crate::tags::{Epochs, Stamp, Tag};
-use moka::ops::compute::Op;
+use crate::tags::{Epochs, Stamp, Stamps, Tag};
 use moka::policy::EvictionPolicy;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -29,15 +30,27 @@ pub enum Source {
 /// benchmark). Runs on a listener thread: keep it short.
 pub type InvalidationHook = Arc<dyn Fn(&str, Source) + Send + Sync>;
 
-/// Eviction policies moka offers.
+/// How the L1's S3-FIFO splits its room between entries read once so far (a small probation
+/// queue) and entries read again (the main queue).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Eviction {
-    /// Admission by frequency (TinyLFU), eviction by recency: the best hit ratio on skewed
-    /// (popular-GPU) traffic.
+    /// 3% probation, 97% main: keeps what is read often (popular GPUs) through bursts of
+    /// one-off reads — the best hit ratio on skewed traffic.
     #[default]
-    TinyLfu,
-    /// Plain least-recently-used: better when recent keys are the hot ones (scans, bursts).
-    Lru,
+    Frequency,
+    /// 30% probation, 70% main: new keys stay longer before they must prove themselves —
+    /// better when the hot set moves (a new region or type in demand).
+    Recency,
+}
+
+impl Eviction {
+    /// quick_cache's share of the room kept for entries read more than once.
+    fn main_share(self) -> f64 {
+        match self {
+            Eviction::Frequency => 0.97,
+            Eviction::Recency => 0.7,
+        }
+    }
 }
 
 /// Size and lifetime limits of the L1.
@@ -60,7 +73,7 @@ impl Default for L1Config {
             max_entries: 100_000,
             time_to_live: Duration::from_secs(60),
             time_to_idle: None,
-            eviction: Eviction::TinyLfu,
+            eviction: Eviction::Frequency,
             serve_while_disconnected: false,
         }
     }
@@ -69,85 +82,91 @@ impl Default for L1Config {
 enum Lookup {
     Hit(Arc<Value>),
     Absent,
-    Invalidated,
+    /// Cached but no longer servable (invalidated or expired).
+    Stale,
 }
 
+/// Stored by value: a hit copies it out of the cache (one reference-count increment, for the
+/// value it returns) instead of following a pointer to it.
+#[derive(Clone)]
 struct Entry {
     value: Arc<Value>,
     version: Option<i64>,
-    stamps: Vec<Stamp>,
-    /// The epochs its load began from (dependencies and guards), to tell which concurrent
-    /// callers may share it.
-    started: Vec<Stamp>,
-    /// The record's own remaining TTL in Redis when loaded: the L1 copy must not outlive it.
-    expires_in: Option<Duration>,
+    stamps: Stamps,
+    /// Index of its region's link flag, resolved when filled (`None`: the region has no
+    /// flag of its own).
+    link: Option<usize>,
+    /// On the L1's clock: the earlier of the L1 TTL and the record's TTL in Redis, both
+    /// counted from the load's start, so the copy never outlives the record.
+    expires_at_ms: u64,
+    /// On the L1's clock; only with a time-to-idle.
+    read_at_ms: Option<Arc<AtomicU64>>,
 }
 
-/// Per-entry expiry: a GPU record leaves the L1 when it would expire in Redis (the module's
-/// healing event may come a little later, when Redis actually deletes the key).
-struct RecordLifetime;
-
-impl moka::Expiry<Query, Arc<Entry>> for RecordLifetime {
-    fn expire_after_create(
-        &self,
-        _query: &Query,
-        entry: &Arc<Entry>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        entry.expires_in
-    }
+/// A finished load, shared by the callers that waited for it.
+#[derive(Clone)]
+struct Filled {
+    value: Arc<Value>,
+    /// The epochs the load began from (dependencies and guards).
+    started: Arc<[Stamp]>,
+    /// What it put in the cache, if it was cacheable.
+    entry: Option<Entry>,
 }
 
-/// moka panics on lifetimes above 1,000 years; nobody needs more than this.
-const LONGEST_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+type LoadOutcome = Arc<Result<Filled, EdgeError>>;
 
-/// What a load produced that must not be cached, or its failure; shared by single-flight
-/// waiters.
-enum LoadOutcome {
-    /// Not cached; `started` are the epochs the load began from.
-    Uncached {
-        value: Arc<Value>,
-        started: Vec<Stamp>,
-    },
-    Failed(EdgeError),
+/// Per followed region, whether the stream link that reads it is up.
+struct RegionLinks {
+    index: HashMap<String, usize>,
+    up: Box<[AtomicBool]>,
 }
 
 pub struct L1 {
-    entries: moka::sync::Cache<Query, Arc<Entry>>,
+    entries: quick_cache::sync::Cache<Query, Entry>,
+    loads: Flights<Query, LoadOutcome>,
     /// Newest version seen per GPU key (from events and fills), with the region's epoch when
     /// it was seen.
     versions: moka::sync::Cache<String, (Stamp, i64)>,
     epochs: Epochs,
+    clock: Clock,
+    time_to_live_ms: u64,
+    time_to_idle_ms: Option<u64>,
     pub(crate) counters: Counters,
     serve_while_disconnected: bool,
     hook: Option<InvalidationHook>,
-    /// Per followed region, whether the stream link that reads it is up (its own link, on the
-    /// server that holds it now). Set once by the edge; without it, `set_link` decides.
-    region_links: OnceLock<HashMap<String, AtomicBool>>,
+    /// Set once by the edge; without it, `set_link` decides for every region.
+    region_links: OnceLock<RegionLinks>,
 }
 
 impl L1 {
     pub fn new(config: &L1Config, hook: Option<InvalidationHook>) -> L1 {
-        let policy = match config.eviction {
-            Eviction::TinyLfu => EvictionPolicy::tiny_lfu(),
-            Eviction::Lru => EvictionPolicy::lru(),
-        };
-        let mut builder = moka::sync::Cache::builder()
-            .max_capacity(config.max_entries)
-            .time_to_live(config.time_to_live.min(LONGEST_LIFETIME))
-            .expire_after(RecordLifetime)
-            .eviction_policy(policy);
-        if let Some(idle) = config.time_to_idle {
-            builder = builder.time_to_idle(idle.min(LONGEST_LIFETIME));
-        }
+        let capacity = usize::try_from(config.max_entries).unwrap_or(usize::MAX);
+        let entries = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity(capacity)
+            .weight_capacity(config.max_entries)
+            .hot_allocation(config.eviction.main_share())
+            .build()
+            .map(|options| {
+                quick_cache::sync::Cache::with_options(
+                    options,
+                    Default::default(),
+                    Default::default(),
+                    Default::default(),
+                )
+            })
+            .unwrap_or_else(|_| quick_cache::sync::Cache::new(capacity));
         L1 {
-            entries: builder.build(),
+            entries,
+            loads: Flights::default(),
             // LRU: every version recorded is admitted (TinyLFU may turn new keys away).
             versions: moka::sync::Cache::builder()
                 .max_capacity(config.max_entries.saturating_mul(4))
                 .eviction_policy(EvictionPolicy::lru())
                 .build(),
             epochs: Epochs::default(),
+            clock: Clock::new(),
+            time_to_live_ms: millis(config.time_to_live),
+            time_to_idle_ms: config.time_to_idle.map(millis),
             counters: Counters::default(),
             serve_while_disconnected: config.serve_while_disconnected,
             hook,
@@ -157,68 +176,100 @@ impl L1 {
 
     /// Whether the stream link that follows `region` is up.
     fn link_up(&self, region: &str) -> bool {
-        match self.region_links.get().and_then(|links| links.get(region)) {
+        let links = self.region_links.get();
+        match links.and_then(|l| l.index.get(region).and_then(|&i| l.up.get(i))) {
             Some(up) => up.load(Ordering::Acquire),
             None => self.counters.stream_up.load(Ordering::Acquire),
         }
+    }
+
+    fn link_index(&self, region: &str) -> Option<usize> {
+        self.region_links.get()?.index.get(region).copied()
     }
 
     fn serving(&self, region: &str) -> bool {
         self.serve_while_disconnected || self.link_up(region)
     }
 
+    /// `serving` for a cached entry, without looking its region up by name.
+    fn serving_entry(&self, entry: &Entry, query: &Query) -> bool {
+        if self.serve_while_disconnected {
+            return true;
+        }
+        let links = self.region_links.get();
+        match (entry.link, links) {
+            (Some(i), Some(links)) => links.up.get(i).is_some_and(|up| up.load(Ordering::Acquire)),
+            _ => self.link_up(query.region()),
+        }
+    }
+
     fn valid(&self, entry: &Entry) -> bool {
-        self.epochs.all_unchanged(&entry.stamps)
+        self.epochs.all_unchanged(entry.stamps.as_slice())
+    }
+
+    /// Neither expired nor invalidated; a hit (`touch`) also counts as a read for the
+    /// time-to-idle.
+    fn fresh(&self, entry: &Entry, touch: bool) -> bool {
+        let now = self.clock.now_ms();
+        // The latest real time it may be: an entry leaves up to one clock lag early.
+        let latest = now.saturating_add(self.clock.lag_ms());
+        if latest > entry.expires_at_ms {
+            return false;
+        }
+        if let (Some(idle), Some(read_at)) = (self.time_to_idle_ms, &entry.read_at_ms) {
+            let last = read_at.load(Ordering::Relaxed);
+            if latest > last.saturating_add(idle) {
+                return false;
+            }
+            // One store per entry and millisecond at most: readers of a hot entry do not
+            // take its cache line from each other on every hit.
+            if touch && last < now {
+                read_at.store(now, Ordering::Relaxed);
+            }
+        }
+        self.valid(entry)
     }
 
     /// The cached value, if it is still valid (counts a hit or a miss).
     pub fn get(&self, query: &Query) -> Option<Arc<Value>> {
         match self.lookup(query) {
             Lookup::Hit(value) => Some(value),
-            Lookup::Absent | Lookup::Invalidated => None,
+            Lookup::Absent | Lookup::Stale => None,
         }
     }
 
     fn lookup(&self, query: &Query) -> Lookup {
-        let found = if self.serving(query.region()) {
-            self.entries.get(query)
-        } else {
-            None
+        let found = match self.entries.get(query) {
+            Some(entry) if self.serving_entry(&entry, query) => {
+                if self.fresh(&entry, true) {
+                    self.counters.hits.incr();
+                    return Lookup::Hit(entry.value);
+                }
+                Lookup::Stale
+            }
+            _ => Lookup::Absent,
         };
-        match found {
-            Some(entry) if self.valid(&entry) => {
-                self.counters.hits.incr();
-                Lookup::Hit(entry.value.clone())
-            }
-            Some(_) => {
-                self.counters.misses.incr();
-                Lookup::Invalidated
-            }
-            None => {
-                self.counters.misses.incr();
-                Lookup::Absent
-            }
-        }
+        self.counters.misses.incr();
+        found
     }
 
-    /// Removes the entry of `query` if it is (still) invalid: a concurrent reader may already
+    /// Removes the entry of `query` if it is (still) stale: a concurrent reader may already
     /// have replaced it with a fresh one, which must stay.
-    fn remove_if_invalid(&self, query: &Query) {
-        // The common case (nothing cached, or a fresh copy) without moka's per-key lock.
-        if self.entries.get(query).is_none_or(|e| self.valid(&e)) {
+    fn remove_if_stale(&self, query: &Query) {
+        // The common case (nothing cached, or a fresh copy) without the shard's write lock.
+        if self
+            .entries
+            .peek(query)
+            .is_none_or(|e| self.fresh(&e, false))
+        {
             return;
         }
-        self.entries
-            .entry_by_ref(query)
-            .and_compute_with(|current| match current {
-                Some(entry) if !self.valid(entry.value()) => Op::Remove,
-                _ => Op::Nop,
-            });
+        self.entries.remove_if(query, |e| !self.fresh(e, false));
     }
 
     /// The cached value or, on a miss, the loader's. Concurrent misses of one query share one
-    /// loader call (moka's single flight). The result is cached only if nothing invalidated
-    /// it while it loaded and it is not older than a version already seen.
+    /// loader call (single flight), its value or its error. The result is cached only if
+    /// nothing invalidated it while it loaded and it is not older than a version already seen.
     pub fn get_or_load<F>(&self, query: &Query, loader: F) -> Result<Arc<Value>, EdgeError>
     where
         F: FnOnce(&Query) -> Result<Value, EdgeError>,
@@ -232,38 +283,49 @@ impl L1 {
         let mine = self.start_stamps(query);
         match self.lookup(query) {
             Lookup::Hit(value) => return Ok(value),
-            // try_get_with would return the invalidated entry as is.
-            Lookup::Invalidated => self.remove_if_invalid(query),
+            Lookup::Stale => self.remove_if_stale(query),
             Lookup::Absent => {}
         }
         let mut loader = Some(loader);
-        let outcome = self
-            .entries
-            .try_get_with(query.clone(), || match loader.take() {
-                Some(load) => self.load(query, &mine, load),
-                None => Err(LoadOutcome::Failed(EdgeError::Reply(
-                    "loader reused".into(),
-                ))),
-            });
-        let (value, started) = match &outcome {
-            Ok(entry) if self.valid(entry) => return Ok(entry.value.clone()),
-            Ok(entry) => {
-                self.remove_if_invalid(query);
-                (&entry.value, &entry.started)
+        let shared = match self.loads.join(query, || {
+            Arc::new(match loader.take() {
+                Some(load) => self.fill(query, &mine, load),
+                None => Err(EdgeError::Reply("loader reused".into())),
+            })
+        }) {
+            // Began from `mine`: good for this caller whatever happened since.
+            Joined::Led(outcome) => {
+                return outcome
+                    .as_ref()
+                    .as_ref()
+                    .map(|f| f.value.clone())
+                    .map_err(Clone::clone)
             }
-            Err(shared) => match &**shared {
-                LoadOutcome::Uncached { value, started } => (value, started),
-                LoadOutcome::Failed(e) => return Err(e.clone()),
-            },
+            Joined::Shared(outcome) => outcome,
+            // Its loader panicked; this caller's own may not.
+            Joined::Abandoned => {
+                return match loader.take() {
+                    Some(load) => self.load_uncached(query, load),
+                    None => Err(EdgeError::Reply("load abandoned".into())),
+                }
+            }
         };
-        if *started == mine {
-            // Read after this call began, or before it with nothing invalidated in between.
-            return Ok(value.clone());
+        let filled = match &*shared {
+            Ok(filled) => filled,
+            Err(e) => return Err(e.clone()),
+        };
+        let still_valid = filled.entry.as_ref().is_some_and(|e| self.valid(e));
+        // Read after this call began, or before it with nothing invalidated in between.
+        if still_valid || *filled.started == *mine {
+            return Ok(filled.value.clone());
+        }
+        if filled.entry.is_some() {
+            self.remove_if_stale(query);
         }
         // Another caller's load began before an invalidation this call must see.
         match loader.take() {
             Some(load) => self.load_uncached(query, load),
-            None => Ok(value.clone()),
+            None => Ok(filled.value.clone()),
         }
     }
 
@@ -287,20 +349,18 @@ impl L1 {
             .collect()
     }
 
-    fn load<F>(
-        &self,
-        query: &Query,
-        started: &[Stamp],
-        loader: F,
-    ) -> Result<Arc<Entry>, LoadOutcome>
+    /// Loads `query` and caches the value unless the link is down, an invalidation arrived
+    /// since `started`, or a newer version was already seen.
+    fn fill<F>(&self, query: &Query, started: &[Stamp], loader: F) -> Result<Filled, EdgeError>
     where
         F: FnOnce(&Query) -> Result<Value, EdgeError>,
     {
         let cacheable = self.link_up(query.region());
+        // Deadlines count from before the load: the record's `ttl_ms` is read after this.
+        let began_ms = self.clock.now_ms();
         add(&self.counters.loads, 1);
-        let value = loader(query).map_err(|e| {
+        let value = loader(query).inspect_err(|_| {
             add(&self.counters.load_errors, 1);
-            LoadOutcome::Failed(e)
         })?;
         let value = Arc::new(value);
         // The tags the value names are stamped before the check below: a change to them
@@ -316,25 +376,40 @@ impl L1 {
             _ => false,
         };
         let overtaken = !self.epochs.all_unchanged(started);
-        if !cacheable || too_old || overtaken {
-            add(&self.counters.fills_refused, 1);
-            return Err(LoadOutcome::Uncached {
-                value,
-                started: started.to_vec(),
-            });
-        }
         let guards = query.load_guards().len();
         let depends = started.len().saturating_sub(guards);
-        let stamps = started.iter().take(depends).copied().chain(named).collect();
-        Ok(Arc::new(Entry {
-            expires_in: query
-                .remaining_ttl(&value)
-                .map(|ttl| ttl.min(LONGEST_LIFETIME)),
-            value,
+        let stamps = Stamps::collect(started.iter().take(depends).copied().chain(named));
+        let started: Arc<[Stamp]> = started.into();
+        // A value naming more tags than an entry holds (none does today) is not cached either.
+        let Some(stamps) = stamps.filter(|_| cacheable && !too_old && !overtaken) else {
+            add(&self.counters.fills_refused, 1);
+            return Ok(Filled {
+                value,
+                started,
+                entry: None,
+            });
+        };
+        let lifetime_ms = query
+            .remaining_ttl(&value)
+            .map_or(self.time_to_live_ms, |ttl| {
+                millis(ttl).min(self.time_to_live_ms)
+            });
+        let entry = Entry {
+            value: value.clone(),
             version,
             stamps,
-            started: started.to_vec(),
-        }))
+            link: self.link_index(query.region()),
+            expires_at_ms: began_ms.saturating_add(lifetime_ms),
+            read_at_ms: self
+                .time_to_idle_ms
+                .map(|_| Arc::new(AtomicU64::new(began_ms))),
+        };
+        self.entries.insert(query.clone(), entry.clone());
+        Ok(Filled {
+            value,
+            started,
+            entry: Some(entry),
+        })
     }
 
     /// Records `version` for a GPU key; false when a newer one was already seen. Versions
@@ -363,7 +438,7 @@ impl L1 {
         if let Some(parts) = keyspace::parse_key(key) {
             if parts.entity == "gpu" {
                 // Frees the memory now; a copy loaded after the bump stays.
-                self.remove_if_invalid(&Query::gpu(parts.region, parts.id));
+                self.remove_if_stale(&Query::gpu(parts.region, parts.id));
             }
         }
         self.call_hook(key, source);
@@ -391,8 +466,8 @@ impl L1 {
             return false;
         };
         self.entries
-            .get(&Query::gpu(parts.region, parts.id))
-            .is_some_and(|e| self.valid(&e) && e.version.is_some_and(|v| v >= version))
+            .peek(&Query::gpu(parts.region, parts.id))
+            .is_some_and(|e| self.fresh(&e, false) && e.version.is_some_and(|v| v >= version))
     }
 
     /// Drops everything cached for `region`.
@@ -412,18 +487,25 @@ impl L1 {
 
     pub fn stats(&self) -> Stats {
         let stream_up = match self.region_links.get() {
-            Some(links) if !links.is_empty() => links.values().all(|up| up.load(Ordering::Acquire)),
+            Some(links) if !links.up.is_empty() => {
+                links.up.iter().all(|up| up.load(Ordering::Acquire))
+            }
             _ => self.counters.stream_up.load(Ordering::Acquire),
         };
-        self.counters
-            .snapshot(self.entries.entry_count(), stream_up)
+        let entries = u64::try_from(self.entries.len()).unwrap_or(u64::MAX);
+        self.counters.snapshot(entries, stream_up)
     }
 
     /// Marks the invalidation link of every region up or down (tests and benchmarks of the
     /// cache alone set it by hand).
     pub fn set_link(&self, stream_up: bool) {
         self.counters.stream_up.store(stream_up, Ordering::Release);
-        for up in self.region_links.get().into_iter().flat_map(|l| l.values()) {
+        for up in self
+            .region_links
+            .get()
+            .into_iter()
+            .flat_map(|l| l.up.iter())
+        {
             up.store(stream_up, Ordering::Release);
         }
     }
@@ -431,17 +513,19 @@ impl L1 {
     /// Gives each of `regions` a link state of its own, down until its link marks it up
     /// (once; later calls change nothing).
     pub(crate) fn follow_regions(&self, regions: &[String]) {
-        let _ = self.region_links.set(
-            regions
-                .iter()
-                .map(|r| (r.clone(), AtomicBool::new(false)))
-                .collect(),
-        );
+        let mut index = HashMap::new();
+        for region in regions {
+            let next = index.len();
+            index.entry(region.clone()).or_insert(next);
+        }
+        let up = (0..index.len()).map(|_| AtomicBool::new(false)).collect();
+        let _ = self.region_links.set(RegionLinks { index, up });
     }
 
     /// Marks the stream link of `region` up or down (the listener's job).
     pub(crate) fn set_region_link(&self, region: &str, up: bool) {
-        if let Some(flag) = self.region_links.get().and_then(|l| l.get(region)) {
+        let links = self.region_links.get();
+        if let Some(flag) = links.and_then(|l| l.index.get(region).and_then(|&i| l.up.get(i))) {
             flag.store(up, Ordering::Release);
         }
     }
@@ -618,6 +702,107 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(l1.get(&long).is_some());
+    }
+
+    #[test]
+    fn a_record_is_not_served_once_its_redis_ttl_has_run_out() {
+        let l1 = l1();
+        let q = Query::gpu("eu", "g1");
+        let start = std::time::Instant::now();
+        l1.get_or_load(&q, |_| Ok(json!({"version": 1, "ttl_ms": 1_000})))
+            .unwrap();
+        assert!(l1.get(&q).is_some());
+        // Counted from before the load: Redis may drop the key any time after this.
+        std::thread::sleep(Duration::from_millis(1_000).saturating_sub(start.elapsed()));
+        assert!(
+            l1.get(&q).is_none(),
+            "served past the record's TTL in Redis"
+        );
+    }
+
+    #[test]
+    fn every_entry_leaves_after_the_l1_time_to_live() {
+        let config = L1Config {
+            time_to_live: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let l1 = L1::new(&config, None);
+        l1.set_link(true);
+        let q = Query::stats("eu");
+        l1.get_or_load(&q, |_| Ok(json!({"n": 1}))).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while l1.get(&q).is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "outlived time_to_live"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn an_entry_left_unread_for_its_time_to_idle_leaves_while_a_read_one_stays() {
+        let config = L1Config {
+            time_to_idle: Some(Duration::from_millis(500)),
+            ..Default::default()
+        };
+        let l1 = L1::new(&config, None);
+        l1.set_link(true);
+        let (idle, busy) = (Query::stats("eu"), Query::stats("us"));
+        l1.get_or_load(&idle, |_| Ok(json!({"n": 1}))).unwrap();
+        l1.get_or_load(&busy, |_| Ok(json!({"n": 1}))).unwrap();
+        let start = std::time::Instant::now();
+        let mut idle_gone = false;
+        while !idle_gone {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "outlived time_to_idle"
+            );
+            assert!(l1.get(&busy).is_some(), "a read entry left");
+            // Peeking does not count as a read.
+            idle_gone = l1.entries.peek(&idle).is_none_or(|e| !l1.fresh(&e, false));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(400),
+            "left long before its idle time"
+        );
+        assert!(l1.get(&idle).is_none());
+    }
+
+    #[test]
+    fn concurrent_misses_share_one_load_and_its_error() {
+        let l1 = l1();
+        let q = Query::gpu("eu", "g1");
+        let calls = AtomicUsize::new(0);
+        let readers = 4;
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..readers)
+                .map(|_| {
+                    s.spawn(|| {
+                        l1.get_or_load(&q, |_| {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                            while l1.loads.joined(&q) < readers
+                                && std::time::Instant::now() < deadline
+                            {
+                                std::thread::yield_now();
+                            }
+                            Err(EdgeError::Server("NOGPU no such GPU".into()))
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().ok()).collect()
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        for result in results {
+            assert_eq!(
+                result.map(|r| r.unwrap_err()),
+                Some(EdgeError::Server("NOGPU no such GPU".into()))
+            );
+        }
+        assert_eq!(l1.stats().load_errors, 1);
     }
 
     #[test]

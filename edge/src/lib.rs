@@ -8,7 +8,7 @@
 //! println!("{} at {}", gpu["status"], gpu["price"]);
 //! ```
 //!
-//! - [`cache`]: the L1 (moka) with epoch- and version-guarded fills.
+//! - [`cache`]: the L1 (quick_cache's S3-FIFO) with epoch- and version-guarded fills.
 //! - [`listener`]: the notification and stream links, reconnect and replay.
 //! - [`topology`]: where each region is served — one primary, each region's master in a
 //!   Redis Cluster, or the primary Sentinel names — and re-discovery after a failover or a
@@ -19,10 +19,12 @@
 //!   (`GPUCACHE.BOOK` then `WAIT`, and `WAITAOF` on Redis 7.2+).
 
 pub mod cache;
+mod clock;
 pub mod connect;
 pub mod durable;
 pub mod edge;
 pub mod error;
+mod flight;
 pub mod keyspace;
 mod links;
 pub mod listener;

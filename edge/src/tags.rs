@@ -62,19 +62,58 @@ impl Tag {
     }
 }
 
-/// The epoch of one tag as an entry recorded it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
-    slot: usize,
-    epoch: u64,
+/// The epoch of one tag as an entry recorded it: its slot in the low 16 bits, the slot's
+/// epoch above them (48 bits: a slot would need 2^48 bumps to come back to a value an entry
+/// holds), so an entry's stamps fit in a few words it can be copied with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stamp(u64);
+
+const SLOT_BITS: u32 = 16;
+const SLOTS: usize = 1 << SLOT_BITS;
+
+impl Stamp {
+    fn new(slot: usize, epoch: u64) -> Stamp {
+        Stamp((epoch << SLOT_BITS) | (slot & (SLOTS - 1)) as u64)
+    }
+
+    fn slot(self) -> usize {
+        (self.0 as usize) & (SLOTS - 1)
+    }
+
+    fn matches(self, epoch: u64) -> bool {
+        (self.0 >> SLOT_BITS) == (epoch << SLOT_BITS) >> SLOT_BITS
+    }
+}
+
+/// The stamps an entry depends on, kept inline (a GPU record depends on five tags at most).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stamps {
+    len: u8,
+    items: [Stamp; Stamps::CAPACITY],
+}
+
+impl Stamps {
+    pub const CAPACITY: usize = 6;
+
+    /// `None` when there are more than [`Stamps::CAPACITY`].
+    pub fn collect(stamps: impl IntoIterator<Item = Stamp>) -> Option<Stamps> {
+        let mut all = Stamps::default();
+        for stamp in stamps {
+            *all.items.get_mut(usize::from(all.len))? = stamp;
+            all.len += 1;
+        }
+        Some(all)
+    }
+
+    pub fn as_slice(&self) -> &[Stamp] {
+        self.items.get(..usize::from(self.len)).unwrap_or(&[])
+    }
 }
 
 /// Striped epoch counters.
 pub struct Epochs {
     slots: Box<[AtomicU64]>,
 }
-
-const SLOTS: usize = 1 << 16;
 
 impl Default for Epochs {
     fn default() -> Self {
@@ -90,22 +129,27 @@ impl Epochs {
         (tag.0 as usize) & (SLOTS - 1)
     }
 
+    fn epoch(&self, slot: usize) -> u64 {
+        self.slots
+            .get(slot)
+            .map_or(0, |epoch| epoch.load(Ordering::Acquire))
+    }
+
     /// The current epoch of `tag`, to be checked later with [`Epochs::unchanged`].
     pub fn stamp(&self, tag: Tag) -> Stamp {
         let slot = Epochs::slot(tag);
-        Stamp {
-            slot,
-            epoch: self.slots[slot].load(Ordering::Acquire),
-        }
+        Stamp::new(slot, self.epoch(slot))
     }
 
     /// Invalidates everything stamped with `tag` so far.
     pub fn bump(&self, tag: Tag) {
-        self.slots[Epochs::slot(tag)].fetch_add(1, Ordering::AcqRel);
+        if let Some(epoch) = self.slots.get(Epochs::slot(tag)) {
+            epoch.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     pub fn unchanged(&self, stamp: &Stamp) -> bool {
-        self.slots[stamp.slot].load(Ordering::Acquire) == stamp.epoch
+        stamp.matches(self.epoch(stamp.slot()))
     }
 
     pub fn all_unchanged(&self, stamps: &[Stamp]) -> bool {
@@ -128,6 +172,23 @@ mod tests {
         let after = epochs.stamp(Tag::gpu("eu", "g1"));
         assert!(epochs.unchanged(&after));
         assert!(!epochs.all_unchanged(&[after, before]));
+    }
+
+    #[test]
+    fn stamps_hold_up_to_their_capacity_and_refuse_more() {
+        let epochs = Epochs::default();
+        let tags = |n: usize| (0..n).map(|i| epochs.stamp(Tag::gpu("eu", &format!("g{i}"))));
+        let full = Stamps::collect(tags(Stamps::CAPACITY));
+        assert_eq!(full.map(|s| s.as_slice().len()), Some(Stamps::CAPACITY));
+        assert!(Stamps::collect(tags(Stamps::CAPACITY + 1)).is_none());
+    }
+
+    #[test]
+    fn an_epoch_is_compared_on_its_low_48_bits() {
+        let stamp = Stamp::new(3, 5);
+        assert_eq!(stamp.slot(), 3);
+        assert!(stamp.matches(5) && stamp.matches(5 + (1 << 48)));
+        assert!(!stamp.matches(6));
     }
 
     #[test]
