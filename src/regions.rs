@@ -174,6 +174,7 @@ fn forget_db(db: Option<i32>) {
     }
     crate::booking_clock::forget_db(db);
     crate::provider_moves::forget_db(db);
+    crate::type_drains::forget_db(db);
 }
 
 /// `SWAPDB a b`: each db's regions now live in the other.
@@ -194,6 +195,7 @@ fn swap_dbs(a: i32, b: i32) {
     }
     crate::booking_clock::forget_all_ends();
     crate::provider_moves::swap_dbs(a, b);
+    crate::type_drains::swap_dbs(a, b);
 }
 
 pub(crate) fn swap(db: i32, a: i32, b: i32) -> i32 {

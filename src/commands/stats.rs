@@ -77,13 +77,12 @@ fn counter(region: &Region, field: &str) -> MarketResult<i64> {
 fn type_figures(region: &Region, gpu_type: &str) -> MarketResult<TypeFigures> {
     let store = region.store;
     let own_key = region.keys.available_own(gpu_type);
-    let typed_key = region.keys.available_typed(gpu_type);
     let type_price = region.load_type_price(gpu_type)?;
     let own_count = store.zcard(&own_key)?;
     // Type-priced entries show the type price; while an expired type price awaits healing they
     // are not counted (AVAILABLE skips them too).
     let typed_count = match type_price {
-        Some(_) => store.zcard(&typed_key)?,
+        Some(_) => region.typed_count(gpu_type)?,
         None => 0,
     };
     let own_sum = counter(region, &stat::own_price_sum(gpu_type))?;
