@@ -34,7 +34,7 @@ const ENTITIES: [&str; 10] = [
 ];
 /// The region's keys with a fixed name (`<entity>:<name>`, or `events` alone), accepted as full
 /// keys; `stats` names the counters hash.
-const FIXED: [(&str, &str); 8] = [
+const FIXED: [(&str, &str); 9] = [
     ("stats", "market"),
     ("stats", "24h"),
     ("index", "gpus"),
@@ -42,6 +42,7 @@ const FIXED: [(&str, &str); 8] = [
     ("index", "providers"),
     ("index", "bookings"),
     ("index", "booking-ends"),
+    ("index", "provider-moves"),
     ("events", ""),
 ];
 

@@ -65,21 +65,22 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     );
     if moved > 0 {
         if moved <= INLINE_GPUS {
-            store.write(
-                "ZUNIONSTORE",
-                &[
-                    typed.as_bytes(),
-                    b"2",
-                    typed.as_bytes(),
-                    own.as_bytes(),
-                    b"WEIGHTS",
-                    b"0",
-                    b"0",
-                ],
-            );
+            // `ZADD` of the few rather than `ZUNIONSTORE`, which rebuilds the whole type-price
+            // set: O(|own| log n), not O(|avail-type|) (100,000 GPUs: ~30 ms).
+            let members = store.members_of_range(&own)?;
+            let mut args: Vec<&[u8]> = Vec::with_capacity(1 + 2 * members.len());
+            args.push(typed.as_bytes());
+            for member in &members {
+                args.push(b"0");
+                args.push(member.as_bytes());
+            }
+            if !members.is_empty() {
+                store.write("ZADD", &args);
+            }
             store.write("DEL", &[own.as_bytes()]);
         } else {
             start_drain(store, &own, &draining, moved, still_draining)?;
+            store.mark_written(&draining);
             type_drains::queue(store.ctx(), &region.name, &gpu_type);
         }
         // The sum goes with the index; counters changed so far are written first, so the
