@@ -140,10 +140,12 @@ for i in $(seq 0 9); do
 done
 phase "PRICE eu A100 4 (10 GPUs re-priced since)" GPUCACHE.PRICE eu A100 4
 
+# EXISTS first: it expires the key at once (active expiry may take minutes to sample it among
+# 100,000 keys with a TTL).
 settled() {
-  [ "$(cli ZCARD 'gpucache:{eu}:avail-type:A100')" = "0" ] &&
-    [ "$(cli EXISTS 'gpucache:{eu}:avail-draining:A100')" = "0" ] &&
-    [ "$(cli EXISTS 'gpucache:{eu}:price:A100')" = "0" ]
+  [ "$(cli EXISTS 'gpucache:{eu}:price:A100')" = "0" ] &&
+    [ "$(cli ZCARD 'gpucache:{eu}:avail-type:A100')" = "0" ] &&
+    [ "$(cli EXISTS 'gpucache:{eu}:avail-draining:A100')" = "0" ]
 }
 phase "type price expiry" PEXPIRE 'gpucache:{eu}:price:A100' 1
 echo "   avail-own: $(cli ZCARD 'gpucache:{eu}:avail-own:A100'); heal slices: $(info gpucache_type_price_heal_slices)"
