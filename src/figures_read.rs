@@ -53,7 +53,6 @@ fn type_figures(
 ) -> MarketResult<TypeFigures> {
     let store = region.store;
     let own_key = region.keys.available_own(gpu_type);
-    let typed_key = region.keys.available_typed(gpu_type);
     let type_price = region.load_type_price(gpu_type)?;
     if type_price.is_some() {
         // An expired type price reads as missing from then on (on a replica, before any event).
@@ -63,7 +62,8 @@ fn type_figures(
         *deadline = earliest(*deadline, expires);
     }
     let own_count = store.zcard(&own_key)?;
-    let typed_entries = store.zcard(&typed_key)?;
+    // The type-price index and what a PRICE is still draining into it (`type_drains.rs`).
+    let typed_entries = region.typed_count(gpu_type)?;
     // Type-priced entries show the type price; while an expired type price awaits healing they
     // are not counted (AVAILABLE skips them too).
     let typed_count = if type_price.is_some() {

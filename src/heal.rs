@@ -43,6 +43,9 @@ enum Target {
         region: String,
         progress: Box<SweepProgress>,
     },
+    /// The next slice of the GPUs of a type whose price expired going back to their own
+    /// prices (`heal_type_price`).
+    TypePrice { region: String, gpu_type: String },
 }
 
 impl Target {
@@ -83,6 +86,7 @@ struct Queue {
     healed: u64,
     region_repairs: u64,
     sweep_slices: u64,
+    type_price_slices: u64,
 }
 
 impl Queue {
@@ -151,6 +155,8 @@ pub struct HealFigures {
     pub region_repairs: u64,
     /// Timer calls that worked on a sweep (a big region's sweep takes many).
     pub sweep_slices: u64,
+    /// Slices of type-price heals run (a type of many GPUs takes many).
+    pub type_price_slices: u64,
 }
 
 pub fn figures() -> HealFigures {
@@ -162,6 +168,7 @@ pub fn figures() -> HealFigures {
         healed: queue.healed,
         region_repairs: queue.region_repairs,
         sweep_slices: queue.sweep_slices,
+        type_price_slices: queue.type_price_slices,
     }
 }
 
@@ -364,7 +371,7 @@ fn next_job(now_ms: i64) -> Option<Job> {
     match &job.target {
         Target::Region(region) => queue.regions.remove(&(job.db, region.clone())),
         Target::Sweep { region, .. } => queue.sweeps.remove(&(job.db, region.clone())),
-        Target::Key(_) => false,
+        Target::Key(_) | Target::TypePrice { .. } => false,
     };
     Some(job)
 }
@@ -389,7 +396,9 @@ fn run(ctx: &Context, mut job: Job, now_ms: i64, deadline: Instant) -> Option<Jo
     }
     let region = match &job.target {
         Target::Key(key) => RegionKeys::parse(key).map(|(r, _, _)| r.to_owned())?,
-        Target::Region(region) | Target::Sweep { region, .. } => region.clone(),
+        Target::Region(region)
+        | Target::Sweep { region, .. }
+        | Target::TypePrice { region, .. } => region.clone(),
     };
     let access = Store::new(ctx).write_access(RegionKeys::new(&region).prefix());
     let outcome = match (&mut job.target, access) {
@@ -432,6 +441,10 @@ fn run(ctx: &Context, mut job: Job, now_ms: i64, deadline: Instant) -> Option<Jo
                 Err(e) => Err(e.to_string()),
             }
         }
+        (Target::TypePrice { gpu_type, .. }, WriteAccess::Now) => {
+            continue_type_price_heal(ctx, job.db, &region, gpu_type);
+            Ok(())
+        }
         (Target::Region(_), WriteAccess::Now) => {
             queue().region_repairs += 1;
             match crate::repair::repair_region(ctx, &region) {
@@ -449,6 +462,9 @@ fn run(ctx: &Context, mut job: Job, now_ms: i64, deadline: Instant) -> Option<Jo
         Target::Key(key) => format!("healing after {key}"),
         Target::Region(_) => format!("repairing region {region}"),
         Target::Sweep { .. } => format!("sweeping region {region}"),
+        Target::TypePrice { gpu_type, .. } => {
+            format!("healing the type price of {gpu_type} in region {region}")
+        }
     };
     // A region whose slot another node serves is that node's to repair once it takes charge
     // of it: this one stops asking after a minute, once the region's keys have left it too.
@@ -482,7 +498,7 @@ fn run(ctx: &Context, mut job: Job, now_ms: i64, deadline: Instant) -> Option<Jo
         match &job.target {
             Target::Region(region) => queue.regions.insert((job.db, region.clone())),
             Target::Sweep { region, .. } => queue.sweeps.insert((job.db, region.clone())),
-            Target::Key(_) => false,
+            Target::Key(_) | Target::TypePrice { .. } => false,
         };
     }
     // A sweep retried starts over: the region may have changed in any way while it waited.
@@ -550,7 +566,12 @@ pub(crate) fn heal_key(ctx: &Context, key: &str) -> bool {
     let outcome = match entity {
         "gpu" => heal_gpu(&region, id),
         "booking" => heal_booking(&region, id),
-        "price" => heal_type_price(&region, id),
+        "price" => heal_type_price(&region, id, true).map(|more| {
+            if more {
+                queue_type_price_heal(ctx, selected_db(ctx), &region.name, id);
+            }
+            true
+        }),
         _ => Ok(false),
     };
     if let Err(e) = outcome {
@@ -825,21 +846,102 @@ pub(crate) fn rebuild_booking(
     Ok(())
 }
 
-/// A type price expired: its GPUs show their own prices again, so they move back to the
-/// own-price index with those prices.
-fn heal_type_price(region: &Region, gpu_type: &str) -> MarketResult<bool> {
-    let store = region.store;
-    let typed = region.keys.available_typed(gpu_type);
-    let own = region.keys.available_own(gpu_type);
-    let members = store.members_of_range(&typed)?;
-    region.touch_type(gpu_type, !members.is_empty())?;
-    let mut moves: Vec<(String, Price)> = Vec::new();
-    for gpu_id in members {
-        if let Some(gpu) = region.load_gpu(&gpu_id)? {
-            moves.push((gpu_id, gpu.own_price));
+/// GPUs moved back to their own prices per slice of a type-price heal: ~25 µs each keeps a
+/// slice well inside the healing timer's budget.
+const TYPE_PRICE_SLICE_GPUS: usize = 64;
+
+/// Queues the next slice of a type-price heal, due at once.
+fn queue_type_price_heal(ctx: &Context, db: i32, region: &str, gpu_type: &str) {
+    queue().jobs.push_back(Job {
+        db,
+        target: Target::TypePrice {
+            region: region.to_owned(),
+            gpu_type: gpu_type.to_owned(),
+        },
+        attempts: 0,
+        not_before_ms: 0,
+    });
+    arm(ctx, 1);
+}
+
+/// A later slice of a type-price heal: stops when the type has a price again (a `PRICE`
+/// since: its GPUs show that one) or nothing is left to move.
+fn continue_type_price_heal(ctx: &Context, db: i32, region_name: &str, gpu_type: &str) {
+    let store = Store::new(ctx);
+    let region = Region::new(&store, region_name.to_owned());
+    if store.key_type(&region.keys.type_price(gpu_type)) != redis_module::KeyType::Empty {
+        return;
+    }
+    let outcome = region
+        .check_key_types(&[])
+        .and_then(|()| heal_type_price(&region, gpu_type, false));
+    match outcome {
+        Ok(true) => queue_type_price_heal(ctx, db, region_name, gpu_type),
+        Ok(false) => {}
+        Err(e) => {
+            crate::log(
+                ctx,
+                RedisLogLevel::Warning,
+                &format!(
+                    "gpucache: region {region_name}: healing the expired type price of \
+                     {gpu_type} failed ({e}): repairing the region instead"
+                ),
+            );
+            queue_region_repair(ctx, region_name);
+            return;
         }
     }
-    store.write("DEL", &[typed.as_bytes()]);
+    if store.failed_writes() > 0 {
+        queue_region_repair(ctx, region_name);
+    }
+}
+
+/// One slice of the heal of an expired type price: up to `TYPE_PRICE_SLICE_GPUS` GPUs of
+/// `avail-type`, then of `avail-draining`, go back to their own prices. Readers skip both
+/// while the type price is gone, so every slice leaves a consistent state. The first slice
+/// always publishes the expiry; a later one only what it moved. Returns whether GPUs are left.
+fn heal_type_price(region: &Region, gpu_type: &str, first: bool) -> MarketResult<bool> {
+    let store = region.store;
+    let typed = region.keys.available_typed(gpu_type);
+    let draining = region.keys.available_draining(gpu_type);
+    let own = region.keys.available_own(gpu_type);
+    let mut batch: Vec<(&str, Vec<u8>)> = Vec::new();
+    for key in [typed.as_str(), draining.as_str()] {
+        let room = TYPE_PRICE_SLICE_GPUS.saturating_sub(batch.len());
+        if room == 0 {
+            break;
+        }
+        for id in store.members_up_to(key, f64::INFINITY, room)? {
+            batch.push((key, id));
+        }
+    }
+    queue().type_price_slices += 1;
+    if batch.is_empty() && !first {
+        return Ok(false);
+    }
+    region.touch_type(gpu_type, !batch.is_empty())?;
+    let mut moves: Vec<(String, Price)> = Vec::new();
+    for (_, id) in &batch {
+        // An id that is not UTF-8 (written by hand) has no record: it only leaves the index.
+        let Ok(gpu_id) = std::str::from_utf8(id) else {
+            continue;
+        };
+        if let Some(gpu) = region.load_gpu(gpu_id)? {
+            moves.push((gpu_id.to_owned(), gpu.own_price));
+        }
+    }
+    for key in [typed.as_str(), draining.as_str()] {
+        let mut remove: Vec<&[u8]> = vec![key.as_bytes()];
+        remove.extend(
+            batch
+                .iter()
+                .filter(|(from, _)| *from == key)
+                .map(|(_, id)| id.as_slice()),
+        );
+        if remove.len() > 1 {
+            store.write("ZREM", &remove);
+        }
+    }
     for (gpu_id, price) in &moves {
         let score = price.as_score().to_string();
         store.write(
@@ -848,11 +950,12 @@ fn heal_type_price(region: &Region, gpu_type: &str) -> MarketResult<bool> {
         );
         region.add_to_counter(&stat::own_price_sum(gpu_type), price.micros());
     }
+    let more = region.typed_count(gpu_type)? > 0;
     store.mark_written(&region.keys.type_price(gpu_type));
     let mut event = Event::new(EventKind::PricingUpdated, &region.name, store.now_ms());
     event.reason = Some("expired");
     event.gpu_type = Some(gpu_type.to_owned());
     event.new.insert("gpus_repriced".into(), moves.len().into());
     region.publish(notify::EXPIRED, event)?;
-    Ok(true)
+    Ok(more)
 }

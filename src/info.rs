@@ -48,6 +48,8 @@ fn gpucache_info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
             "provider_moves_pending",
             count(crate::provider_moves::pending()),
         )?
+        .field("type_drains_pending", count(crate::type_drains::pending()))?
+        .field("type_price_heal_slices", big(heal.type_price_slices))?
         .field("ticker_longest_us", big(crate::ticker::longest_run_us()))?
         .field(
             "searches_cut_short",

@@ -76,6 +76,13 @@ impl RegionKeys {
         self.key("avail-type", gpu_type)
     }
 
+    /// Sorted set: listed GPUs of a type that showed their own price before the last large
+    /// `PRICE` and show the type price since, waiting to join `avail-type` a slice at a time
+    /// (`type_drains.rs`). Scores are the own prices they had; they mean nothing any more.
+    pub fn available_draining(&self, gpu_type: &str) -> String {
+        self.key("avail-draining", gpu_type)
+    }
+
     /// Sorted set: listed GPUs of a type scored by performance score (for `SORT SCORE`).
     pub fn available_by_score(&self, gpu_type: &str) -> String {
         self.key("avail-score", gpu_type)

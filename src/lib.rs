@@ -26,6 +26,7 @@ pub mod store;
 pub mod survey;
 mod sweep;
 mod ticker;
+mod type_drains;
 
 use redis_module::logging::RedisLogLevel;
 use redis_module::{redis_module, Context, RedisResult, RedisString, Status};

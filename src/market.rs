@@ -208,14 +208,24 @@ impl<'s, 'c> Region<'s, 'c> {
         Ok((listed, total))
     }
 
-    /// Bookable GPUs of a type: the entries of its two price indexes.
+    /// Bookable GPUs of a type: the entries of its price indexes.
     pub fn listed_count(&self, gpu_type: &str) -> MarketResult<i64> {
         let own = self.keys.available_own(gpu_type);
-        let typed = self.keys.available_typed(gpu_type);
         Ok(self
             .store
             .zcard(&own)?
-            .saturating_add(self.store.zcard(&typed)?))
+            .saturating_add(self.typed_count(gpu_type)?))
+    }
+
+    /// Listed GPUs of a type that show the type price (while it exists): `avail-type` and the
+    /// GPUs a large `PRICE` left draining into it.
+    pub fn typed_count(&self, gpu_type: &str) -> MarketResult<i64> {
+        let typed = self.keys.available_typed(gpu_type);
+        let draining = self.keys.available_draining(gpu_type);
+        Ok(self
+            .store
+            .zcard(&typed)?
+            .saturating_add(self.store.zcard(&draining)?))
     }
 
     /// Registered GPUs of each of `types` (the denominators of their demand ratios, as
@@ -396,6 +406,7 @@ impl<'s, 'c> Region<'s, 'c> {
             ("gpu", gpu_id, KeyType::Hash),
             ("avail-own", gpu_type, KeyType::ZSet),
             ("avail-type", gpu_type, KeyType::ZSet),
+            ("avail-draining", gpu_type, KeyType::ZSet),
             ("avail-score", gpu_type, KeyType::ZSet),
             ("price", gpu_type, KeyType::Hash),
             ("provider", provider, KeyType::Hash),
@@ -628,9 +639,13 @@ impl<'s, 'c> Region<'s, 'c> {
             self.add_to_counter(&stat::own_price_sum(gpu_type), -micros);
         } else {
             let typed = self.keys.available_typed(gpu_type);
-            if self.store.zscore(&typed, gpu_id)?.is_some() {
-                self.store
-                    .write("ZREM", &[typed.as_bytes(), gpu_id.as_bytes()]);
+            let draining = self.keys.available_draining(gpu_type);
+            for key in [typed, draining] {
+                if self.store.zscore(&key, gpu_id)?.is_some() {
+                    self.store
+                        .write("ZREM", &[key.as_bytes(), gpu_id.as_bytes()]);
+                    break;
+                }
             }
         }
         Ok(())

@@ -179,6 +179,7 @@ fn forget_db(db: Option<i32>) {
     crate::stats_cache::db_emptied(db);
     crate::booking_clock::forget_db(db);
     crate::provider_moves::forget_db(db);
+    crate::type_drains::forget_db(db);
 }
 
 /// `SWAPDB a b`: each db's regions now live in the other.
@@ -200,6 +201,7 @@ fn swap_dbs(a: i32, b: i32) {
     crate::stats_cache::dbs_swapped(a, b);
     crate::booking_clock::forget_all_ends();
     crate::provider_moves::swap_dbs(a, b);
+    crate::type_drains::swap_dbs(a, b);
 }
 
 pub(crate) fn swap(db: i32, a: i32, b: i32) -> i32 {

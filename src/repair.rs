@@ -167,6 +167,8 @@ pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairRep
         region.publish(notify::REPAIRED, event)?;
     }
     crate::booking_clock::look_again_at(ctx, region_name);
+    // A drain that failed (and queued this repair) goes on over what the repair left draining.
+    crate::type_drains::resume_region(ctx, region_name)?;
     report.failed_writes = store.failed_writes();
     Ok(report)
 }

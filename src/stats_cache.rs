@@ -48,7 +48,7 @@ fn now_ms() -> i64 {
 }
 
 /// The keys STATS figures are read from, as (entity, id); `None` for any id.
-const INPUTS: [(&str, Option<&str>); 8] = [
+const INPUTS: [(&str, Option<&str>); 9] = [
     ("stats", Some("market")),
     ("stats", Some("24h")),
     ("index", Some("gpus")),
@@ -56,6 +56,7 @@ const INPUTS: [(&str, Option<&str>); 8] = [
     ("index", Some("types")),
     ("avail-own", None),
     ("avail-type", None),
+    ("avail-draining", None),
     ("price", None),
 ];
 

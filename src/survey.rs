@@ -424,7 +424,8 @@ impl Surveyor<'_, '_, '_> {
         let mut bookings: BTreeMap<String, Read<Booking>> = BTreeMap::new();
         let mut provider_members: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut provider_status: BTreeMap<String, ProviderRead> = BTreeMap::new();
-        let mut indexes: BTreeMap<String, [BTreeMap<String, f64>; 3]> = BTreeMap::new();
+        // Per type: avail-own, avail-type, avail-score, avail-draining.
+        let mut indexes: BTreeMap<String, [BTreeMap<String, f64>; 4]> = BTreeMap::new();
         let mut type_prices: BTreeMap<String, Option<TypePrice>> = BTreeMap::new();
         loop {
             let mut found = false;
@@ -495,11 +496,12 @@ impl Surveyor<'_, '_, '_> {
                 .collect();
             for gpu_type in unread {
                 found = true;
-                let mut sets: [BTreeMap<String, f64>; 3] = Default::default();
+                let mut sets: [BTreeMap<String, f64>; 4] = Default::default();
                 for (slot, key) in sets.iter_mut().zip([
                     keys.available_own(&gpu_type),
                     keys.available_typed(&gpu_type),
                     keys.available_by_score(&gpu_type),
+                    keys.available_draining(&gpu_type),
                 ]) {
                     *slot = self.zset(&key)?;
                     self.no_ttl(&key, "the availability index");
@@ -975,7 +977,11 @@ impl Surveyor<'_, '_, '_> {
         }
         for (gpu_type, wanted) in &wanted_indexes {
             let stored = indexes.get(gpu_type).cloned().unwrap_or_default();
-            if !stored[1].is_empty() && type_prices.get(gpu_type).copied().flatten().is_none() {
+            // GPUs a large PRICE left draining into avail-type count as being there.
+            let draining = &stored[3];
+            if (!stored[1].is_empty() || !draining.is_empty())
+                && type_prices.get(gpu_type).copied().flatten().is_none()
+            {
                 self.out.repriced_types += 1;
             }
             for (slot, (name, key)) in [
@@ -992,6 +998,7 @@ impl Surveyor<'_, '_, '_> {
                 let index = format!("{name}:{gpu_type}");
                 for (gpu_id, score) in want {
                     match have.get(gpu_id) {
+                        None if slot == 1 && draining.contains_key(gpu_id) => {}
                         Some(s) if (s - score).abs() <= 1e-9 => {}
                         Some(s) => self.add(
                             format!("{gpu_id} has score {s} in {index}, expected {score}"),
@@ -1006,6 +1013,21 @@ impl Surveyor<'_, '_, '_> {
                 for gpu_id in have.keys().filter(|id| !want.contains_key(*id)) {
                     self.add(
                         format!("{gpu_id} is in {index} but should not be"),
+                        Self::write("ZREM", &[&key, gpu_id]),
+                    );
+                }
+            }
+            let key = keys.available_draining(gpu_type);
+            let index = format!("avail-draining:{gpu_type}");
+            for gpu_id in draining.keys() {
+                if !wanted[1].contains_key(gpu_id) {
+                    self.add(
+                        format!("{gpu_id} is in {index} but should not be"),
+                        Self::write("ZREM", &[&key, gpu_id]),
+                    );
+                } else if stored[1].contains_key(gpu_id) {
+                    self.add(
+                        format!("{gpu_id} is in both avail-type:{gpu_type} and {index}"),
                         Self::write("ZREM", &[&key, gpu_id]),
                     );
                 }

@@ -68,6 +68,8 @@ pub fn sweep_slice(
         // Moves of providers' GPUs the previous primary (or this server before it stopped) had
         // not finished.
         crate::provider_moves::resume_region(ctx, region_name)?;
+        // Re-priced GPUs a large `PRICE` left draining into their type-price index.
+        crate::type_drains::resume_region(ctx, region_name)?;
         if damaged {
             slice.done = true;
             slice.needs_repair = true;
@@ -101,12 +103,10 @@ pub fn sweep_slice(
         return Ok(slice);
     }
     // Type prices whose time passed: their GPUs go back to their own prices. (A region has
-    // few types; each is one heal, as when its expiry is announced.)
+    // few types; each is one heal, as when its expiry is announced, which goes on in slices.)
     for gpu_type in store.set_members(&keys.types())? {
         keys.key_into(&mut key, "price", &gpu_type);
-        if store.zcard(&keys.available_typed(&gpu_type))? > 0
-            && store.key_type(&key) == KeyType::Empty
-        {
+        if region.typed_count(&gpu_type)? > 0 && store.key_type(&key) == KeyType::Empty {
             if crate::heal::heal_key(ctx, &key) {
                 progress.failed_writes = progress.failed_writes.saturating_add(1);
             }

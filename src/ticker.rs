@@ -1,5 +1,5 @@
 //! The module's periodic work: the booking clock, the moves of large providers' GPUs
-//! (`provider_moves.rs`), and a fallback re-read of the eviction policy
+//! (`provider_moves.rs`) and of large types' re-priced GPUs (`type_drains.rs`), and a fallback re-read of the eviction policy
 //! (a config change is also caught at once by its server event).
 //!
 //! Driven by Redis's own cron (`serverCron`, `hz` times a second, 10 by default) rather than a
@@ -75,7 +75,8 @@ fn run(ctx: &Context, _: ()) {
         }
         let now = now_ms(ctx);
         let clock_unfinished = crate::booking_clock::on_tick(ctx, now, deadline);
-        crate::provider_moves::on_tick(ctx, now, deadline) || clock_unfinished
+        let moves_unfinished = crate::provider_moves::on_tick(ctx, now, deadline);
+        crate::type_drains::on_tick(ctx, now, deadline) || moves_unfinished || clock_unfinished
     })
     .unwrap_or(false);
     let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);

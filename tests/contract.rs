@@ -177,18 +177,18 @@ fn the_available_and_region_targets_include_the_score_indexes() {
     seed(&mut con);
     let mut expected = Vec::new();
     for gpu_type in ["A100", "H100"] {
-        for index in ["avail-own", "avail-type", "avail-score"] {
+        for index in ["avail-own", "avail-type", "avail-draining", "avail-score"] {
             expected.push(format!("gpucache:{{eu}}:{index}:{gpu_type}"));
         }
     }
     expected.sort();
 
-    assert_eq!(invalidate(&mut con, &["available"]).unwrap(), Value::Int(6));
+    assert_eq!(invalidate(&mut con, &["available"]).unwrap(), Value::Int(8));
     let mut named = last_invalidated(&mut con);
     named.sort();
     assert_eq!(named, expected);
 
-    assert_eq!(invalidate(&mut con, &["region"]).unwrap(), Value::Int(7));
+    assert_eq!(invalidate(&mut con, &["region"]).unwrap(), Value::Int(9));
     let mut named = last_invalidated(&mut con);
     named.sort();
     let mut with_stats = expected.clone();
@@ -199,6 +199,7 @@ fn the_available_and_region_targets_include_the_score_indexes() {
     // The README says so.
     let section = readme_section("### GPUCACHE.INVALIDATE");
     assert!(section.contains("avail-score:A100"), "{section}");
+    assert!(section.contains("avail-draining:A100"), "{section}");
 }
 
 #[test]

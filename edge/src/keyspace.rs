@@ -37,6 +37,7 @@ const ID_ENTITIES: &[&str] = &[
     "provider-gpus",
     "avail-own",
     "avail-type",
+    "avail-draining",
     "avail-score",
     "orderbook",
 ];
@@ -61,7 +62,7 @@ pub fn tags_for_key(key: &str) -> Vec<Tag> {
             Tag::order_book(region, parts.id),
         ],
         "provider" => vec![Tag::provider(region, parts.id), Tag::gpu_inputs(region)],
-        "avail-own" | "avail-type" | "avail-score" => {
+        "avail-own" | "avail-type" | "avail-draining" | "avail-score" => {
             vec![Tag::market(region), Tag::order_book(region, parts.id)]
         }
         "orderbook" => vec![Tag::order_book(region, parts.id)],
@@ -141,6 +142,10 @@ mod tests {
         );
         assert_eq!(
             tags_for_key("gpucache:{eu}:avail-own:A100"),
+            vec![Tag::market("eu"), Tag::order_book("eu", "A100")]
+        );
+        assert_eq!(
+            tags_for_key("gpucache:{eu}:avail-draining:A100"),
             vec![Tag::market("eu"), Tag::order_book("eu", "A100")]
         );
         assert_eq!(

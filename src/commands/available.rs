@@ -9,6 +9,14 @@
 //! LIMIT) record reads when only `TYPE`, `MAXPRICE` and `LIMIT` filter. `MINMEMORY`/`MINCORES`
 //! (and `MAXPRICE` under `SORT SCORE`) are checked on the records, so a selective filter walks
 //! further, up to every listed GPU of the type.
+//!
+//! While a large `PRICE` drains (`type_drains.rs`), a type has a third price source, its
+//! `avail-draining` set, ranked at the type price like `avail-type`. Its members come in the
+//! order of the own prices they had before that `PRICE` (ties by id), not in id order, so
+//! among the GPUs at the type price the merge yields the two sets interleaved: at each step
+//! the lower id of the two sets' next members. Each set's own order is kept, and every GPU
+//! at the type price still comes before every dearer one; once the drain is over the order
+//! is ascending id again.
 
 use super::{option_is, repeated_option, unknown_option, Args, Out, Reply};
 use crate::core::demand;
@@ -291,6 +299,12 @@ fn sources_of_type(
                     sources.push(Source::new(
                         region.keys.available_typed(gpu_type),
                         (0.0, 0.0),
+                        Ranking::TypePrice { shown },
+                    ));
+                    // Scored by former own prices, which no longer rank anything.
+                    sources.push(Source::new(
+                        region.keys.available_draining(gpu_type),
+                        (f64::NEG_INFINITY, f64::INFINITY),
                         Ranking::TypePrice { shown },
                     ));
                 }

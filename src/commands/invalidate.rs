@@ -20,7 +20,7 @@ use redis_module::RedisString;
 pub const MAX_TARGETS: usize = 1000;
 /// Key families named `<entity>:<id>`, as full keys and as shorthands: the README "Keys" table's
 /// records and per-type indexes, and the `orderbook:<type>` notification channel.
-const ENTITIES: [&str; 9] = [
+const ENTITIES: [&str; 10] = [
     "gpu",
     "booking",
     "provider",
@@ -28,6 +28,7 @@ const ENTITIES: [&str; 9] = [
     "price",
     "avail-own",
     "avail-type",
+    "avail-draining",
     "avail-score",
     "orderbook",
 ];
@@ -55,6 +56,7 @@ fn expand(region: &Region, target: &[u8], types: &[String]) -> MarketResult<Vec<
                 [
                     keys.available_own(t),
                     keys.available_typed(t),
+                    keys.available_draining(t),
                     keys.available_by_score(t),
                 ]
             })

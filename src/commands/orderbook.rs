@@ -110,7 +110,7 @@ pub fn command(store: &Store, all: &[RedisString]) -> MarketResult<Out> {
     let multiplier = demand_multiplier_of(listed, total);
     let mut levels = own_levels(&region, &gpu_type, depth)?;
     if let Some(tp) = region.load_type_price(&gpu_type)? {
-        let typed = store.zcard(&region.keys.available_typed(&gpu_type))?;
+        let typed = region.typed_count(&gpu_type)?;
         if typed > 0 {
             match levels.iter_mut().find(|(price, _)| *price == tp.price) {
                 Some(level) => level.1 = level.1.saturating_add(typed),
