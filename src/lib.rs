@@ -21,6 +21,7 @@ pub mod market;
 mod provider_moves;
 mod regions;
 pub mod repair;
+mod slice_queue;
 mod stats_cache;
 pub mod store;
 pub mod survey;

@@ -19,11 +19,12 @@ use crate::core::events::{notify, Event, EventKind};
 use crate::core::gpu::{GpuRecord, TypePrice};
 use crate::core::status::{is_listed, ProviderStatus};
 use crate::market::Region;
-use crate::store::{select_db, selected_db, Store, WriteAccess};
+use crate::slice_queue::{self, Access, Job, SliceQueue};
+use crate::store::{selected_db, Store};
 use redis_module::logging::RedisLogLevel;
 use redis_module::Context;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::MutexGuard;
 use std::time::Instant;
 
 /// A provider with at most this many GPUs in the region is moved inside `PROVIDER` itself:
@@ -31,8 +32,6 @@ use std::time::Instant;
 pub const INLINE_GPUS: usize = 128;
 /// GPUs asked of `SSCAN` per slice: one slice stays well inside the ticker's budget.
 const SLICE_GPUS: usize = 32;
-/// How long a move waits when its region cannot be written now (cluster down).
-const RETRY_MS: i64 = 1_000;
 
 #[derive(Debug, Clone)]
 struct Move {
@@ -49,19 +48,27 @@ impl Move {
     }
 }
 
-static MOVES: LazyLock<Mutex<VecDeque<Move>>> = LazyLock::new(|| Mutex::new(VecDeque::new()));
+impl Job for Move {
+    fn db(&self) -> i32 {
+        self.db
+    }
+    fn db_mut(&mut self) -> &mut i32 {
+        &mut self.db
+    }
+    fn not_before_ms_mut(&mut self) -> &mut i64 {
+        &mut self.not_before_ms
+    }
+}
+
+static MOVES: SliceQueue<Move> = SliceQueue::new();
 
 fn moves() -> MutexGuard<'static, VecDeque<Move>> {
-    // A panic while the lock was held (a bug; the log has it) leaves a queue that is still
-    // consistent: every entry is a complete move.
-    MOVES
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    MOVES.lock()
 }
 
 /// Moves queued and not finished (`INFO gpucache`).
 pub fn pending() -> usize {
-    moves().len()
+    MOVES.pending()
 }
 
 /// What one slice (or an inline move) did.
@@ -154,14 +161,12 @@ pub fn cancel(ctx: &Context, region: &str, provider: &str) {
 
 /// Forgets the moves of a database (`FLUSHDB`, `SWAPDB`) or of all (`None`: `FLUSHALL`, a load).
 pub fn forget_db(db: Option<i32>) {
-    moves().retain(|m| db.is_some_and(|db| m.db != db));
+    MOVES.forget_db(db);
 }
 
 /// `SWAPDB a b`: each db's moves now run in the other.
 pub fn swap_dbs(a: i32, b: i32) {
-    for m in moves().iter_mut() {
-        m.db = crate::regions::swap(m.db, a, b);
-    }
+    MOVES.swap_dbs(a, b);
 }
 
 /// Queues again every move the region records as under way (after a load, a promotion or the
@@ -192,46 +197,19 @@ pub fn resume_region(ctx: &Context, region: &str) -> MarketResult<usize> {
 /// Runs slices of queued moves until `deadline`. Returns whether a move is left that could run
 /// now (the ticker then comes back at once).
 pub fn on_tick(ctx: &Context, now_ms: i64, deadline: Instant) -> bool {
-    let original = selected_db(ctx);
-    let mut waiting = Vec::new();
-    let mut unfinished = false;
-    loop {
-        let popped = moves().pop_front();
-        let Some(next) = popped else { break };
-        if next.not_before_ms > now_ms {
-            waiting.push(next);
-            continue;
-        }
-        if Instant::now() >= deadline {
-            moves().push_front(next);
-            unfinished = true;
-            break;
-        }
-        if !select_db(ctx, next.db) {
-            continue;
-        }
-        if let Some(rest) = run_slice(ctx, next, now_ms) {
-            moves().push_front(rest);
-        }
-    }
-    moves().extend(waiting);
-    select_db(ctx, original);
-    unfinished
+    MOVES.on_tick(ctx, now_ms, deadline, run_slice)
 }
 
 /// One slice of a move. Returns the move to go on with, if any.
 fn run_slice(ctx: &Context, mut job: Move, now_ms: i64) -> Option<Move> {
     let store = Store::new(ctx);
     let region = Region::new(&store, job.region.clone());
-    match store.write_access(region.keys.prefix()) {
-        WriteAccess::Now => {}
-        WriteAccess::Later => {
-            job.not_before_ms = now_ms.saturating_add(RETRY_MS);
-            return Some(job);
-        }
+    match slice_queue::access(&store, region.keys.prefix(), &mut job, now_ms) {
+        Access::Now => {}
+        Access::Later => return Some(job),
         // The region's slot is another node's: that node resumes the move from the region's
         // `index:provider-moves` when the region arrives there.
-        WriteAccess::Elsewhere => return None,
+        Access::Elsewhere => return None,
     }
     match slice(&region, &job) {
         Ok(0) => None,

@@ -16,19 +16,16 @@
 
 use crate::core::error::MarketResult;
 use crate::market::Region;
-use crate::store::{select_db, selected_db, Store, WriteAccess};
+use crate::slice_queue::{self, Access, Job, SliceQueue};
+use crate::store::{selected_db, Store};
 use redis_module::logging::RedisLogLevel;
 use redis_module::{Context, KeyType};
-use std::collections::VecDeque;
-use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// A type with at most this many own-priced GPUs is moved inside `PRICE` itself.
 pub const INLINE_GPUS: i64 = 128;
 /// GPUs moved per slice: one slice stays well inside the ticker's budget.
 const SLICE_GPUS: usize = 64;
-/// How long a drain waits when its region cannot be written now (cluster down).
-const RETRY_MS: i64 = 1_000;
 
 #[derive(Debug, Clone)]
 struct Drain {
@@ -44,18 +41,23 @@ impl Drain {
     }
 }
 
-static DRAINS: LazyLock<Mutex<VecDeque<Drain>>> = LazyLock::new(|| Mutex::new(VecDeque::new()));
-
-fn drains() -> MutexGuard<'static, VecDeque<Drain>> {
-    // Every entry is complete whatever panicked while the lock was held.
-    DRAINS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+impl Job for Drain {
+    fn db(&self) -> i32 {
+        self.db
+    }
+    fn db_mut(&mut self) -> &mut i32 {
+        &mut self.db
+    }
+    fn not_before_ms_mut(&mut self) -> &mut i64 {
+        &mut self.not_before_ms
+    }
 }
+
+static DRAINS: SliceQueue<Drain> = SliceQueue::new();
 
 /// Drains queued and not finished (`INFO gpucache`).
 pub fn pending() -> usize {
-    drains().len()
+    DRAINS.pending()
 }
 
 /// Queues the drain of a type's `avail-draining` key in the selected database (once) and wakes
@@ -63,7 +65,7 @@ pub fn pending() -> usize {
 pub fn queue(ctx: &Context, region: &str, gpu_type: &str) {
     let db = selected_db(ctx);
     {
-        let mut drains = drains();
+        let mut drains = DRAINS.lock();
         if !drains.iter().any(|d| d.is(db, region, gpu_type)) {
             drains.push_back(Drain {
                 db,
@@ -78,14 +80,12 @@ pub fn queue(ctx: &Context, region: &str, gpu_type: &str) {
 
 /// Forgets the drains of a database (`FLUSHDB`, `SWAPDB`) or of all (`None`).
 pub fn forget_db(db: Option<i32>) {
-    drains().retain(|d| db.is_some_and(|db| d.db != db));
+    DRAINS.forget_db(db);
 }
 
 /// `SWAPDB a b`: each db's drains now run in the other.
 pub fn swap_dbs(a: i32, b: i32) {
-    for d in drains().iter_mut() {
-        d.db = crate::regions::swap(d.db, a, b);
-    }
+    DRAINS.swap_dbs(a, b);
 }
 
 /// Queues the drain of every type of the region that has a draining key (after a load, a
@@ -106,45 +106,18 @@ pub fn resume_region(ctx: &Context, region_name: &str) -> MarketResult<usize> {
 /// Runs slices of queued drains until `deadline`. Returns whether a drain is left that could
 /// run now (the ticker then comes back at once).
 pub fn on_tick(ctx: &Context, now_ms: i64, deadline: Instant) -> bool {
-    let original = selected_db(ctx);
-    let mut waiting = Vec::new();
-    let mut unfinished = false;
-    loop {
-        let popped = drains().pop_front();
-        let Some(next) = popped else { break };
-        if next.not_before_ms > now_ms {
-            waiting.push(next);
-            continue;
-        }
-        if Instant::now() >= deadline {
-            drains().push_front(next);
-            unfinished = true;
-            break;
-        }
-        if !select_db(ctx, next.db) {
-            continue;
-        }
-        if let Some(rest) = run_slice(ctx, next, now_ms) {
-            drains().push_front(rest);
-        }
-    }
-    drains().extend(waiting);
-    select_db(ctx, original);
-    unfinished
+    DRAINS.on_tick(ctx, now_ms, deadline, run_slice)
 }
 
 /// One slice of a drain. Returns the drain to go on with, if any.
 fn run_slice(ctx: &Context, mut job: Drain, now_ms: i64) -> Option<Drain> {
     let store = Store::new(ctx);
     let region = Region::new(&store, job.region.clone());
-    match store.write_access(region.keys.prefix()) {
-        WriteAccess::Now => {}
-        WriteAccess::Later => {
-            job.not_before_ms = now_ms.saturating_add(RETRY_MS);
-            return Some(job);
-        }
+    match slice_queue::access(&store, region.keys.prefix(), &mut job, now_ms) {
+        Access::Now => {}
+        Access::Later => return Some(job),
         // The node that serves the region resumes the drain when the region arrives there.
-        WriteAccess::Elsewhere => return None,
+        Access::Elsewhere => return None,
     }
     match slice(&region, &job.gpu_type) {
         Ok(true) => Some(job),
