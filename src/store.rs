@@ -327,10 +327,23 @@ impl<'a> Store<'a> {
         cursor: u64,
         count: usize,
     ) -> MarketResult<(u64, Vec<String>)> {
+        let (next, items) = self.scan_step("HSCAN", key, cursor, count)?;
+        // Field, value, field, value...: the fields.
+        Ok((next, items.iter().step_by(2).filter_map(text).collect()))
+    }
+
+    /// One `HSCAN`/`SSCAN` step: the next cursor (0 when the walk is over) and the items read.
+    fn scan_step(
+        &self,
+        command: &str,
+        key: &str,
+        cursor: u64,
+        count: usize,
+    ) -> MarketResult<(u64, Vec<RedisValue>)> {
         let cursor = cursor.to_string();
         let count = count.to_string();
         let reply = self.read(
-            "HSCAN",
+            command,
             &[
                 key.as_bytes(),
                 cursor.as_bytes(),
@@ -341,11 +354,16 @@ impl<'a> Store<'a> {
         let RedisValue::Array(parts) = reply else {
             return Err(MarketError::Corrupt(key.to_owned()));
         };
-        let next = parts.first().and_then(text).and_then(|c| c.parse().ok());
-        let (Some(next), Some(RedisValue::Array(items))) = (next, parts.get(1)) else {
+        let mut parts = parts.into_iter();
+        let next = parts
+            .next()
+            .as_ref()
+            .and_then(text)
+            .and_then(|c| c.parse::<u64>().ok());
+        let (Some(next), Some(RedisValue::Array(items))) = (next, parts.next()) else {
             return Err(MarketError::Corrupt(key.to_owned()));
         };
-        Ok((next, items.iter().step_by(2).filter_map(text).collect()))
+        Ok((next, items))
     }
 
     /// Reads hash fields straight from the key (one `RedisModule_HashGet` per 12 fields, no
@@ -584,29 +602,7 @@ impl<'a> Store<'a> {
     /// One `SSCAN` step of a set: the next cursor (0 when the walk is over) and the members
     /// read. Members that are not UTF-8 (written by hand) are skipped.
     pub fn sscan(&self, key: &str, cursor: u64, count: usize) -> MarketResult<(u64, Vec<String>)> {
-        let cursor = cursor.to_string();
-        let count = count.to_string();
-        let reply = self.read(
-            "SSCAN",
-            &[
-                key.as_bytes(),
-                cursor.as_bytes(),
-                b"COUNT",
-                count.as_bytes(),
-            ],
-        )?;
-        let RedisValue::Array(parts) = reply else {
-            return Err(MarketError::Corrupt(key.to_owned()));
-        };
-        let mut parts = parts.into_iter();
-        let next = parts
-            .next()
-            .as_ref()
-            .and_then(text)
-            .and_then(|c| c.parse::<u64>().ok());
-        let (Some(next), Some(RedisValue::Array(members))) = (next, parts.next()) else {
-            return Err(MarketError::Corrupt(key.to_owned()));
-        };
+        let (next, members) = self.scan_step("SSCAN", key, cursor, count)?;
         Ok((next, members.iter().filter_map(text).collect()))
     }
 
