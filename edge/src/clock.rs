@@ -96,34 +96,46 @@ pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
-    #[test]
-    fn keeps_pace_with_the_precise_clock_within_its_lag() {
-        let clock = Clock::new();
-        let pause = Duration::from_millis(30);
-        // Each interval of one clock encloses the other's, so scheduling delays cannot
-        // widen the gap in the direction checked.
-        let outer_start = clock.now_ms();
-        let inner = std::time::Instant::now();
-        std::thread::sleep(pause);
-        let precise = millis(inner.elapsed());
-        let coarse = clock.now_ms().saturating_sub(outer_start);
-        assert!(
-            coarse + clock.lag_ms >= precise,
-            "{coarse} ms fell behind {precise} ms"
-        );
+    fn precise_ms() -> u64 {
+        read(libc::CLOCK_MONOTONIC).map_or(0, millis)
+    }
 
-        let outer = std::time::Instant::now();
-        let inner_start = clock.now_ms();
-        std::thread::sleep(pause);
-        let coarse = clock.now_ms().saturating_sub(inner_start);
-        let precise = millis(outer.elapsed());
+    // The coarse and precise monotonic clocks count from the same point, so readings compare
+    // directly. Never ahead holds always: the coarse clock is the precise one at the last tick.
+    #[test]
+    fn is_never_ahead_of_the_precise_clock() {
+        let clock = Clock::new();
+        for _ in 0..10_000 {
+            let coarse = clock.now_ms();
+            let precise = precise_ms();
+            assert!(coarse <= precise, "{coarse} ms is ahead of {precise} ms");
+        }
+    }
+
+    // How far behind it falls depends on the tick arriving on time, which a loaded VM does not
+    // promise; so the bound must hold in most readings, not in every one, and a reading behind
+    // by whole seconds (a wrong clock or unit) fails at once.
+    #[test]
+    fn falls_behind_by_at_most_its_lag_when_ticks_are_on_time() {
+        let clock = Clock::new();
+        let mut within = 0;
+        for _ in 0..1_000 {
+            let precise = precise_ms();
+            let coarse = clock.now_ms();
+            let behind = precise.saturating_sub(coarse);
+            assert!(behind < 1_000, "{behind} ms behind the precise clock");
+            if behind <= clock.lag_ms {
+                within += 1;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
         assert!(
-            coarse <= precise + clock.lag_ms,
-            "{coarse} ms ran ahead of {precise} ms"
+            within >= 500,
+            "within its lag in only {within} of 1000 readings"
         );
     }
 }
