@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # How long the module holds Redis's main thread while it visits a whole region: the sweep after
 # a restart (every GPU's time passed while the server was down), then GPUCACHE.CHECK and
-# GPUCACHE.REPAIR of a region of $GPUS GPUs. A client pings the server throughout (one PING at
-# a time, timed in the client) and the script prints the longest PING and how many took over
-# 5 ms, with Redis's own SLOWLOG and LATENCY LATEST entries.
+# GPUCACHE.REPAIR of a region of $GPUS GPUs (surveyed in a forked child: only their caller
+# waits). A client pings the server throughout (one PING at a time, timed in the client) and
+# the script prints the longest PING and how many took over 5 ms, with Redis's own SLOWLOG and
+# LATENCY LATEST entries.
 #
 #   scripts/stall-sweep.sh                               # GPUS=100000, this work tree's module
 #   MODULE=/path/to/libgpucache.so scripts/stall-sweep.sh   # another build (e.g. of main)
@@ -159,6 +160,8 @@ phase repair
 cli GPUCACHE.REPAIR eu | head -2 | tr '\n' ' '
 t2=$(date +%s%N)
 echo " (REPAIR took $(((t2 - t1) / 1000000)) ms)"
+fork_us=$(cli INFO stats | tr -d '\r' | awk -F: '$1 == "latest_fork_usec" { print $2 }')
+echo "  surveys forked: $(info_field gpucache_surveys_forked), latest fork: $fork_us us"
 phase idle
 sleep 0.5
 touch "$DIR/stop-pinging"

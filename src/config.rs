@@ -13,6 +13,9 @@ pub static STREAM_MAXLEN: AtomicI64 = AtomicI64::new(10_000);
 /// found: a filter few GPUs pass would otherwise read every record of a type while every other
 /// client waits.
 pub static SEARCH_MAX_SKIPS: AtomicI64 = AtomicI64::new(1_000);
+/// Regions of at most this many GPUs and bookings are checked and repaired inside the command
+/// (~19 µs each); larger ones are surveyed in a forked child (`survey_fork.rs`).
+pub static SURVEY_INLINE_MAX: AtomicI64 = AtomicI64::new(500);
 /// `gpucache.accept-eviction-risk` (load argument `ACCEPT_EVICTION_RISK yes|no`): lets `BOOK`
 /// run under an `allkeys-*` eviction policy, which can evict bookings (see `eviction.rs`).
 pub static ACCEPT_EVICTION_RISK: AtomicBool = AtomicBool::new(false);
@@ -27,7 +30,7 @@ pub struct Setting {
     pub max: i64,
 }
 
-pub const SETTINGS: [Setting; 5] = [
+pub const SETTINGS: [Setting; 6] = [
     Setting {
         config_name: "availability-ttl",
         load_arg: "AVAILABILITY_TTL",
@@ -66,6 +69,14 @@ pub const SETTINGS: [Setting; 5] = [
         value: &SEARCH_MAX_SKIPS,
         default: 1_000,
         min: 1,
+        max: 100_000_000,
+    },
+    Setting {
+        config_name: "survey-inline-max",
+        load_arg: "SURVEY_INLINE_MAX",
+        value: &SURVEY_INLINE_MAX,
+        default: 500,
+        min: 0,
         max: 100_000_000,
     },
 ];

@@ -445,6 +445,13 @@ fn run(ctx: &Context, mut job: Job, now_ms: i64, deadline: Instant) -> Option<Jo
             continue_type_price_heal(ctx, job.db, &region, gpu_type);
             Ok(())
         }
+        (Target::Region(_), WriteAccess::Now)
+            if crate::survey_fork::should_fork(&Store::new(ctx), &region) =>
+        {
+            queue().region_repairs += 1;
+            crate::survey_fork::repair_queued(ctx, &region);
+            Ok(())
+        }
         (Target::Region(_), WriteAccess::Now) => {
             queue().region_repairs += 1;
             match crate::repair::repair_region(ctx, &region) {

@@ -51,6 +51,8 @@ fn gpucache_info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
         .field("type_drains_pending", count(crate::type_drains::pending()))?
         .field("type_price_heal_slices", big(heal.type_price_slices))?
         .field("ticker_longest_us", big(crate::ticker::longest_run_us()))?
+        .field("surveys_forked", big(crate::survey_fork::forked()))?
+        .field("surveys_pending", big(crate::survey_fork::pending()))?
         .field(
             "searches_cut_short",
             big(crate::commands::available::searches_cut_short()),

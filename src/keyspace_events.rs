@@ -37,9 +37,10 @@ unsafe extern "C" fn on_event(
     key: *mut raw::RedisModuleString,
 ) -> c_int {
     let key = crate::store::string_bytes(key).unwrap_or_default();
-    if !key.starts_with(b"gpucache:{") {
+    if !key.starts_with(b"gpucache:{") || crate::survey_fork::in_child() {
         return raw::REDISMODULE_OK as c_int; // every other key in the server: the common case
     }
+    crate::survey_fork::note_write(key);
     let event = if event.is_null() {
         &[][..]
     } else {

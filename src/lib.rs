@@ -25,6 +25,7 @@ mod slice_queue;
 mod stats_cache;
 pub mod store;
 pub mod survey;
+mod survey_fork;
 mod sweep;
 mod ticker;
 mod type_drains;
@@ -58,26 +59,26 @@ unsafe impl std::alloc::GlobalAlloc for ModuleAllocator {
 }
 
 macro_rules! command {
-    ($name:ident, $body:path) => {
+    ($name:ident, $body:path, $writes:ident) => {
         fn $name(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-            commands::run(ctx, &args, $body)
+            commands::run(ctx, &args, commands::Writes::$writes, $body)
         }
     };
 }
 
-command!(register, commands::register::command);
-command!(get, commands::get::command);
-command!(status, commands::status::command);
-command!(price, commands::price::command);
-command!(book, commands::book::book);
-command!(cancel, commands::book::cancel);
-command!(provider, commands::provider::command);
-command!(available, commands::available::command);
-command!(stats, commands::stats::command);
-command!(orderbook, commands::orderbook::command);
-command!(check, commands::check::command);
-command!(repair, commands::repair::command);
-command!(invalidate, commands::invalidate::command);
+command!(register, commands::register::command, Yes);
+command!(get, commands::get::command, No);
+command!(status, commands::status::command, Yes);
+command!(price, commands::price::command, Yes);
+command!(book, commands::book::book, Yes);
+command!(cancel, commands::book::cancel, Yes);
+command!(provider, commands::provider::command, Yes);
+command!(available, commands::available::command, No);
+command!(stats, commands::stats::command, No);
+command!(orderbook, commands::orderbook::command, No);
+command!(check, commands::check::command, No);
+command!(repair, commands::repair::command, No);
+command!(invalidate, commands::invalidate::command, No);
 
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
     let status = load(ctx, args);

@@ -11,7 +11,7 @@ use crate::core::events::{notify, Event, EventKind};
 use crate::keys::RegionKeys;
 use crate::market::{stat, BookingEnd, Region};
 use crate::store::Store;
-use crate::survey::{survey, Fix};
+use crate::survey::{survey, Fix, Survey};
 use redis_module::logging::RedisLogLevel;
 use redis_module::Context;
 
@@ -46,8 +46,14 @@ pub struct RepairReport {
 }
 
 pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairReport> {
+    let found = survey(&Store::new(ctx), region_name)?;
+    apply(ctx, region_name, &found)
+}
+
+/// Applies a survey's fixes. The survey must describe the region as it stands: taken just now,
+/// or in a forked child while nothing wrote to the region since (`survey_fork.rs`).
+pub fn apply(ctx: &Context, region_name: &str, found: &Survey) -> MarketResult<RepairReport> {
     let store = Store::new(ctx);
-    let found = survey(&store, region_name)?;
     let region = Region::new(&store, region_name.to_owned());
     let now = store.now_ms();
     let mut report = RepairReport {
@@ -65,7 +71,7 @@ pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairRep
     // Types whose availability or counts the repair changes: their demand multipliers are read
     // now, so `publish` can tell which moved (`pricing_updated`, `order_book_updated`).
     // (A type whose keys the repair replaces cannot be read before: it gets no such event.)
-    for gpu_type in touched_types(&found) {
+    for gpu_type in touched_types(found) {
         let _ = region.touch_type(&gpu_type, true);
     }
     for finding in &found.findings {
@@ -76,7 +82,7 @@ pub fn repair_region(ctx: &Context, region_name: &str) -> MarketResult<RepairRep
             Fix::Report => report.unrecoverable += 1,
             Fix::Write(command, args) => {
                 let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-                store.write(command, &args);
+                store.write(command.0, &args);
             }
             Fix::Gpu {
                 gpu_id,

@@ -33,19 +33,20 @@ use redis_module::KeyType;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// One difference between what the region holds and what it should hold.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Finding {
     pub message: String,
     pub fix: Fix,
 }
 
-/// What a repair writes for a finding.
-#[derive(Debug, Clone)]
+/// What a repair writes for a finding. Serializable: a large region is surveyed in a forked
+/// child (`survey_fork.rs`), which hands its findings back to the server as JSON.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Fix {
     /// Nothing a repair can write: reported only.
     Report,
     /// One replicated command, as (command, arguments).
-    Write(&'static str, Vec<Vec<u8>>),
+    Write(Command, Vec<Vec<u8>>),
     /// A GPU record to write, with a fresh version drawn from the sequence when applied.
     /// `before` is the record as stored (`None`: written whole).
     Gpu {
@@ -68,13 +69,49 @@ pub enum Fix {
     Counter(String, i64),
 }
 
+/// A command a fix writes. Named in a forked child's JSON and mapped back to one of the
+/// commands surveys write: an unknown name is refused, never run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Command(pub &'static str);
+
+const FIX_COMMANDS: [&str; 11] = [
+    "DEL",
+    "HDEL",
+    "HSET",
+    "PERSIST",
+    "PEXPIREAT",
+    "SADD",
+    "SREM",
+    "XDEL",
+    "XSETID",
+    "ZADD",
+    "ZREM",
+];
+
+impl serde::Serialize for Command {
+    fn serialize<S: serde::Serializer>(&self, out: S) -> Result<S::Ok, S::Error> {
+        out.serialize_str(self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Command {
+    fn deserialize<D: serde::Deserializer<'de>>(input: D) -> Result<Command, D::Error> {
+        let name = String::deserialize(input)?;
+        FIX_COMMANDS
+            .into_iter()
+            .find(|known| *known == name)
+            .map(Command)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown fix command {name}")))
+    }
+}
+
 impl Finding {
     fn new(message: String, fix: Fix) -> Finding {
         Finding { message, fix }
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Survey {
     pub region: String,
     pub gpus_checked: usize,
@@ -198,7 +235,7 @@ impl Surveyor<'_, '_, '_> {
 
     fn write(command: &'static str, args: &[&str]) -> Fix {
         Fix::Write(
-            command,
+            Command(command),
             args.iter().map(|a| a.as_bytes().to_vec()).collect(),
         )
     }
@@ -211,7 +248,10 @@ impl Surveyor<'_, '_, '_> {
                 "{key} holds '{}', which is not a name gpucache writes: it is removed",
                 crate::core::input::shown(name, 64)
             ),
-            Fix::Write(command, vec![key.as_bytes().to_vec(), name.to_vec()]),
+            Fix::Write(
+                Command(command),
+                vec![key.as_bytes().to_vec(), name.to_vec()],
+            ),
         );
     }
 
@@ -1368,7 +1408,7 @@ impl Surveyor<'_, '_, '_> {
                     "the event stream holds {} entries with ids from the future (up to {last_ms}-{last_seq}): they are deleted",
                     stream.future_ids.len()
                 ),
-                Fix::Write("XDEL", args),
+                Fix::Write(Command("XDEL"), args),
             );
         }
         let back_to = stream.last_sound_id.as_deref().unwrap_or("0-1");

@@ -39,6 +39,7 @@ fn on_cron(ctx: &Context, _hz: u64) {
 }
 
 fn tick(ctx: &Context) {
+    crate::survey_fork::tick(ctx);
     let now = now_ms(ctx);
     if now.saturating_sub(POLICY_READ_MS.load(Ordering::Relaxed)) >= POLICY_EVERY_MS {
         POLICY_READ_MS.store(now, Ordering::Relaxed);

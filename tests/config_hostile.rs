@@ -22,7 +22,7 @@ enum Kind {
     Tiers,
 }
 
-const SETTINGS: [(&str, Kind); 7] = [
+const SETTINGS: [(&str, Kind); 8] = [
     (
         "availability-ttl",
         Kind::Integer {
@@ -49,6 +49,13 @@ const SETTINGS: [(&str, Kind); 7] = [
         "search-max-skips",
         Kind::Integer {
             min: 1,
+            max: 100_000_000,
+        },
+    ),
+    (
+        "survey-inline-max",
+        Kind::Integer {
+            min: 0,
             max: 100_000_000,
         },
     ),

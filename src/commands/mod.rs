@@ -86,9 +86,18 @@ pub fn repeated_option(name: &str) -> MarketError {
 
 /// Turns a command body into a Redis reply, mapping marketplace errors to error replies. A
 /// successful reply is written straight through the module reply API (`Out::emit`).
+/// Whether a command changes market state: those are refused while their region is repaired
+/// from a forked child's survey (`survey_fork.rs`), which must find the region as it left it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    Yes,
+    No,
+}
+
 pub fn run(
     ctx: &Context,
     args: &[RedisString],
+    writes: Writes,
     body: impl FnOnce(&Store, &[RedisString]) -> MarketResult<Out>,
 ) -> RedisResult {
     let store = Store::new(ctx);
@@ -97,6 +106,9 @@ pub fn run(
         if let Some(region) = args.get(1).map(RedisString::as_slice) {
             if let Ok(region) = input::region(region) {
                 store.region_is_whole_here(crate::keys::RegionKeys::new(&region).prefix())?;
+                if writes == Writes::Yes {
+                    crate::survey_fork::refuse_while_repaired(&region)?;
+                }
             }
         }
         body(&store, args)
@@ -135,12 +147,14 @@ pub enum Out {
     Array(Vec<Out>),
     /// Field/value pairs in the order they are written (`Reply::build` sorts them).
     Map(Vec<(Cow<'static, str>, Out)>),
+    /// Nothing now: the client is blocked and answered later (`survey_fork.rs`).
+    Deferred,
 }
 
 impl Out {
     /// Writes the reply: the same module reply calls, in the same order, as the crate makes for
     /// the equivalent `RedisValue` (bulk strings, integers, null, arrays, maps).
-    fn emit(&self, ctx: *mut redis_module::raw::RedisModuleCtx) {
+    pub(crate) fn emit(&self, ctx: *mut redis_module::raw::RedisModuleCtx) {
         use redis_module::raw;
         match self {
             Out::Text(text) => {
@@ -158,6 +172,7 @@ impl Out {
                     item.emit(ctx);
                 }
             }
+            Out::Deferred => {}
             Out::Map(pairs) => {
                 raw::reply_with_map(ctx, c_long::try_from(pairs.len()).unwrap_or(c_long::MAX));
                 for (name, value) in pairs {

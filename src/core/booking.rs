@@ -22,7 +22,7 @@ pub mod field {
 /// A booking record. Bookings are market state: stored without a TTL, ended by the module's
 /// booking clock, and kept twice — in the booking's own hash and, as [`BookingTerms`], on the
 /// GPU record it holds — so either can be rebuilt from the other after a hand edit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Booking {
     pub gpu_id: String,
     pub user_id: String,
@@ -38,7 +38,7 @@ pub struct Booking {
 }
 
 /// What a booked GPU's record keeps of the booking that holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BookingTerms {
     pub user_id: String,
     pub price: Price,

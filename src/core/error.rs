@@ -34,6 +34,9 @@ pub enum MarketError {
     /// yet: Redis's own answer to a multi-key command split by a migration, which cluster
     /// clients retry.
     TryAgain(String),
+    /// Redis refused the module something it needs (to block a client, say): not the caller's
+    /// fault, and not a state of the market.
+    Internal(String),
 }
 
 impl MarketError {
@@ -63,6 +66,7 @@ impl fmt::Display for MarketError {
             MarketError::Damaged(m) => write!(f, "CORRUPT {m}"),
             MarketError::EvictionRisk(m) => write!(f, "EVICTIONRISK {m}"),
             MarketError::TryAgain(m) => write!(f, "TRYAGAIN {m}"),
+            MarketError::Internal(m) => write!(f, "ERR {m}"),
         }
     }
 }

@@ -34,7 +34,7 @@ pub mod field {
     ];
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GpuRecord {
     pub provider: String,
     pub gpu_type: String,

@@ -10,7 +10,19 @@ const MICROS_PER_UNIT: i64 = 1_000_000;
 /// Highest accepted hourly price. Keeps every per-type sum far inside `i64`.
 pub const MAX_PRICE_UNITS: i64 = 1_000_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Price(i64);
 
 impl Price {

@@ -2,7 +2,9 @@
 
 use super::error::{MarketError, MarketResult};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum GpuStatus {
     Available,
     Busy,
