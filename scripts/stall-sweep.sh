@@ -10,6 +10,9 @@
 #   MODULE=/path/to/libgpucache.so scripts/stall-sweep.sh   # another build (e.g. of main)
 #   GPUS=20000 scripts/stall-sweep.sh
 #
+# The last REPAIR runs after an index and a set were deleted by hand: it has every GPU of
+# them to put back.
+#
 # Steps: start redis-server with the module (release build) and AVAILABILITY_TTL=$TTL, register
 # $GPUS GPUs in region `eu` (pipelined, 10 providers, 4 types), SAVE, stop the server, wait
 # until every record's time has passed, start it again from the RDB with the PING client
@@ -160,6 +163,13 @@ phase repair
 cli GPUCACHE.REPAIR eu | head -2 | tr '\n' ' '
 t2=$(date +%s%N)
 echo " (REPAIR took $(((t2 - t1) / 1000000)) ms)"
+# Damage by hand that gives the repair fixes to write: a score index and a provider's GPU set.
+cli DEL "gpucache:{eu}:avail-score:T0" "gpucache:{eu}:provider-gpus:p0" >/dev/null
+phase repair-damaged
+t3=$(date +%s%N)
+cli GPUCACHE.REPAIR eu | grep -A1 '^fixed' | tr '\n' ' '
+t4=$(date +%s%N)
+echo " (REPAIR of an index and a set deleted by hand took $(((t4 - t3) / 1000000)) ms)"
 fork_us=$(cli INFO stats | tr -d '\r' | awk -F: '$1 == "latest_fork_usec" { print $2 }')
 echo "  surveys forked: $(info_field gpucache_surveys_forked), latest fork: $fork_us us"
 phase idle

@@ -53,6 +53,7 @@ fn gpucache_info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
         .field("ticker_longest_us", big(crate::ticker::longest_run_us()))?
         .field("surveys_forked", big(crate::survey_fork::forked()))?
         .field("surveys_pending", big(crate::survey_fork::pending()))?
+        .field("repair_steps", big(crate::survey_fork::repair_steps()))?
         .field(
             "searches_cut_short",
             big(crate::commands::available::searches_cut_short()),

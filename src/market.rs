@@ -1034,9 +1034,20 @@ impl Region<'_, '_> {
     /// `gpucache.stats`; every other key gets the command's own event name. Then, for each type
     /// whose demand multiplier moved, a `pricing_updated` event, and for each type whose
     /// availability index changed, an `order_book_updated` event.
-    pub fn publish(&self, notify_name: &str, mut event: Event) -> MarketResult<()> {
+    pub fn publish(&self, notify_name: &str, event: Event) -> MarketResult<()> {
+        self.publish_after(notify_name, event, &[])
+    }
+
+    /// `publish` for a change written over several timer calls (a large repair): `earlier` are
+    /// the keys of the earlier calls, notified then ([`Region::notify_written`]) and listed in
+    /// the event now.
+    pub fn publish_after(
+        &self,
+        notify_name: &str,
+        mut event: Event,
+        earlier: &[String],
+    ) -> MarketResult<()> {
         self.flush_counters();
-        let stats = self.keys.stats();
         let events = self.keys.events();
         let internal = [
             self.keys.gpu_registry(),
@@ -1048,13 +1059,30 @@ impl Region<'_, '_> {
             self.keys.provider_moves(),
         ];
         let written = self.store.written_keys();
-        event.keys = written
+        let mut listed = std::collections::HashSet::new();
+        event.keys = earlier
             .iter()
+            .chain(&written)
             .filter(|k| **k != events && !internal.contains(k))
+            .filter(|k| earlier.is_empty() || listed.insert(k.as_str()))
             .cloned()
             .collect();
         self.append_event(&event);
-        for key in written.iter().filter(|k| **k != events) {
+        self.notify_keys(notify_name, &written);
+        self.publish_derived(event.ts_ms)
+    }
+
+    /// Notifies every key written so far (the counters hash as `gpucache.stats`), for a change
+    /// whose event is appended later by [`Region::publish_after`].
+    pub fn notify_written(&self, notify_name: &str) {
+        self.flush_counters();
+        self.notify_keys(notify_name, &self.store.written_keys());
+    }
+
+    fn notify_keys(&self, notify_name: &str, keys: &[String]) {
+        let stats = self.keys.stats();
+        let events = self.keys.events();
+        for key in keys.iter().filter(|k| **k != events) {
             let name = if *key == stats {
                 crate::core::events::notify::STATS
             } else {
@@ -1062,7 +1090,15 @@ impl Region<'_, '_> {
             };
             self.store.notify(name, key);
         }
-        self.publish_derived(event.ts_ms)
+    }
+
+    /// Restores a multiplier remembered by [`Region::touch_type`] in an earlier timer call of
+    /// the same change.
+    pub fn remember_demand(&self, gpu_type: &str, before: u32) {
+        self.demand_before
+            .borrow_mut()
+            .insert(gpu_type.to_owned(), before);
+        self.books_changed.borrow_mut().insert(gpu_type.to_owned());
     }
 
     fn publish_derived(&self, ts_ms: i64) -> MarketResult<()> {

@@ -36,6 +36,8 @@ pub struct Store<'a> {
     read_options: OnceCell<CallOptions>,
     /// Keys written so far, in first-write order: they receive this command's notification.
     written: RefCell<Vec<String>>,
+    /// The same keys as a set, once there are more than a scan should cover.
+    written_index: RefCell<Option<std::collections::HashSet<String>>>,
     /// Writes Redis refused (cluster down, slot moved, loading): the caller retries the whole
     /// repair they belong to.
     failed_writes: std::cell::Cell<u32>,
@@ -63,6 +65,7 @@ impl<'a> Store<'a> {
             replicated: OnceCell::new(),
             read_options: OnceCell::new(),
             written: RefCell::new(Vec::new()),
+            written_index: RefCell::new(None),
             failed_writes: std::cell::Cell::new(0),
         }
     }
@@ -657,7 +660,16 @@ impl<'a> Store<'a> {
     /// Records a key as changed by this command without writing it (its derived view changed).
     pub fn mark_written(&self, key: &str) {
         let mut written = self.written.borrow_mut();
-        if !written.iter().any(|k| k == key) {
+        // A command writes a few keys: a scan. A repair may write 100,000: an index past that.
+        if written.len() < WRITTEN_SCANNED {
+            if !written.iter().any(|k| k == key) {
+                written.push(key.to_owned());
+            }
+            return;
+        }
+        let mut index = self.written_index.borrow_mut();
+        let index = index.get_or_insert_with(|| written.iter().cloned().collect());
+        if index.insert(key.to_owned()) {
             written.push(key.to_owned());
         }
     }
@@ -738,6 +750,9 @@ pub fn selected_db(ctx: &Context) -> i32 {
             .unwrap_or(0)
     }
 }
+
+/// Written keys checked by a scan before `mark_written` keeps an index of them.
+const WRITTEN_SCANNED: usize = 32;
 
 pub fn select_db(ctx: &Context, db: i32) -> bool {
     // SAFETY: RedisModule_SelectDb switches the context's client to another db; it returns an

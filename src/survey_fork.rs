@@ -23,6 +23,7 @@ use crate::commands::Out;
 use crate::config::{get, SURVEY_INLINE_MAX};
 use crate::core::error::{MarketError, MarketResult};
 use crate::keys::RegionKeys;
+use crate::repair::Repair;
 use crate::store::{select_db, selected_db, Store};
 use crate::survey::Survey;
 use redis_module::logging::RedisLogLevel;
@@ -34,7 +35,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Surveys one repair may take before it gives up on a region that keeps changing.
 const MAX_SURVEYS: u32 = 5;
@@ -42,6 +43,10 @@ const MAX_SURVEYS: u32 = 5;
 const CHILD_TIMEOUT_MS: i64 = 600_000;
 /// The longest wait before a repair the module queued itself is tried again.
 const LONGEST_RETRY_MS: i64 = 60_000;
+/// Time one timer call may spend writing a repair's fixes before it yields to clients.
+const STEP_BUDGET: Duration = Duration::from_millis(2);
+/// How soon the next call goes on with them.
+const STEP_AGAIN: Duration = Duration::from_millis(1);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Purpose {
@@ -76,10 +81,16 @@ struct Running {
 }
 
 /// A repair whose survey came back: its fixes are written by a timer (writes outside a command
-/// are made in timers, so they reach replicas and the AOF as one unit).
+/// are made in timers, so they reach replicas and the AOF as one unit), [`STEP_BUDGET`] of
+/// them per call.
 struct Ready {
     job: Job,
-    survey: Survey,
+    work: Work,
+}
+
+enum Work {
+    Survey(Survey),
+    Repair(Box<Repair>),
 }
 
 #[derive(Default)]
@@ -98,6 +109,7 @@ static WATCHING: AtomicBool = AtomicBool::new(false);
 /// Set in the forked child, which must touch no lock the parent's threads may have held.
 static IN_CHILD: AtomicBool = AtomicBool::new(false);
 static FORKED: AtomicU64 = AtomicU64::new(0);
+static REPAIR_STEPS: AtomicU64 = AtomicU64::new(0);
 
 fn state() -> MutexGuard<'static, Option<State>> {
     STATE
@@ -112,6 +124,11 @@ fn with_state<T>(work: impl FnOnce(&mut State) -> T) -> T {
 /// Surveys forked since the module loaded (`INFO gpucache`).
 pub fn forked() -> u64 {
     FORKED.load(Ordering::Relaxed)
+}
+
+/// Timer calls that wrote fixes of a repair surveyed in a child (`INFO gpucache`).
+pub fn repair_steps() -> u64 {
+    REPAIR_STEPS.load(Ordering::Relaxed)
 }
 
 /// Surveys waiting for a child, and whether one runs (`INFO gpucache`).
@@ -411,7 +428,7 @@ fn finish(ctx: &Context, mut running: Running) {
                 with_state(|s| {
                     s.ready = Some(Ready {
                         job,
-                        survey: found.survey,
+                        work: Work::Survey(found.survey),
                     })
                 });
                 ctx.create_timer(Duration::ZERO, apply_ready, ());
@@ -472,30 +489,64 @@ fn apply_ready(ctx: &Context, _: ()) {
     let Some(ready) = with_state(|s| s.ready.take()) else {
         return;
     };
+    // Between two calls only the module's own timers or another client's hand could write to
+    // the region (its commands are refused): the rest of the fixes may no longer fit it.
     if changed_since_fork() {
         survey_again(ctx, ready.job);
         return;
     }
     let job = ready.job;
+    REPAIR_STEPS.fetch_add(1, Ordering::Relaxed);
+    let deadline = Instant::now() + STEP_BUDGET;
     let original = selected_db(ctx);
     let outcome = if select_db(ctx, job.db) {
-        crate::logging::guarded(|| crate::repair::apply(ctx, &job.region, &ready.survey))
-            .unwrap_or_else(|| Err(MarketError::Internal("the repair failed".into())))
+        crate::logging::guarded(|| {
+            let mut repair = match ready.work {
+                Work::Survey(survey) => Box::new(Repair::new(ctx, &job.region, survey)),
+                Work::Repair(repair) => repair,
+            };
+            repair.step(ctx, Some(deadline));
+            if repair.left() > 0 {
+                Ok(Err(repair))
+            } else {
+                repair.finish(ctx).map(Ok)
+            }
+        })
+        .unwrap_or_else(|| Err(MarketError::Internal("the repair failed".into())))
     } else {
         Err(MarketError::Internal(format!("db {} is gone", job.db)))
     };
     select_db(ctx, original);
-    unwatch();
-    match outcome {
-        Ok(report) if job.client.is_some() => answer(
-            job.client,
-            Ok(crate::commands::repair::reply(&job.region, &report)),
-        ),
-        Ok(report) if report.failed_writes > 0 => {
-            failed(ctx, job, "some repair writes were refused")
+    // Its own writes are not the region changing under it.
+    with_state(|s| {
+        if let Some((_, writes)) = s.watched.as_mut() {
+            *writes = 0;
         }
-        Ok(_) => {}
-        Err(e) => failed(ctx, job, &e.to_string()),
+    });
+    match outcome {
+        Ok(Err(repair)) => {
+            with_state(|s| {
+                s.ready = Some(Ready {
+                    job,
+                    work: Work::Repair(repair),
+                })
+            });
+            ctx.create_timer(STEP_AGAIN, apply_ready, ());
+            return;
+        }
+        Ok(Ok(report)) => {
+            unwatch();
+            if job.client.is_some() {
+                let reply = crate::commands::repair::reply(&job.region, &report);
+                answer(job.client, Ok(reply));
+            } else if report.failed_writes > 0 {
+                failed(ctx, job, "some repair writes were refused");
+            }
+        }
+        Err(e) => {
+            unwatch();
+            failed(ctx, job, &e.to_string());
+        }
     }
     start_next(ctx);
 }

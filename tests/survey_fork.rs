@@ -217,3 +217,57 @@ fn a_repair_the_module_queues_itself_on_a_big_region_is_surveyed_in_a_child() {
     );
     assert_consistent(&mut con, "eu");
 }
+
+#[test]
+fn many_fixes_are_written_over_several_timer_calls_and_the_replica_follows() {
+    let server = Server::start(&FORKED, &["--enable-debug-command", "yes"]);
+    let mut con = server.connect();
+    register_many(&mut con, GPUS);
+    let port = server.port.to_string();
+    let replica = Server::start(
+        &FORKED,
+        &[
+            "--replicaof",
+            "127.0.0.1",
+            &port,
+            "--enable-debug-command",
+            "yes",
+        ],
+    );
+    let mut rcon = replica.connect();
+    eventually("replica in sync", Duration::from_secs(20), || {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut rcon)
+            .unwrap();
+        info.contains("master_link_status:up")
+    });
+    // Every GPU of a type to put back into its score index, every GPU of a provider into its set.
+    run(
+        &mut con,
+        &[
+            "DEL",
+            "gpucache:{eu}:avail-score:T0",
+            "gpucache:{eu}:provider-gpus:p0",
+        ],
+    )
+    .unwrap();
+    let report = as_map(&run(&mut con, &["GPUCACHE.REPAIR", "eu"]).expect("REPAIR"));
+    assert!(
+        text(&report["fixed"]).parse::<usize>().unwrap() >= GPUS / 3 + GPUS / 10,
+        "{report:?}"
+    );
+    let steps = info_field(&mut con, "gpucache_repair_steps");
+    assert!(steps > 1, "1,300 fixes written in {steps} timer call(s)");
+    assert_consistent(&mut con, "eu");
+    let acked: i64 = redis::cmd("WAIT").arg(1).arg(5000).query(&mut con).unwrap();
+    assert_eq!(acked, 1);
+    let digest = |c: &mut redis::Connection| -> String {
+        redis::cmd("DEBUG").arg("DIGEST").query(c).unwrap()
+    };
+    assert_eq!(
+        digest(&mut rcon),
+        digest(&mut con),
+        "replica equals primary"
+    );
+}
