@@ -8,7 +8,6 @@
 
 use crate::core::error::MarketResult;
 use crate::core::events::{notify, Event, EventKind};
-use crate::keys::RegionKeys;
 use crate::market::{stat, BookingEnd, Region};
 use crate::store::Store;
 use crate::survey::{survey, Fix, Survey};
@@ -78,8 +77,10 @@ impl Repair {
         let store = Store::new(ctx);
         let region = Region::new(&store, region_name.to_owned());
         // (A type whose keys the repair replaces cannot be read before: it gets no such event.)
-        let demand_before = touched_types(&found)
-            .into_iter()
+        let demand_before = found
+            .touched_types
+            .iter()
+            .cloned()
             .filter_map(|t| region.touch_type(&t, true).ok().map(|before| (t, before)))
             .collect();
         let report = RepairReport {
@@ -248,36 +249,6 @@ impl Repair {
         report.failed_writes = report.failed_writes.saturating_add(store.failed_writes());
         Ok(report)
     }
-}
-
-/// The types whose availability index, GPU counts or own-price sums a repair's fixes change.
-fn touched_types(found: &crate::survey::Survey) -> std::collections::BTreeSet<String> {
-    let mut types = std::collections::BTreeSet::new();
-    for finding in &found.findings {
-        match &finding.fix {
-            Fix::Write(_, args) => {
-                let key = args.first().map(|k| String::from_utf8_lossy(k));
-                if let Some((_, entity, id)) = key.as_deref().and_then(RegionKeys::parse) {
-                    if entity.starts_with("avail-") {
-                        types.insert(id.to_owned());
-                    }
-                }
-            }
-            Fix::Gpu { record, before, .. } => {
-                types.insert(record.gpu_type.clone());
-                if let Some(before) = before {
-                    types.insert(before.gpu_type.clone());
-                }
-            }
-            Fix::Counter(field, _) => {
-                if let Some(gpu_type) = field.strip_prefix(stat::TYPE_TOTAL_PREFIX) {
-                    types.insert(gpu_type.to_owned());
-                }
-            }
-            Fix::Report | Fix::Booking { .. } | Fix::Close { .. } => {}
-        }
-    }
-    types
 }
 
 fn count(n: usize) -> i64 {

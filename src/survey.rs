@@ -27,6 +27,7 @@ use crate::core::gpu::{price_source, GpuRecord, PriceSource, RegistryEntry, Type
 use crate::core::price::Price;
 use crate::core::status::{is_listed, GpuStatus, ProviderStatus};
 use crate::core::window;
+use crate::keys::RegionKeys;
 use crate::market::{stat, Region};
 use crate::store::Store;
 use redis_module::KeyType;
@@ -131,6 +132,9 @@ pub struct Survey {
     pub repriced_types: usize,
     /// Provider set members that belong to no GPU of that provider.
     pub stale_provider_members: usize,
+    /// Types whose index, counts or price sums the fixes change (their demand multipliers are
+    /// read before a repair writes, to tell which moved).
+    pub touched_types: BTreeSet<String>,
 }
 
 /// A key's content as read: present, absent, or present but unusable (another type, or fields
@@ -221,7 +225,40 @@ pub fn survey(store: &Store, region_name: &str) -> MarketResult<Survey> {
         replaced: BTreeSet::new(),
     };
     surveyor.run()?;
-    Ok(surveyor.out)
+    let mut out = surveyor.out;
+    out.touched_types = touched_types(&out.findings);
+    Ok(out)
+}
+
+/// The types whose availability index, GPU counts or own-price sums a repair's fixes change
+/// (worked out here, in the forked child for a large region, rather than by the repair).
+fn touched_types(findings: &[Finding]) -> BTreeSet<String> {
+    let mut types = BTreeSet::new();
+    for finding in findings {
+        match &finding.fix {
+            Fix::Write(_, args) => {
+                let key = args.first().map(|k| String::from_utf8_lossy(k));
+                if let Some((_, entity, id)) = key.as_deref().and_then(RegionKeys::parse) {
+                    if entity.starts_with("avail-") {
+                        types.insert(id.to_owned());
+                    }
+                }
+            }
+            Fix::Gpu { record, before, .. } => {
+                types.insert(record.gpu_type.clone());
+                if let Some(before) = before {
+                    types.insert(before.gpu_type.clone());
+                }
+            }
+            Fix::Counter(field, _) => {
+                if let Some(gpu_type) = field.strip_prefix(stat::TYPE_TOTAL_PREFIX) {
+                    types.insert(gpu_type.to_owned());
+                }
+            }
+            Fix::Report | Fix::Booking { .. } | Fix::Close { .. } => {}
+        }
+    }
+    types
 }
 
 fn int(text: &str) -> Option<i64> {

@@ -34,7 +34,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Surveys one repair may take before it gives up on a region that keeps changing.
@@ -97,6 +97,10 @@ enum Work {
 struct State {
     waiting: VecDeque<Job>,
     running: Option<Running>,
+    /// A finished child's findings being parsed on a thread of their own (a repair's may be
+    /// megabytes of JSON: tens of milliseconds the main thread does not wait).
+    reading: bool,
+    read: Option<(Job, Result<Findings, String>)>,
     ready: Option<Ready>,
     /// The region a repair is surveying or about to repair, and the writes seen on its keys
     /// since its child was forked.
@@ -270,9 +274,42 @@ pub fn tick(ctx: &Context) {
         }
     });
     if let Some(running) = finished {
-        crate::logging::guarded(|| finish(ctx, running));
+        read_aside(running);
+    }
+    if let Some((job, findings)) = with_state(|s| s.read.take()) {
+        crate::logging::guarded(|| finish(ctx, job, findings));
     }
     start_next(ctx);
+}
+
+fn read_aside(running: Running) {
+    with_state(|s| s.reading = true);
+    // Held where both the thread and this function can take it: a thread that cannot be
+    // started leaves it here, to be read on the main thread after all.
+    let slot = Arc::new(Mutex::new(Some(running)));
+    let theirs = Arc::clone(&slot);
+    let spawned = std::thread::Builder::new()
+        .name("gpucache-survey".into())
+        .spawn(move || read_into_state(&theirs));
+    if spawned.is_err() {
+        read_into_state(&slot);
+    }
+}
+
+fn read_into_state(slot: &Mutex<Option<Running>>) {
+    let taken = slot
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
+    let Some(mut running) = taken else {
+        return;
+    };
+    let findings = crate::logging::guarded(|| read_findings(&mut running))
+        .unwrap_or_else(|| Err("the survey's findings could not be read".to_owned()));
+    with_state(|s| {
+        s.reading = false;
+        s.read = Some((running.job, findings));
+    });
 }
 
 fn start_next(ctx: &Context) {
@@ -281,7 +318,7 @@ fn start_next(ctx: &Context) {
     }
     let now = Store::new(ctx).now_ms();
     let job = with_state(|s| {
-        if s.running.is_some() || s.ready.is_some() {
+        if s.running.is_some() || s.reading || s.read.is_some() || s.ready.is_some() {
             return None;
         }
         let due = s.waiting.iter().position(|j| j.not_before_ms <= now)?;
@@ -408,9 +445,7 @@ fn read_findings(running: &mut Running) -> Result<Findings, String> {
         .map_err(|e| format!("unreadable survey findings: {e}"))?
 }
 
-fn finish(ctx: &Context, mut running: Running) {
-    let findings = read_findings(&mut running);
-    let job = running.job;
+fn finish(ctx: &Context, job: Job, findings: Result<Findings, String>) {
     match (job.purpose, findings) {
         (Purpose::Check, Ok(found)) => answer(
             job.client,
